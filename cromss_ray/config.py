@@ -1,0 +1,342 @@
+"""Typed run configuration: one object per task, loaded from YAML and overridden on the CLI.
+
+Every section forbids unknown keys, so a typo in a YAML file or a ``--set`` override fails
+with the dotted key it names instead of being silently ignored. The validated object is
+what a training loop receives, what MLflow logs and what a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: strict keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the shards are and how samples are cut from them (spec 9)."""
+
+    uri: str = "data/noldo-synth"
+    val_uri: str | None = Field(
+        default=None,
+        description="Separate validation shards; when empty, a stable hash of the id picks val_fraction of locations.",
+    )
+    s3_endpoint: str | None = Field(default=None, description="Endpoint override for S3-compatible stores.")
+    s2_bands: Literal[13, 12, 9, 3] = 13
+    crop: int = Field(default=256, ge=8)
+    val_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
+    rotation_probability: float = Field(default=0.2, ge=0.0, le=1.0)
+    prior_on_device: bool = Field(default=True, description="Compute the smoothing prior after transfer (fast path).")
+    prefetch_batches: int = Field(default=2, ge=0)
+
+
+class ModelConfig(Section):
+    """The multimodal network (spec 1)."""
+
+    fusion: Literal["mid", "late"] = "mid"
+    encoder: str = "resnet50"
+    classes: int = Field(default=9, ge=2)
+
+
+class CromSSConfig(Section):
+    """The CromSS objective (spec 2-8)."""
+
+    loss_terms: str = "cd"
+    consistency: Literal["ce", "kl", "mse", "none"] = "ce"
+    consistency_weight: float = Field(default=1.0, ge=0.0)
+    smoothing_factors: list[float] = Field(default_factory=lambda: [0.15, 0.05])
+    prior: Literal["t", "s", "ts", "none"] = "ts"
+    selection: bool = True
+    final_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
+    ramp: Literal["exp", "linear", "none"] = "exp"
+    ramp_length: int = Field(default=80, ge=0)
+    confidence: Literal["ce", "gini"] = "ce"
+    class_balanced: bool = True
+    prior_sigma: float = Field(default=3.0, gt=0.0)
+
+    @field_validator("loss_terms")
+    @classmethod
+    def _known_terms(cls, value: str) -> str:
+        if not value or set(value) - set("cdf"):
+            raise ValueError("must be a non-empty combination of 'c' (cross-entropy), 'd' (Dice), 'f' (focal)")
+        return value
+
+    @field_validator("smoothing_factors")
+    @classmethod
+    def _factors(cls, value: list[float]) -> list[float]:
+        if len(value) > 2 or any(f < 0 for f in value) or sum(value) > 1:
+            raise ValueError("takes at most two non-negative factors whose sum is at most 1")
+        return value
+
+
+class OptimConfig(Section):
+    """Optimiser and learning-rate schedule (spec 9 reference: Adam 5e-3, plateau)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=5e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-8, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    scheduler: Literal["plateau", "exponential", "cosine", "step", "none"] = "plateau"
+    plateau_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(default=30, ge=0)
+    gamma: float = Field(default=0.98, gt=0.0, le=1.0, description="Decay of the exponential and step schedules.")
+    step_size: int = Field(default=30, ge=1)
+    epochs: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=128, ge=1, description="Samples per worker per step.")
+
+
+class ScalingConfig(Section):
+    """Ray Train workers and their resources; GPUs are used when present unless use_gpu is false."""
+
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    gpus_per_worker: float = Field(default=1.0, ge=0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class RunConfig(Section):
+    """Run identity, storage, checkpointing and fault tolerance."""
+
+    name: str = "cromss-pretrain"
+    storage_path: str = "runs"
+    seed: int = 0
+    checkpoint_frequency: int = Field(default=1, ge=1)
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=0, ge=-1)
+    validation_figures: int = Field(default=4, ge=0)
+
+
+class TrackingConfig(Section):
+    """MLflow store, experiment and registry names (architecture: names that stay fixed)."""
+
+    uri: str | None = Field(default=None, description="Empty: $MLFLOW_TRACKING_URI, else a local sqlite store.")
+    experiment: str = "cromss-pretrain"
+    registry_name: str | None = None
+    aliases: list[str] = Field(default_factory=lambda: ["latest"])
+    log_model: bool = True
+
+    def resolved_uri(self) -> str:
+        """The tracking URI this run uses: the config, then the environment, then local sqlite."""
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class PretrainConfig(Section):
+    """Everything a CromSS pretraining run needs."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cromss: CromSSConfig = Field(default_factory=CromSSConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def registry_name(self) -> str:
+        """``cromss-<fusion>-<bands>b`` unless the config names one."""
+        return self.tracking.registry_name or f"cromss-{self.model.fusion}-{self.data.s2_bands}b"
+
+
+class DownstreamDataConfig(Section):
+    """Downstream shards (SSL4EO-S12@DW, @OSM, DFC2020 or any shard set; spec 10)."""
+
+    uri: str = "data/dw-synth"
+    test_uri: str | None = Field(default=None, description="Test split; without it the val split is the test split.")
+    s3_endpoint: str | None = None
+    s2_bands: Literal[13, 12, 9, 3] = 13
+    crop: int = Field(default=256, ge=8)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    prefetch_batches: int = Field(default=2, ge=0)
+
+
+class TransferModelConfig(Section):
+    """A single-modality network initialised from a pretrained branch (spec 11)."""
+
+    init: str = Field(
+        default="random",
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, a paper checkpoint path, or 'random'.",
+    )
+    init_fusion: Literal["mid", "late"] | None = Field(
+        default=None, description="Fusion of an imported paper checkpoint (read from the registry otherwise)."
+    )
+    branch: Literal["s1", "s2"] = "s2"
+    decoder: str = Field(default="Unet", description="Any segmentation-models-pytorch architecture name.")
+    encoder: str = Field(default="resnet50", description="Used with init 'random'; else taken from the source.")
+    encoder_mode: Literal["frozen", "finetune"] = "finetune"
+    unfreeze_epoch: int | None = Field(default=None, ge=0, description="Frozen warm-up, then fine-tuned from here.")
+
+
+class FinetuneConfig(Section):
+    """Everything a transfer-learning run needs."""
+
+    data: DownstreamDataConfig = Field(default_factory=DownstreamDataConfig)
+    model: TransferModelConfig = Field(default_factory=TransferModelConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(scheduler="cosine", lr=1e-3, epochs=50, batch_size=16))
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    run: RunConfig = Field(default_factory=lambda: RunConfig(name="cromss-finetune"))
+    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="cromss-finetune"))
+
+
+class SearchDomain(Section):
+    """One searched leaf: exactly one of choice, grid, uniform, loguniform, randint."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDomain:
+        given = [name for name in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"needs exactly one of choice, grid, uniform, loguniform, randint (got {given or 'none'})")
+        return self
+
+
+class TuneSection(Section):
+    """The sweep: search space over PretrainConfig leaves, algorithm and scheduler."""
+
+    search_space: dict[str, SearchDomain] = Field(default_factory=dict)
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    num_samples: int = Field(default=4, ge=1)
+    metric: str | None = Field(
+        default=None, description="Empty: val_clean/s2/miou where the data has clean labels, else val/s2/miou."
+    )
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    experiment: str = "cromss-tune"
+
+
+class TuneConfig(PretrainConfig):
+    """A pretraining config plus the sweep that varies it."""
+
+    tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _space_names_leaves(self) -> TuneConfig:
+        base = flatten(PretrainConfig.model_validate(self.model_dump(exclude={"tune"})))
+        for key in self.tune.search_space:
+            if key not in base:
+                raise ValueError(f"search_space key '{key}' is not a pretraining config key")
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` into ``("a.b", value)``, the value read as YAML (numbers, lists, booleans)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot read value '{raw}': {exc}") from exc
+    return key.strip(), value
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per invalid field, each led by its dotted key."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(cls: type[C], tree: dict[str, Any], overrides: list[str] | None = None) -> C:
+    """Validate a plain dict (plus ``key=value`` overrides) into ``cls``; errors name the key."""
+    tree = dict(tree)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {cls.__name__}:\n{describe_errors(exc)}") from None
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    data: str | None = None,
+    tracking_uri: str | None = None,
+) -> C:
+    """Load ``cls`` from a YAML file, then apply ``--data``, ``--tracking-uri`` and ``--set``."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    extra = list(overrides or [])
+    if data is not None:
+        extra.append(f"data.uri={data}")
+    if tracking_uri is not None:
+        extra.append(f"tracking.uri={tracking_uri}")
+    try:
+        return build_config(cls, tree, extra)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def to_yaml(config: BaseModel) -> str:
+    """The whole config as YAML, as logged to MLflow and stored in checkpoints."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config: BaseModel) -> dict[str, Any]:
+    """Dotted-key view of a config (``cromss.final_ratio`` ...), for MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("", config.model_dump(mode="json"))
+    return flat
