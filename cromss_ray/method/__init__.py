@@ -1,0 +1,54 @@
+"""The CromSS method in pure PyTorch: networks, smoothing, confidences, selection, losses, metrics.
+
+Section numbers in docstrings refer to ``docs/cromss-method.md``. This package imports
+only torch, segmentation-models-pytorch, numpy and scipy.
+"""
+
+from cromss_ray.method.checkpoints import encoder_state_dict, load_encoder_state, load_reference_checkpoint
+from cromss_ray.method.confidence import entangle, label_confidence, prediction_confidence
+from cromss_ray.method.losses import (
+    CromSSLoss,
+    consistency_loss,
+    weighted_cross_entropy,
+    weighted_dice,
+    weighted_focal,
+)
+from cromss_ray.method.metrics import ConfusionMatrix
+from cromss_ray.method.networks import (
+    CromSSNet,
+    LateFusionNet,
+    MidFusionNet,
+    build_model,
+    build_segmentation_model,
+    fused_probabilities,
+)
+from cromss_ray.method.schedules import ramp, selection_ratio
+from cromss_ray.method.selection import consistency_weights, selection_weights
+from cromss_ray.method.smoothing import smoothed_target, smoothing_prior
+
+__all__ = [
+    "ConfusionMatrix",
+    "CromSSLoss",
+    "CromSSNet",
+    "LateFusionNet",
+    "MidFusionNet",
+    "build_model",
+    "build_segmentation_model",
+    "consistency_loss",
+    "consistency_weights",
+    "encoder_state_dict",
+    "entangle",
+    "fused_probabilities",
+    "label_confidence",
+    "load_encoder_state",
+    "load_reference_checkpoint",
+    "prediction_confidence",
+    "ramp",
+    "selection_ratio",
+    "selection_weights",
+    "smoothed_target",
+    "smoothing_prior",
+    "weighted_cross_entropy",
+    "weighted_dice",
+    "weighted_focal",
+]

@@ -1,0 +1,291 @@
+"""The CromSS training objective: weighted segmentation terms plus cross-modal consistency (spec 8).
+
+The term functions take log-probabilities ``(N, C, H, W)`` (one log-softmax per
+modality serves every term), soft targets ``(N, C, H, W)`` and per-pixel weights
+``(N, H, W)``. Every weighted mean is ``sum(w * l) / sum(w)`` and is 0 when all
+weights are 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cromss_ray.method.confidence import (
+    CONFIDENCE_KINDS,
+    ConfidenceKind,
+    entangle,
+    label_confidence,
+    prediction_confidence,
+)
+from cromss_ray.method.schedules import RAMP_KINDS, RampKind, selection_ratio
+from cromss_ray.method.selection import consistency_weights, selection_weights
+from cromss_ray.method.smoothing import smoothed_target
+
+ConsistencyKind = Literal["ce", "kl", "mse", "none"]
+CONSISTENCY_KINDS: tuple[str, ...] = ("ce", "kl", "mse", "none")
+LOSS_TERM_NAMES: dict[str, str] = {"c": "ce", "d": "dice", "f": "focal"}
+DICE_EPS = 1e-7
+MODALITIES: tuple[str, str] = ("s1", "s2")
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w * l) / sum(w)``, and 0 when every weight is 0."""
+    total = weights.sum()
+    return (values * weights).sum() / torch.where(total > 0, total, 1.0)
+
+
+def _class_sum_dims(tensor: torch.Tensor) -> list[int]:
+    """All axes of an ``(N, C, ...)`` tensor except the class axis."""
+    return [0, *range(2, tensor.dim())]
+
+
+def weighted_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``L_ce = sum(w * CE) / sum(w)`` with ``CE = -sum_c q_c log p_c`` per pixel (spec 8)."""
+    return _weighted_mean(-(target * log_probs).sum(dim=1), weights)
+
+
+def weighted_focal(
+    log_probs: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, gamma: float = 2.0
+) -> torch.Tensor:
+    """Weighted focal loss ``sum(w * FL) / sum(w)``, ``FL = -sum_c q_c (1 - p_c)^gamma log p_c`` (spec 8 'f').
+
+    The spec names the focal term without a formula; this is the softmax focal loss of
+    Lin et al. extended to soft targets, which equals the cross-entropy at gamma = 0.
+    """
+    focal = (1.0 - log_probs.exp()).pow(gamma)
+    return _weighted_mean(-(target * focal * log_probs).sum(dim=1), weights)
+
+
+def weighted_dice(probs: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted multiclass soft Dice loss (spec 8).
+
+    For each class c, ``I_c = sum w p_c t_c`` and ``U_c = sum w (p_c + t_c)`` over batch and
+    pixels; ``loss_c = 1 - 2 I_c / max(U_c, 1e-7)``, set to 0 when the class's target
+    mass ``sum t_c`` is 0; the result is the mean over all C classes.
+    """
+    dims = _class_sum_dims(probs)
+    pixel_weights = weights.unsqueeze(1)
+    intersection = (pixel_weights * probs * target).sum(dim=dims)
+    cardinality = (pixel_weights * (probs + target)).sum(dim=dims)
+    dice = 2.0 * intersection / cardinality.clamp_min(DICE_EPS)
+    present = target.sum(dim=dims) > 0
+    return ((1.0 - dice) * present).mean()
+
+
+def consistency_loss(
+    log_p1: torch.Tensor,
+    log_p2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    kind: ConsistencyKind = "ce",
+) -> torch.Tensor:
+    """Cross-modal consistency ``sum(l_12 v_2) / sum(v_2) + sum(l_21 v_1) / sum(v_1)`` (spec 8).
+
+    ``l_12`` makes modality 1 learn from modality 2's detached prediction, weighted by
+    modality 2's confidence, and vice versa. Per pixel, summed over classes:
+    'ce' ``-sum_c p2_c log p1_c``; 'kl' ``sum_c p2_c (log p2_c - log p1_c)``;
+    'mse' ``sum_c (p1_c - p2_c)^2``; 'none' gives 0.
+    """
+    if kind not in CONSISTENCY_KINDS:
+        raise ValueError(f"consistency kind must be one of {CONSISTENCY_KINDS}, got {kind!r}")
+    if kind == "none":
+        return log_p1.new_zeros(())
+
+    def towards(log_student: torch.Tensor, log_teacher: torch.Tensor) -> torch.Tensor:
+        log_teacher = log_teacher.detach()
+        teacher = log_teacher.exp()
+        if kind == "ce":
+            return -(teacher * log_student).sum(dim=1)
+        if kind == "kl":
+            return (teacher * (log_teacher - log_student)).sum(dim=1)
+        return (log_student.exp() - teacher).square().sum(dim=1)
+
+    return _weighted_mean(towards(log_p1, log_p2), v2) + _weighted_mean(towards(log_p2, log_p1), v1)
+
+
+class CromSSLoss(nn.Module):
+    """The CromSS objective ``L = sum_m (segmentation terms of m) + lambda L_con`` (spec 2-8).
+
+    Args:
+        loss_terms: segmentation terms, any combination of 'c' (cross-entropy),
+            'd' (Dice), 'f' (focal); reference 'cd'.
+        consistency: 'ce' (reference), 'kl', 'mse' or 'none'.
+        consistency_weight: lambda.
+        smoothing_factors: () for none, (a,) or (a, b) (spec 2; reference (0.15, 0.05)).
+            Two factors need the ``prior`` argument of :meth:`forward`.
+        selection: cross-modal sample selection on (spec 6-7); off means w = v = 1.
+        final_ratio: rho_final of the selection-ratio schedule.
+        ramp: ramp kind 'exp', 'linear' or 'none'; ramp_length: E in epochs.
+        confidence: prediction-confidence kind 'ce' or 'gini'.
+        class_balanced: one threshold per class (reference) or one for all pixels.
+        classes: C; ignore_index: label excluded from every term (weight 0). Any label
+            outside ``0 .. C-1`` is excluded as well.
+        focal_gamma: exponent of the focal term.
+
+    ``loss(z1, z2, y, prior=None, epoch=0)`` returns ``(loss, diagnostics)``. The
+    diagnostics are detached 0-d tensors on the logits' device (convert with ``float()``
+    only when logging: each conversion waits for the device): ``loss/<term>/<s1|s2>`` for term in ce, dice, focal;
+    ``loss/consistency`` (unless 'none'); ``selection/ratio`` (rho of this epoch, 1 when
+    selection is off); per modality ``<m>/selected_share`` (share of labelled pixels at
+    full segmentation weight), ``<m>/weight_mean`` (mean segmentation weight),
+    ``<m>/confidence_pred`` and ``<m>/confidence_label`` (mean raw, not entangled,
+    confidences over labelled pixels). :meth:`evaluate` gives the validation loss and
+    :meth:`selection_maps` the per-pixel weight maps for figures.
+    """
+
+    def __init__(
+        self,
+        loss_terms: str = "cd",
+        consistency: ConsistencyKind = "ce",
+        consistency_weight: float = 1.0,
+        smoothing_factors: Sequence[float] = (0.15, 0.05),
+        selection: bool = True,
+        final_ratio: float = 0.5,
+        ramp: RampKind = "exp",
+        ramp_length: int = 80,
+        confidence: ConfidenceKind = "ce",
+        class_balanced: bool = True,
+        classes: int = 9,
+        ignore_index: int = 255,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if not loss_terms or set(loss_terms) - set(LOSS_TERM_NAMES):
+            raise ValueError(f"loss_terms must combine 'c', 'd', 'f', got {loss_terms!r}")
+        if consistency not in CONSISTENCY_KINDS:
+            raise ValueError(f"consistency must be one of {CONSISTENCY_KINDS}, got {consistency!r}")
+        if ramp not in RAMP_KINDS:
+            raise ValueError(f"ramp must be one of {RAMP_KINDS}, got {ramp!r}")
+        if confidence not in CONFIDENCE_KINDS:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
+        if not 0.0 <= final_ratio <= 1.0:
+            raise ValueError(f"final_ratio must lie in [0, 1], got {final_ratio}")
+        if ramp_length < 0 or consistency_weight < 0 or classes < 2:
+            raise ValueError(
+                f"need ramp_length >= 0, consistency_weight >= 0 and classes >= 2, got "
+                f"{ramp_length}, {consistency_weight}, {classes}"
+            )
+        factors = tuple(float(f) for f in smoothing_factors)
+        if len(factors) > 2 or any(f < 0 for f in factors) or sum(factors) > 1:
+            raise ValueError(f"smoothing_factors takes at most two non-negative factors summing to <= 1, got {factors}")
+        self.loss_terms = "".join(dict.fromkeys(loss_terms))
+        self.consistency = consistency
+        self.consistency_weight = float(consistency_weight)
+        self.smoothing_factors = factors
+        self.selection = selection
+        self.final_ratio = float(final_ratio)
+        self.ramp = ramp
+        self.ramp_length = int(ramp_length)
+        self.confidence = confidence
+        self.class_balanced = class_balanced
+        self.classes = classes
+        self.ignore_index = ignore_index
+        self.focal_gamma = float(focal_gamma)
+
+    def _clean_labels(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels as int64 with every excluded pixel set to -1, and the labelled mask."""
+        y = y.long()
+        labelled = (y != self.ignore_index) & (y >= 0) & (y < self.classes)
+        return torch.where(labelled, y, -1), labelled
+
+    @torch.no_grad()
+    def _weights(
+        self, logits: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, labelled: torch.Tensor, epoch: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Segmentation weights w_m, consistency weights v_m and their diagnostics (spec 3-7)."""
+        pred_conf = [prediction_confidence(z, self.confidence) for z in logits]
+        label_conf = [label_confidence(z, y) for z in logits]
+        mask = labelled.float()
+        count = mask.sum().clamp_min(1.0)
+        diagnostics: dict[str, torch.Tensor] = {}
+        for name, pred, lbl in zip(MODALITIES, pred_conf, label_conf):
+            diagnostics[f"{name}/confidence_pred"] = (pred * mask).sum() / count
+            diagnostics[f"{name}/confidence_label"] = (lbl * mask).sum() / count
+        if self.selection:
+            ratio = selection_ratio(epoch, self.ramp_length, self.final_ratio, self.ramp)
+            seg = [selection_weights(c, y, ratio, self.classes, self.class_balanced) for c in entangle(*label_conf)]
+            con = [consistency_weights(c, epoch, self.ramp_length, self.ramp) * mask for c in entangle(*pred_conf)]
+        else:
+            ratio, seg, con = 1.0, [mask, mask], [mask, mask]
+        diagnostics["selection/ratio"] = mask.new_tensor(ratio)
+        for name, weights in zip(MODALITIES, seg):
+            diagnostics[f"{name}/selected_share"] = ((weights >= 1.0) & labelled).sum() / count
+            diagnostics[f"{name}/weight_mean"] = weights.sum() / count
+        return seg, con, diagnostics
+
+    def _objective(
+        self,
+        logits: tuple[torch.Tensor, torch.Tensor],
+        targets: torch.Tensor,
+        seg_weights: Sequence[torch.Tensor],
+        con_weights: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its detached terms for given targets and weights (spec 8)."""
+        log_probs = [F.log_softmax(z, dim=1) for z in logits]
+        total = log_probs[0].new_zeros(())
+        terms: dict[str, torch.Tensor] = {}
+        for name, log_p, weights in zip(MODALITIES, log_probs, seg_weights):
+            for term in self.loss_terms:
+                if term == "c":
+                    value = weighted_cross_entropy(log_p, targets, weights)
+                elif term == "d":
+                    value = weighted_dice(log_p.exp(), targets, weights)
+                else:
+                    value = weighted_focal(log_p, targets, weights, self.focal_gamma)
+                terms[f"loss/{LOSS_TERM_NAMES[term]}/{name}"] = value.detach()
+                total = total + value
+        if self.consistency != "none":
+            value = consistency_loss(log_probs[0], log_probs[1], con_weights[0], con_weights[1], self.consistency)
+            terms["loss/consistency"] = value.detach()
+            total = total + self.consistency_weight * value
+        return total, terms
+
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        y: torch.Tensor,
+        prior: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss for logits ``z1``, ``z2`` ``(N, C, H, W)``, labels ``y`` ``(N, H, W)``.
+
+        ``prior`` ``(N, C, H, W)`` is the smoothing prior (needed with two smoothing
+        factors); ``epoch`` is the zero-based epoch of the schedules (spec 5-8).
+        """
+        logits = (z1.float(), z2.float())
+        y, labelled = self._clean_labels(y)
+        seg, con, diagnostics = self._weights(logits, y, labelled, epoch)
+        targets = smoothed_target(y, prior, self.smoothing_factors, self.classes)
+        loss, terms = self._objective(logits, targets, seg, con)
+        return loss, {**terms, **diagnostics}
+
+    def evaluate(
+        self, z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Validation loss: the same terms, unweighted (w = v = 1) and unsmoothed (spec 8).
+
+        Returns ``(loss, diagnostics)`` with the ``loss/...`` keys of :meth:`forward`.
+        """
+        logits = (z1.float(), z2.float())
+        y, labelled = self._clean_labels(y)
+        mask = labelled.float()
+        return self._objective(logits, smoothed_target(y, None, (), self.classes), [mask, mask], [mask, mask])
+
+    @torch.no_grad()
+    def selection_maps(
+        self, z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor, epoch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel segmentation weights ``(w1, w2)``, each ``(N, H, W)``, that :meth:`forward` uses (spec 6).
+
+        For figures: 1 is full weight, 0 excluded (also every unlabelled pixel).
+        """
+        logits = (z1.float(), z2.float())
+        y, labelled = self._clean_labels(y)
+        seg, _, _ = self._weights(logits, y, labelled, epoch)
+        return seg[0], seg[1]
