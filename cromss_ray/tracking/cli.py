@@ -1,0 +1,137 @@
+"""``cromss export`` and ``cromss import-checkpoint``: encoders out of, paper weights into, the registry.
+
+``export`` writes one branch's encoder as a plain state dict that an smp ``Unet``
+encoder and a timm ResNet with the same input channels load (spec 11).
+``import-checkpoint`` registers one of the paper's Lightning checkpoints (spec 12) as
+a pretrained model, logged in a run of its own tagged ``source=paper-checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+SOURCE_TAG = "paper-checkpoint"
+PRETRAIN_EXPERIMENT = "cromss-pretrain"
+HASH_CHUNK_BYTES = 1 << 20
+TRACKING_URI_HELP = "MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` and ``import-checkpoint`` subcommands."""
+    export = subparsers.add_parser(
+        "export",
+        help="write a pretrained model's S1 or S2 encoder as a plain state dict",
+        description="Write one branch's encoder of a registered pretrained model as a torch state dict "
+        "that smp (Unet(...).encoder) and timm ResNets with the same input channels load.",
+    )
+    export.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
+    export.add_argument("--branch", required=True, choices=("s1", "s2"), help="which modality's encoder")
+    export.add_argument("--out", required=True, type=Path, help="output file (torch.save)")
+    export.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
+    export.set_defaults(handler=export_encoder)
+
+    importer = subparsers.add_parser(
+        "import-checkpoint",
+        help="register one of the paper's released checkpoints as a pretrained model",
+        description="Load a CromSS Lightning checkpoint (net.encoder1. / net.model1. ... keys), log it in a run "
+        "of the pretraining experiment and register it as a pyfunc model.",
+    )
+    importer.add_argument("path", type=Path, help="the checkpoint file (.ckpt)")
+    importer.add_argument("--fusion", required=True, choices=("mid", "late"), help="fusion of the checkpoint")
+    importer.add_argument("--register", required=True, metavar="NAME", help="registered model name")
+    importer.add_argument("--encoder", default="resnet50", help="smp encoder name (default: resnet50)")
+    importer.add_argument(
+        "--alias", dest="aliases", action="append", metavar="ALIAS", help="alias for the new version (repeatable)"
+    )
+    importer.add_argument("--experiment", default=PRETRAIN_EXPERIMENT, help="MLflow experiment of the import run")
+    importer.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
+    importer.add_argument(
+        "--trusted", action="store_true", help="unpickle the whole checkpoint (only for files you trust)"
+    )
+    importer.set_defaults(handler=import_checkpoint)
+
+
+def _fail(command: str, message: object) -> int:
+    print(f"cromss {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def export_encoder(args: argparse.Namespace) -> int:
+    """Save ``encoder_state_dict(model, branch)`` of ``--model`` to ``--out``."""
+    import torch
+
+    from cromss_ray.method import encoder_state_dict
+    from cromss_ray.tracking.registry import ModelNotFoundError, load_pretrained
+
+    try:
+        pretrained = load_pretrained(args.model, tracking_uri=args.tracking_uri)
+    except (ModelNotFoundError, ValueError) as exc:
+        return _fail("export", exc)
+    state = encoder_state_dict(pretrained.model, args.branch)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_name(args.out.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(args.out)
+    network = pretrained.model
+    bands = network.s1_bands if args.branch == "s1" else network.s2_bands
+    print(f"wrote {args.out}: {args.branch} encoder ({network.encoder_name}, {bands} input bands) of {args.model}")
+    return 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_checkpoint(args: argparse.Namespace) -> int:
+    """Load a paper checkpoint, log it in a run of its own and register it (spec 12)."""
+    from cromss_ray.config import PretrainConfig, build_config
+    from cromss_ray.method import load_reference_checkpoint
+    from cromss_ray.tracking.models import log_pretrained_model
+    from cromss_ray.tracking.registry import store_uri
+    from cromss_ray.tracking.runs import RunTracker
+    from cromss_ray.tracking.storage import check_matches_config
+
+    if not args.path.is_file():
+        return _fail("import-checkpoint", f"{args.path}: no such checkpoint file")
+    try:
+        model = load_reference_checkpoint(args.path, args.fusion, encoder=args.encoder, trusted=args.trusted)
+    except ValueError as exc:
+        return _fail("import-checkpoint", exc)
+    aliases = args.aliases or ["latest"]
+    config = build_config(
+        PretrainConfig,
+        {
+            "data": {"s2_bands": model.s2_bands},
+            "model": {"fusion": args.fusion, "encoder": args.encoder, "classes": model.classes},
+            "run": {"name": f"import-{args.path.stem}"},
+            "tracking": {
+                "uri": args.tracking_uri,
+                "experiment": args.experiment,
+                "registry_name": args.register,
+                "aliases": aliases,
+            },
+        },
+    )
+    try:
+        check_matches_config(model, config)
+    except ValueError as exc:
+        return _fail("import-checkpoint", f"{args.path}: {exc}")
+    tags = {"source": SOURCE_TAG, "checkpoint": args.path.name, "checkpoint_sha256": _sha256(args.path)}
+    with RunTracker.start(
+        config,
+        tracking_uri=store_uri(args.tracking_uri),
+        experiment=args.experiment,
+        run_name=config.run.name,
+        tags=tags,
+    ) as tracker:
+        version = log_pretrained_model(model, config, tracker=tracker, registry_name=args.register, aliases=aliases)
+    shown = ", ".join(f"models:/{args.register}@{alias}" for alias in aliases)
+    print(f"registered {args.path} as models:/{args.register}/{version} ({shown}); run {tracker.run_id}")
+    return 0

@@ -1,0 +1,172 @@
+"""Pretrained CromSS models from the MLflow registry: pull one, point an alias at a version.
+
+Model URIs: ``models:/NAME@ALIAS`` (``@latest`` is MLflow's built-in alias of the newest
+version), ``models:/NAME/VERSION``, ``models:/<logged model id>`` and
+``runs:/<run id>/model``. What is pulled is the pyfunc's ``model.pt`` and ``config.yaml``;
+the network is rebuilt from them (:mod:`cromss_ray.tracking.storage`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from cromss_ray.config import PretrainConfig, TrackingConfig
+from cromss_ray.method import CromSSNet
+from cromss_ray.tracking.storage import CONFIG_ARTIFACT, MODEL_NAME, WEIGHTS_ARTIFACT, load_network
+from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
+
+LATEST_ALIAS = "latest"
+MODELS_SCHEME = "models:/"
+RUNS_SCHEME = "runs:/"
+PYFUNC_FLAVOR = "python_function"
+
+
+class ModelNotFoundError(LookupError):
+    """The store has no such registered model, version, alias, logged model or run."""
+
+
+@dataclass(frozen=True)
+class PretrainedModel:
+    """A pulled pretrained network (CPU, eval mode), its config and where it came from."""
+
+    model: CromSSNet
+    config: PretrainConfig
+    name: str | None
+    version: int | None
+    run_id: str | None
+
+
+def store_uri(tracking_uri: str | None = None) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; made absolute."""
+    return absolute_tracking_uri(tracking_uri or TrackingConfig().resolved_uri())
+
+
+def registry_client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client of the tracking store and model registry at :func:`store_uri`."""
+    uri = store_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def set_alias(name: str, alias: str, version: int, *, tracking_uri: str | None = None) -> None:
+    """Point ``models:/name@alias`` at ``version`` (e.g. ``@best`` after a better validation score)."""
+    if alias.lower() == LATEST_ALIAS:
+        raise ValueError("'latest' is MLflow's built-in alias of the newest version and cannot be assigned")
+    registry_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def _not_found(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _registered_version(client: MlflowClient, name: str, alias: str | None, version: str | None) -> ModelVersion:
+    """The version ``models:/name@alias`` or ``models:/name/version`` names; errors say what is missing."""
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise ModelNotFoundError(f"no registered model '{name}' in {redact_uri(client.tracking_uri)}") from None
+        raise
+    if alias is not None and alias.lower() != LATEST_ALIAS and alias not in registered.aliases:
+        known = ", ".join(f"@{key}" for key in sorted(registered.aliases)) or "none besides @latest"
+        raise ModelNotFoundError(f"registered model '{name}' has no alias '@{alias}' (its aliases: {known})")
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        if _not_found(exc):
+            wanted = f"alias '@{alias}'" if alias is not None else f"version {version}"
+            raise ModelNotFoundError(f"registered model '{name}' has no {wanted}") from None
+        raise
+
+
+def _logged_model_location(client: MlflowClient, model_id: str) -> tuple[str, str | None]:
+    """Artifact location and source run of logged model ``model_id``."""
+    try:
+        logged = client.get_logged_model(model_id)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise ModelNotFoundError(f"no logged model '{model_id}' in {redact_uri(client.tracking_uri)}") from None
+        raise
+    return logged.artifact_location, logged.source_run_id
+
+
+def _run_model_id(client: MlflowClient, run_id: str, name: str) -> str:
+    """The model named ``name`` that run ``run_id`` logged last (highest step, then newest)."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise ModelNotFoundError(f"no run '{run_id}' in {redact_uri(client.tracking_uri)}") from None
+        raise
+    candidates = [
+        (output.step, logged.creation_timestamp, logged.model_id)
+        for output in (run.outputs.model_outputs if run.outputs else [])
+        if (logged := client.get_logged_model(output.model_id)).name == name
+    ]
+    if not candidates:
+        raise ModelNotFoundError(f"run '{run_id}' logged no model named '{name}'")
+    return max(candidates)[2]
+
+
+def _resolve(client: MlflowClient, model_uri: str) -> tuple[str, str | None, int | None, str | None]:
+    """``(artifact location to download, registered name, version, run id)`` of ``model_uri``.
+
+    Locations are looked up with ``client`` rather than left to MLflow's ``models:/``
+    resolution, which reads the process-wide registry URI instead of the one given.
+    """
+    if model_uri.startswith(MODELS_SCHEME):
+        reference = model_uri[len(MODELS_SCHEME) :]
+        name, slash, suffix = reference.partition("/")
+        base, at, alias = reference.partition("@")
+        if at and not slash:
+            model_version = _registered_version(client, base, alias, None)
+        elif slash and suffix.isdigit():
+            model_version = _registered_version(client, name, None, suffix)
+        elif slash and suffix.lower() == LATEST_ALIAS:
+            model_version = _registered_version(client, name, LATEST_ALIAS, None)
+        elif reference and not slash:
+            location, run_id = _logged_model_location(client, reference)
+            return location, None, None, run_id
+        else:
+            raise ValueError(f"model URI '{model_uri}' must be models:/NAME@ALIAS or models:/NAME/VERSION")
+        location = client.get_model_version_download_uri(model_version.name, model_version.version)
+        return location, model_version.name, int(model_version.version), model_version.run_id
+    if model_uri.startswith(RUNS_SCHEME):
+        run_id, _, name = model_uri[len(RUNS_SCHEME) :].partition("/")
+        location, _ = _logged_model_location(client, _run_model_id(client, run_id, name or MODEL_NAME))
+        return location, None, None, run_id
+    raise ValueError(
+        f"model URI '{model_uri}' must be models:/NAME@ALIAS, models:/NAME/VERSION, "
+        "models:/MODEL_ID or runs:/RUN_ID/model"
+    )
+
+
+def load_pretrained(model_uri: str, *, tracking_uri: str | None = None) -> PretrainedModel:
+    """The pretrained network behind ``model_uri`` (module docstring), rebuilt on the CPU.
+
+    Used to pull encoders for transfer (spec 11). A :class:`ModelNotFoundError` names the
+    missing model, version, alias or run; a ValueError says when the URI holds no CromSS
+    pyfunc model.
+    """
+    uri = store_uri(tracking_uri)
+    location, name, version, run_id = _resolve(MlflowClient(tracking_uri=uri, registry_uri=uri), model_uri)
+    with TemporaryDirectory() as folder:
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=uri)
+        )
+        stored = Model.load(local).flavors.get(PYFUNC_FLAVOR, {}).get("artifacts", {})
+        if WEIGHTS_ARTIFACT not in stored or CONFIG_ARTIFACT not in stored:
+            raise ValueError(f"{model_uri} is not a CromSS pretrained model: its pyfunc has no weights or config")
+        weights, config_file = (local / stored[key]["path"] for key in (WEIGHTS_ARTIFACT, CONFIG_ARTIFACT))
+        network, config = load_network(weights, config_file)
+    return PretrainedModel(model=network, config=config, name=name, version=version, run_id=run_id)
