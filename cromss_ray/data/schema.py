@@ -1,0 +1,183 @@
+"""The NoLDO-S12 Parquet schema: columns, class schemes and the metadata each shard declares.
+
+A shard is a Parquet file with one row per location (pretraining) or per tile / patch
+(downstream). Arrays are stored as raw little-endian bytes in binary columns; their
+shape follows from ``height``/``width`` of the row and the band and season counts in
+the shard's metadata, and their dtype and scaling are declared there too (spec 9, 10).
+See ``docs/data.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"cromss"
+MANIFEST_NAME = "manifest.json"
+"""File next to the shards that lists them with row counts and class histograms."""
+NODATA = 255
+"""Label value for pixels without a label (pretraining no-data, downstream ignore)."""
+
+S2_BAND_NAMES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
+S1_BAND_NAMES = ("VV", "VH")
+
+S2_BAND_SUBSETS: dict[int, tuple[int, ...]] = {
+    13: tuple(range(13)),
+    12: (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12),
+    9: (1, 2, 3, 4, 5, 6, 7, 11, 12),
+    3: (3, 2, 1),
+}
+"""0-based indices into the 13 L1C bands for each S2 band count (spec 9)."""
+
+DW_CLASSES = (
+    "water",
+    "trees",
+    "grass",
+    "flooded vegetation",
+    "crops",
+    "shrub and scrub",
+    "built area",
+    "bare ground",
+    "snow and ice",
+)
+OSM_CLASSES = (
+    "urban fabric",
+    "industrial, commercial and transport",
+    "arable land",
+    "artificial non-agricultural vegetation",
+    "forest",
+    "mine, dump and construction",
+    "water bodies",
+    "open spaces",
+    "pastures",
+    "shrub and herbaceous",
+    "permanent crops",
+    "wetlands",
+    "coastal wetlands",
+)
+DFC2020_CLASSES = ("water", "forest", "grassland", "wetland", "cropland", "shrubland", "urban", "barren")
+
+CLASS_SCHEMES: dict[str, tuple[str, ...]] = {
+    "pretrain": DW_CLASSES,
+    "dw": DW_CLASSES,
+    "osm": OSM_CLASSES,
+    "dfc2020": DFC2020_CLASSES,
+}
+
+ShardKind = Literal["pretrain", "dw", "osm", "dfc2020", "custom"]
+
+
+class ModalitySpec(BaseModel):
+    """Storage of one image modality: physical value = stored * scale + offset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["uint8", "uint16", "float32"]
+    bands: tuple[str, ...]
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str = Field(default="", description="Unit of the physical value: 'reflectance', 'dB' or 'normalized'.")
+
+
+class ShardMetadata(BaseModel):
+    """What every shard declares in its Parquet schema metadata under ``cromss``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    kind: ShardKind
+    classes: tuple[str, ...]
+    nodata: int = Field(default=NODATA, ge=0, le=255, description="Label value that is no-data / ignored.")
+    seasons: int = Field(default=4, ge=1, description="Seasons per row (1 for downstream tiles).")
+    s1: ModalitySpec
+    s2: ModalitySpec
+    has_clean_label: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ShardMetadata:
+        return cls.model_validate(json.loads(raw))
+
+    def arrow_schema(self) -> pa.Schema:
+        """The Arrow schema of a shard of this kind, with this metadata attached."""
+        fields = [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("dates", pa.list_(pa.string()), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("s1", pa.binary(), nullable=False),
+            pa.field("s2", pa.binary(), nullable=False),
+            pa.field("label", pa.binary(), nullable=False),
+        ]
+        if self.has_clean_label:
+            fields.append(pa.field("clean_label", pa.binary(), nullable=False))
+        return pa.schema(fields, metadata={METADATA_KEY: self.to_bytes()})
+
+    def image_shape(self, modality: Literal["s1", "s2"], height: int, width: int) -> tuple[int, ...]:
+        """Shape of one row's ``s1`` / ``s2`` array: (T, B, H, W), or (B, H, W) with one season."""
+        bands = len(getattr(self, modality).bands)
+        return (self.seasons, bands, height, width) if self.seasons > 1 else (bands, height, width)
+
+    def label_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one row's ``label`` / ``clean_label`` array: (T, H, W), or (H, W)."""
+        return (self.seasons, height, width) if self.seasons > 1 else (height, width)
+
+    def numpy_dtype(self, modality: Literal["s1", "s2"]) -> np.dtype:
+        return np.dtype(getattr(self, modality).dtype).newbyteorder("<")
+
+
+def read_metadata(schema: pa.Schema, where: str) -> ShardMetadata:
+    """The shard metadata of an Arrow schema; ``where`` (a file name) is named in errors."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{where}: no '{METADATA_KEY.decode()}' metadata in the Parquet schema: not a cromss shard")
+    try:
+        return ShardMetadata.from_bytes(raw)
+    except ValueError as exc:
+        raise ValueError(f"{where}: invalid shard metadata: {exc}") from None
+
+
+class ShardFile(BaseModel):
+    """One shard file of a manifest: its name relative to the manifest, rows and size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    rows: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: what a shard directory holds (see ``docs/data.md``).
+
+    ``class_histogram[c]`` counts the pixels of class ``c`` in ``label`` over all rows and
+    seasons; ``nodata_pixels`` counts the no-data pixels. ``complete`` is false when the
+    writer was closed by an error: the listed files are valid, the conversion stopped early.
+    ``provenance`` says how the shards were made (source, parameters, noise statistics,
+    skipped rows).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    kind: ShardKind
+    metadata: ShardMetadata
+    files: list[ShardFile]
+    total_rows: int = Field(ge=0)
+    class_histogram: list[int]
+    nodata_pixels: int = Field(ge=0)
+    clean_class_histogram: list[int] | None = None
+    clean_nodata_pixels: int | None = None
+    complete: bool = True
+    provenance: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,107 @@
+"""The shard schema: class schemes, band subsets, shapes and metadata (spec 9, 10)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cromss_ray.data.schema import (
+    CLASS_SCHEMES,
+    METADATA_KEY,
+    NODATA,
+    S1_BAND_NAMES,
+    S2_BAND_NAMES,
+    S2_BAND_SUBSETS,
+    Manifest,
+    ModalitySpec,
+    ShardFile,
+    ShardMetadata,
+    read_metadata,
+)
+
+
+def _pretrain_meta(**overrides: object) -> ShardMetadata:
+    fields = {
+        "kind": "pretrain",
+        "classes": CLASS_SCHEMES["pretrain"],
+        "s1": ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255, unit="normalized"),
+        "s2": ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="normalized"),
+        "has_clean_label": True,
+    }
+    fields.update(overrides)
+    return ShardMetadata(**fields)
+
+
+def test_class_schemes_match_spec_10() -> None:
+    assert len(CLASS_SCHEMES["pretrain"]) == 9
+    assert CLASS_SCHEMES["pretrain"][0] == "water" and CLASS_SCHEMES["pretrain"][8] == "snow and ice"
+    assert CLASS_SCHEMES["dw"] == CLASS_SCHEMES["pretrain"]
+    assert len(CLASS_SCHEMES["osm"]) == 13
+    assert CLASS_SCHEMES["dfc2020"] == (
+        "water",
+        "forest",
+        "grassland",
+        "wetland",
+        "cropland",
+        "shrubland",
+        "urban",
+        "barren",
+    )
+    assert NODATA == 255
+
+
+def test_band_subsets_match_spec_9() -> None:
+    assert S2_BAND_SUBSETS[13] == tuple(range(13))
+    assert S2_BAND_SUBSETS[12] == (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)
+    assert [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[9]] == ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B11", "B12"]
+    assert [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[3]] == ["B4", "B3", "B2"]
+    assert "B10" not in [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[12]]
+
+
+def test_shapes_with_four_seasons_and_with_one() -> None:
+    meta = _pretrain_meta()
+    assert meta.image_shape("s1", 264, 264) == (4, 2, 264, 264)
+    assert meta.image_shape("s2", 264, 260) == (4, 13, 264, 260)
+    assert meta.label_shape(264, 264) == (4, 264, 264)
+    single = _pretrain_meta(kind="dw", seasons=1, has_clean_label=False)
+    assert single.image_shape("s2", 64, 64) == (13, 64, 64)
+    assert single.label_shape(64, 64) == (64, 64)
+    assert meta.numpy_dtype("s2") == np.dtype("<u1")
+
+
+def test_metadata_round_trips_through_the_arrow_schema() -> None:
+    meta = _pretrain_meta()
+    schema = meta.arrow_schema()
+    assert schema.names == ["id", "dates", "height", "width", "s1", "s2", "label", "clean_label"]
+    assert read_metadata(schema, "x.parquet") == meta
+    assert "clean_label" not in _pretrain_meta(has_clean_label=False).arrow_schema().names
+
+
+def test_read_metadata_names_the_file_when_missing_or_invalid() -> None:
+    with pytest.raises(ValueError, match=r"a\.parquet: no 'cromss' metadata"):
+        read_metadata(pa.schema([pa.field("id", pa.string())]), "a.parquet")
+    bad = pa.schema([pa.field("id", pa.string())], metadata={METADATA_KEY: json.dumps({"kind": "moon"}).encode()})
+    with pytest.raises(ValueError, match=r"b\.parquet: invalid shard metadata"):
+        read_metadata(bad, "b.parquet")
+
+
+def test_unknown_dtype_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        ModalitySpec(dtype="int64", bands=S1_BAND_NAMES)
+
+
+def test_manifest_round_trips_as_json() -> None:
+    meta = _pretrain_meta()
+    manifest = Manifest(
+        kind="pretrain",
+        metadata=meta,
+        files=[ShardFile(name="part-00000.parquet", rows=3, bytes=100)],
+        total_rows=3,
+        class_histogram=[1] * 9,
+        nodata_pixels=0,
+        provenance={"source": "test"},
+    )
+    assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
