@@ -1,0 +1,319 @@
+"""The Ray Data pipeline that feeds the trainers (spec 2, 9; architecture: data flow of a step).
+
+::
+
+    shards (dir / s3://)  --read_parquet (streaming, footers checked first)-->  rows
+      --map_batches(CutSamples): season, band subset, crop / flip / rotation-->  uint8 batches
+      --streaming_split / iter_torch_batches-->  to_device: scale, prior on the device
+
+:func:`pretrain_datasets` and :func:`downstream_datasets` build the training, validation
+(and test) datasets from a config; :func:`to_device` turns a batch of tensors into the
+model's inputs and targets. Batches stay in the stored dtype (uint8 for the released
+data) until :func:`to_device` scales them on the device.
+
+Determinism. A training sample's augmentation (season, crop corner, flips, rotation) is a
+pure function of ``(seed, location id, epoch)``; the validation split and the
+validation season depend on the id alone. Row order may vary between runs (parallel
+reads), the samples do not. A Ray Data UDF cannot know the epoch, so every dataset
+family carries an :class:`EpochClock`: a tiny Ray actor that the UDF reads once per
+batch (it starts at 0). The training loop announces each epoch before iterating::
+
+    datasets = pretrain_datasets(cfg.data, seed=cfg.run.seed)  # on the driver
+    ...                                                        # in the train loop:
+    for epoch in range(start_epoch, epochs):
+        set_epoch(clock, epoch)      # clock: datasets.clock, or its name (a str)
+        for batch in shard.iter_torch_batches(batch_size=...):
+            ...
+        # the epoch ends with a collective (metric all-reduce / ray.train.report)
+
+Calling it on rank 0 suffices: Ray Data's ``streaming_split`` starts an epoch only when
+every worker has asked for it, so rank 0's call precedes any read of that epoch. The
+epoch must change only after all workers finished the previous epoch, which the
+end-of-epoch collective guarantees; calling it on every rank is harmless (same value).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+import ray.data
+import torch
+from ray.data.expressions import col
+
+from cromss_ray.config import DataConfig, DownstreamDataConfig
+from cromss_ray.data.schema import ModalitySpec, ShardMetadata
+from cromss_ray.data.storage import ShardSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
+from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw
+from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
+
+__all__ = [
+    "DeviceBatch",
+    "DownstreamDatasets",
+    "EpochClock",
+    "PretrainDatasets",
+    "downstream_datasets",
+    "open_shards",
+    "pretrain_datasets",
+    "resolve_filesystem",
+    "set_epoch",
+    "to_device",
+]
+
+ROWS_PER_CALL = 8
+"""Shard rows per UDF call: one row group as the shard writer lays them out (~36 MB of uint8 rows)."""
+CLOCK_NAMESPACE = "cromss"
+DOWNSTREAM_ROTATION_PROBABILITY = 0.2
+PRIOR_CHOICES = (*PRIOR_KINDS, "none")
+
+
+@ray.remote(num_cpus=0)
+class _EpochCounter:
+    """The actor behind :class:`EpochClock`."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def get(self) -> int:
+        return self._epoch
+
+
+@dataclass(frozen=True)
+class EpochClock:
+    """The epoch a pipeline's augmentation uses: a named Ray actor, read once per batch.
+
+    Picklable (it travels inside the UDF and through ``train_loop_config``); ``name``
+    finds it again from any process of the cluster (:meth:`named`).
+    """
+
+    name: str
+    actor: ray.actor.ActorHandle
+
+    @classmethod
+    def create(cls) -> EpochClock:
+        name = f"cromss-epoch-{uuid.uuid4().hex[:12]}"
+        return cls(name, _EpochCounter.options(name=name, namespace=CLOCK_NAMESPACE).remote())
+
+    @classmethod
+    def named(cls, name: str) -> EpochClock:
+        try:
+            return cls(name, ray.get_actor(name, namespace=CLOCK_NAMESPACE))
+        except ValueError:
+            raise ValueError(f"no epoch clock named {name!r} in this Ray cluster") from None
+
+    def set(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        ray.get(self.actor.set.remote(int(epoch)))
+
+    def read(self) -> int:
+        return ray.get(self.actor.get.remote())
+
+
+def set_epoch(clock: EpochClock | str, epoch: int) -> None:
+    """Announce ``epoch`` to a pipeline's augmentation before iterating it (module docstring)."""
+    (EpochClock.named(clock) if isinstance(clock, str) else clock).set(epoch)
+
+
+@dataclass(frozen=True)
+class PretrainDatasets:
+    """Pretraining datasets (spec 9): ``val`` is None when nothing is held out."""
+
+    train: ray.data.Dataset
+    val: ray.data.Dataset | None
+    meta: ShardMetadata
+    num_train: int
+    num_val: int
+    clock: EpochClock
+
+
+@dataclass(frozen=True)
+class DownstreamDatasets:
+    """Downstream datasets (spec 10, 11): ``test`` is None without ``test_uri``."""
+
+    train: ray.data.Dataset
+    val: ray.data.Dataset | None
+    test: ray.data.Dataset | None
+    meta: ShardMetadata
+    num_train: int
+    num_val: int
+    num_test: int
+    clock: EpochClock
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Validation rows (their shards, or the ids held out of the training shards) and counts."""
+
+    val: ShardSet | None
+    train_keep: Callable[[str], bool] | None
+    val_ids: list[str] | None
+    num_train: int
+    num_val: int
+
+
+def _split(shards: ShardSet, val_uri: str | None, s3_endpoint: str | None, fraction: float) -> _Split:
+    """Held-out validation rows: a separate location, or ids whose stable hash is small."""
+    if val_uri is not None:
+        val = scan_shards(val_uri, s3_endpoint)
+        _check_compatible(shards, val)
+        return _Split(val, None, None, shards.num_rows, val.num_rows)
+    ids = shards.read_ids() if fraction > 0 else []
+    split = HashSplit.for_ids(ids, fraction)
+    num_val = sum(1 for row_id in ids if split.is_val(row_id))
+    if num_val == 0:
+        return _Split(None, None, None, shards.num_rows, 0)
+    val_ids = sorted({row_id for row_id in ids if split.is_val(row_id)})
+    return _Split(shards, split.is_train, val_ids, len(ids) - num_val, num_val)
+
+
+def _check_compatible(train: ShardSet, other: ShardSet) -> None:
+    """Validation / test shards must describe the same data as the training shards."""
+    ignored = {"has_clean_label"}
+    theirs, ours = other.meta.model_dump(exclude=ignored), train.meta.model_dump(exclude=ignored)
+    differing = sorted(key for key in ours if ours[key] != theirs[key])
+    if differing:
+        raise ValueError(f"{other.uri}: shard metadata differs from {train.uri} in {', '.join(differing)}")
+
+
+def _read(
+    shards: ShardSet, udf: CutSamples, *, shuffle_seed: int | None = None, ids: list[str] | None = None
+) -> ray.data.Dataset:
+    """Stream ``shards`` through ``udf``; ``ids`` restricts the read to those rows (pushed down to the scan)."""
+    dataset = read_shard_set(shards, shuffle_seed=shuffle_seed)
+    if ids is not None:
+        dataset = dataset.filter(expr=col("id").is_in(ids))
+    return dataset.map_batches(udf, batch_format="pyarrow", batch_size=ROWS_PER_CALL, zero_copy_batch=True)
+
+
+def pretrain_datasets(
+    cfg: DataConfig, *, seed: int, prior: str = "ts", sigma: float = 3.0
+) -> PretrainDatasets:
+    """Training and validation datasets for CromSS pretraining (spec 2, 9).
+
+    Training batches: a uniformly drawn season per visit, the S2 band subset, random crop,
+    flips and (with ``cfg.rotation_probability``) a rotation, one geometry for images,
+    label, all-season labels (``labels_all``, when the prior is computed on the device) or
+    the CPU prior (``prior``, computed on the full tile, then cropped). Validation
+    batches: a season fixed by the id, centre crop, no flips, no prior.
+    """
+    if prior not in PRIOR_CHOICES:
+        raise ValueError(f"prior must be one of {PRIOR_CHOICES}, got {prior!r}")
+    shards = scan_shards(cfg.uri, cfg.s3_endpoint)
+    meta = shards.meta
+    split = _split(shards, cfg.val_uri, cfg.s3_endpoint, cfg.val_fraction)
+    clock = EpochClock.create()
+    with_prior = prior != "none"
+    train_udf = CutSamples(
+        meta,
+        cfg.s2_bands,
+        cfg.crop,
+        SampleDraw(True, seed, cfg.rotation_probability, clock.read),
+        keep=split.train_keep,
+        labels_all=with_prior and cfg.prior_on_device,
+        cpu_prior=prior if with_prior and not cfg.prior_on_device else None,
+        sigma=sigma,
+    )
+    train = _read(shards, train_udf, shuffle_seed=seed)
+    val = None
+    if split.val is not None:
+        val_udf = CutSamples(split.val.meta, cfg.s2_bands, cfg.crop, SampleDraw(False))
+        val = _read(split.val, val_udf, ids=split.val_ids)
+    return PretrainDatasets(train, val, meta, split.num_train, split.num_val, clock)
+
+
+def downstream_datasets(
+    cfg: DownstreamDataConfig, *, seed: int, rotation_probability: float = DOWNSTREAM_ROTATION_PROBABILITY
+) -> DownstreamDatasets:
+    """Training, validation and test datasets of a downstream task (spec 10, 11).
+
+    Training: random crop, flips and rotation per sample; validation / test: centre crop
+    (the whole tile when it is smaller). Labels keep the ignore value ``meta.nodata``.
+    """
+    shards = scan_shards(cfg.uri, cfg.s3_endpoint)
+    meta = shards.meta
+    split = _split(shards, None, cfg.s3_endpoint, cfg.val_fraction)
+    clock = EpochClock.create()
+    train_udf = CutSamples(
+        meta,
+        cfg.s2_bands,
+        cfg.crop,
+        SampleDraw(True, seed, rotation_probability, clock.read),
+        keep=split.train_keep,
+        seasons_out=False,
+    )
+    train = _read(shards, train_udf, shuffle_seed=seed)
+    val = None
+    if split.val is not None:
+        val_udf = CutSamples(meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False)
+        val = _read(split.val, val_udf, ids=split.val_ids)
+    test, num_test = None, 0
+    if cfg.test_uri is not None:
+        test_shards = scan_shards(cfg.test_uri, cfg.s3_endpoint)
+        _check_compatible(shards, test_shards)
+        test_udf = CutSamples(test_shards.meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False)
+        test, num_test = _read(test_shards, test_udf), test_shards.num_rows
+    return DownstreamDatasets(train, val, test, meta, split.num_train, split.num_val, num_test, clock)
+
+
+@dataclass
+class DeviceBatch:
+    """A batch on the device: scaled images, integer targets, the prior when there is one."""
+
+    x1: torch.Tensor
+    x2: torch.Tensor
+    y: torch.Tensor
+    prior: torch.Tensor | None = None
+    clean_y: torch.Tensor | None = None
+
+
+def _scaled(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
+    """Physical values ``stored * scale + offset`` as float32 (spec 9: uint8 / 255)."""
+    values = stored.to(torch.float32)
+    if spec.scale != 1.0:
+        values = values * spec.scale
+    if spec.offset != 0.0:
+        values = values + spec.offset
+    return values
+
+
+def to_device(
+    batch: dict[str, torch.Tensor],
+    meta: ShardMetadata,
+    device: torch.device | str,
+    *,
+    prior: str = "ts",
+    sigma: float = 3.0,
+    classes: int | None = None,
+) -> DeviceBatch:
+    """Move a pipeline batch to ``device``, scale it and, on the fast path, compute the prior.
+
+    The prior is the batch's own ``prior`` (CPU path), or is computed here from
+    ``labels_all`` and ``season`` after the crop (fast path, spec 2): it equals the
+    full-tile prior more than ``4 * sigma`` pixels away from the crop border (float32
+    rounding aside) and differs near it, where the reflecting border of the Gaussian
+    sees the crop edge instead of the tile's pixels. None for ``prior="none"`` and for
+    batches that carry neither (validation, downstream).
+    """
+    device = torch.device(device)
+
+    def move(name: str) -> torch.Tensor:
+        return batch[name].to(device, non_blocking=True)
+
+    smoothing = None
+    if prior != "none" and "prior" in batch:
+        smoothing = move("prior").to(torch.float32)
+    elif prior != "none" and "labels_all" in batch:
+        smoothing = smoothing_prior(move("labels_all"), move("season"), prior, classes or meta.num_classes, sigma)
+    return DeviceBatch(
+        x1=_scaled(move("s1"), meta.s1),
+        x2=_scaled(move("s2"), meta.s2),
+        y=move("label").long(),
+        prior=smoothing,
+        clean_y=move("clean_label").long() if "clean_label" in batch else None,
+    )

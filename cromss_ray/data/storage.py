@@ -1,0 +1,180 @@
+"""Where shards live: filesystems for local paths and object stores, and validated shard sets.
+
+``resolve_filesystem`` turns a directory, ``file://`` URI, ``s3://bucket/prefix`` or any
+other pyarrow filesystem URI into a pyarrow filesystem and a path on it. ``scan_shards``
+lists the shards under such a location and checks every footer (Parquet is readable, the
+``cromss`` metadata is present and identical across files, the columns of the schema are
+there with their types) before Ray reads a single row, so bad input fails early with the
+file named. ``open_shards`` hands the checked files to ``ray.data.read_parquet``, which
+streams them (spec 9; ``docs/data.md`` for the schema).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
+
+from cromss_ray.data.schema import ShardMetadata, read_metadata
+from cromss_ray.data.shards import PARQUET_SUFFIX, list_shards
+
+FOOTER_READ_THREADS = 16
+"""Footers and id columns are fetched concurrently: on object stores each is one round trip."""
+
+
+def resolve_filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path on it for a directory or URI.
+
+    ``s3://`` URIs use the standard AWS credentials (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``; otherwise the AWS config files or
+    the instance profile) and ``s3_endpoint`` (or ``AWS_ENDPOINT_URL_S3`` /
+    ``AWS_ENDPOINT_URL``) for S3-compatible stores such as MinIO or Ceph.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:
+        local = parsed.path if parsed.scheme == "file" else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise ValueError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
+        path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+        return pafs.S3FileSystem(**_s3_options(s3_endpoint)), path
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"{uri}: not a supported filesystem URI: {exc}") from None
+
+
+def _s3_options(endpoint: str | None) -> dict[str, object]:
+    """S3FileSystem options from the endpoint override and the standard AWS variables.
+
+    Credentials found in the environment are passed explicitly so that they travel with
+    the (pickled) filesystem to Ray read tasks on other processes and nodes.
+    """
+    options: dict[str, object] = {}
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options["endpoint_override"] = parsed.netloc
+        options["scheme"] = parsed.scheme
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:
+        options["region"] = region or "us-east-1"
+    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if access_key and secret_key:
+        options["access_key"] = access_key
+        options["secret_key"] = secret_key
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return options
+
+
+def display_path(filesystem: pafs.FileSystem, path: str) -> str:
+    """A path as the user wrote it: ``s3://bucket/key`` for S3, the plain path otherwise."""
+    return f"s3://{path}" if filesystem.type_name == "s3" else path
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The checked shards under one location: files in name order, their rows, their metadata."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    files: tuple[str, ...]
+    rows: tuple[int, ...]
+    meta: ShardMetadata
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    def read_ids(self) -> list[str]:
+        """Every row's location id, file by file (only the ``id`` column is fetched)."""
+
+        def ids_of(path: str) -> list[str]:
+            try:
+                return pq.read_table(path, columns=["id"], filesystem=self.filesystem).column("id").to_pylist()
+            except (OSError, pa.ArrowException) as exc:
+                raise ValueError(f"{display_path(self.filesystem, path)}: cannot read the id column: {exc}") from None
+
+        with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
+            return [row_id for ids in pool.map(ids_of, self.files) for row_id in ids]
+
+
+def _check_footer(filesystem: pafs.FileSystem, path: str) -> tuple[ShardMetadata, int]:
+    """A shard's metadata and row count; a clear error naming the file when it is no shard."""
+    where = display_path(filesystem, path)
+    try:
+        with filesystem.open_input_file(path) as handle:
+            footer = pq.ParquetFile(handle).metadata
+            schema = footer.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{where}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
+    meta = read_metadata(schema, where)
+    for expected in meta.arrow_schema():
+        index = schema.get_field_index(expected.name)
+        if index < 0:
+            raise ValueError(f"{where}: missing column '{expected.name}' ({expected.type})")
+        if schema.field(index).type != expected.type:
+            raise ValueError(
+                f"{where}: column '{expected.name}' has type {schema.field(index).type}, expected {expected.type}"
+            )
+    return meta, footer.num_rows
+
+
+def scan_shards(uri: str, s3_endpoint: str | None = None) -> ShardSet:
+    """List and check every shard under ``uri`` (footers only: no image bytes are read)."""
+    filesystem, path = resolve_filesystem(uri, s3_endpoint)
+    try:
+        files = list_shards(path, filesystem)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such directory or object prefix") from None
+    except NotADirectoryError:
+        raise NotADirectoryError(f"{uri}: expected a directory of shards, got a file") from None
+    if not files:
+        raise FileNotFoundError(f"{uri}: no '*{PARQUET_SUFFIX}' shards found")
+    with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
+        footers = list(pool.map(lambda file: _check_footer(filesystem, file), files))
+    first_meta = footers[0][0]
+    for file, (meta, _) in zip(files[1:], footers[1:], strict=True):
+        if meta != first_meta:
+            differing = sorted(
+                key for key, value in meta.model_dump().items() if first_meta.model_dump()[key] != value
+            )
+            raise ValueError(
+                f"{display_path(filesystem, file)}: shard metadata differs from "
+                f"{display_path(filesystem, files[0])} in {', '.join(differing)}"
+            )
+    return ShardSet(uri, filesystem, tuple(files), tuple(rows for _, rows in footers), first_meta)
+
+
+def read_shard_set(shards: ShardSet, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """Stream the rows of a checked shard set, with a ``path`` column naming each row's file.
+
+    With ``shuffle_seed``, the file order is shuffled anew (and reproducibly) at every
+    execution, i.e. every epoch.
+    """
+    shuffle = None
+    if shuffle_seed is not None:
+        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    return ray.data.read_parquet(
+        list(shards.files),
+        filesystem=shards.filesystem,
+        include_paths=True,
+        partitioning=None,
+        shuffle=shuffle,
+    )
+
+
+def open_shards(uri: str, s3_endpoint: str | None = None) -> tuple[ray.data.Dataset, ShardMetadata]:
+    """The rows of every shard under ``uri`` as a streaming Ray Dataset, and their metadata."""
+    shards = scan_shards(uri, s3_endpoint)
+    return read_shard_set(shards), shards.meta
+

@@ -1,0 +1,331 @@
+"""Sample cutting without Ray: geometry, byte views, hash split, determinism, device transfer,
+and the device-path prior against the CPU-path prior (spec 2, 9)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from cromss_ray.data.pipeline import to_device
+from cromss_ray.data.schema import S2_BAND_NAMES, ModalitySpec, ShardMetadata
+from cromss_ray.data.shards import RowValidationError
+from cromss_ray.data.transforms import (
+    BinaryColumn,
+    CutSamples,
+    Geometry,
+    HashSplit,
+    SampleDraw,
+    band_indices,
+    centre_geometry,
+    random_geometry,
+    sample_rng,
+    stable_unit,
+)
+
+CLASSES = 9
+SIGMA = 3.0
+RADIUS = 12
+
+
+def reference_prior(labels: np.ndarray, season: int, classes: int = CLASSES, sigma: float = SIGMA) -> np.ndarray:
+    """Spec 2 with scipy: per-class gaussian_filter (reflect, truncate 4) of the temporal
+    frequency and of the season's one-hot, each normalised per pixel, averaged ('ts')."""
+
+    def norm(maps: np.ndarray) -> np.ndarray:
+        total = maps.sum(axis=0, keepdims=True)
+        return np.where(total > 0, maps / np.where(total > 0, total, 1), 1.0 / classes)
+
+    onehot = (labels[:, None] == np.arange(classes)[None, :, None, None]).astype(np.float64)
+    frequency = onehot.mean(axis=0)
+    temporal = norm(np.stack([ndimage.gaussian_filter(frequency[c], sigma, truncate=4.0) for c in range(classes)]))
+    spatial = norm(np.stack([ndimage.gaussian_filter(onehot[season, c], sigma, truncate=4.0) for c in range(classes)]))
+    return ((temporal + spatial) / 2).astype(np.float32)
+
+
+def pretrain_meta(dtype: str = "uint8", clean: bool = True) -> ShardMetadata:
+    return ShardMetadata(
+        kind="pretrain",
+        classes=tuple(f"c{i}" for i in range(CLASSES)),
+        seasons=4,
+        s1=ModalitySpec(dtype=dtype, bands=("VV", "VH"), scale=35 / 255, offset=-30.0),
+        s2=ModalitySpec(dtype=dtype, bands=S2_BAND_NAMES, scale=1 / 255),
+        has_clean_label=clean,
+    )
+
+
+def random_rows(meta: ShardMetadata, count: int, size: int, seed: int) -> list[dict[str, np.ndarray | str]]:
+    """Rows with blocky random labels (so priors are not trivial) and random imagery."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(count):
+        coarse = rng.integers(0, CLASSES, size=(meta.seasons, size // 8 + 1, size // 8 + 1))
+        labels = np.kron(coarse, np.ones((1, 8, 8), dtype=np.int64))[:, :size, :size].astype(np.uint8)
+        labels[rng.random(labels.shape) < 0.05] = meta.nodata
+        rows.append(
+            {
+                "id": f"{index:07d}",
+                "s1": rng.integers(0, 256, size=meta.image_shape("s1", size, size), dtype=np.uint8),
+                "s2": rng.integers(0, 256, size=meta.image_shape("s2", size, size), dtype=np.uint8),
+                "label": labels,
+                "clean_label": labels.copy(),
+            }
+        )
+    return rows
+
+
+def as_table(meta: ShardMetadata, rows: list[dict]) -> pa.Table:
+    """A batch as Ray hands it to the UDF: the shard schema plus the ``path`` column."""
+    columns = {
+        "id": [row["id"] for row in rows],
+        "dates": [["2020-01-01"] * meta.seasons for _ in rows],
+        "height": [row["label"].shape[-2] for row in rows],
+        "width": [row["label"].shape[-1] for row in rows],
+    }
+    for name in ("s1", "s2", "label", "clean_label")[: 4 if meta.has_clean_label else 3]:
+        columns[name] = [np.ascontiguousarray(row[name]).tobytes() for row in rows]
+    table = pa.Table.from_pydict(columns, schema=meta.arrow_schema())
+    return table.append_column("path", pa.array(["mem://shard.parquet"] * len(rows)))
+
+
+def test_centre_geometry_by_hand() -> None:
+    assert centre_geometry(264, 264, 256) == Geometry(4, 4, 256, 256)
+    assert centre_geometry(10, 6, 8) == Geometry(1, 0, 8, 6)
+    assert centre_geometry(7, 7, 8) == Geometry(0, 0, 7, 7)
+
+
+def test_geometry_apply_by_hand() -> None:
+    tile = np.arange(12).reshape(3, 4)
+    # window rows 0..2, cols 1..3: [[1,2,3],[5,6,7],[9,10,11]]
+    assert Geometry(0, 1, 3, 3).apply(tile).tolist() == [[1, 2, 3], [5, 6, 7], [9, 10, 11]]
+    assert Geometry(0, 1, 3, 3, flip_rows=True).apply(tile).tolist() == [[9, 10, 11], [5, 6, 7], [1, 2, 3]]
+    assert Geometry(0, 1, 3, 3, flip_cols=True).apply(tile).tolist() == [[3, 2, 1], [7, 6, 5], [11, 10, 9]]
+    # one quarter turn counter-clockwise: the last column becomes the first row
+    assert Geometry(0, 1, 3, 3, quarter_turns=1).apply(tile).tolist() == [[3, 7, 11], [2, 6, 10], [1, 5, 9]]
+    stacked = np.stack([tile, tile + 100])
+    assert Geometry(1, 0, 2, 2, quarter_turns=2).apply(stacked).tolist() == [[[9, 8], [5, 4]], [[109, 108], [105, 104]]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    crop=st.integers(1, 48),
+    seed=st.integers(0, 2**32),
+    rotation_probability=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_random_geometry_is_a_bijection_onto_a_window(
+    height: int, width: int, crop: int, seed: int, rotation_probability: float
+) -> None:
+    geometry = random_geometry(np.random.default_rng(seed), height, width, crop, rotation_probability)
+    out_h, out_w = min(crop, height), min(crop, width)
+    assert 0 <= geometry.top <= height - out_h and 0 <= geometry.left <= width - out_w
+    coordinates = np.arange(height * width).reshape(height, width)
+    window = geometry.apply(coordinates)
+    assert window.shape in {(out_h, out_w), (out_w, out_h)}
+    if out_h != out_w:
+        assert window.shape == (out_h, out_w)
+    expected = coordinates[geometry.top : geometry.top + out_h, geometry.left : geometry.left + out_w]
+    assert sorted(window.ravel().tolist()) == sorted(expected.ravel().tolist())
+    if rotation_probability == 0.0:
+        assert geometry.quarter_turns == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from(["uint8", "uint16", "float32"]),
+    seasons=st.integers(1, 4),
+    sizes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=6),
+    chunk_at=st.integers(0, 6),
+    skip=st.integers(0, 2),
+)
+def test_binary_column_views_match_the_stored_arrays(
+    dtype: str, seasons: int, sizes: list[tuple[int, int]], chunk_at: int, skip: int
+) -> None:
+    rng = np.random.default_rng(len(sizes))
+    arrays = [(rng.random((seasons, 3, h, w)) * 200).astype(dtype) for h, w in sizes]
+    values = [b"junk"] * skip + [a.astype(np.dtype(dtype).newbyteorder("<")).tobytes() for a in arrays]
+    cut = min(chunk_at + skip, len(values))
+    column = pa.chunked_array([pa.array(values[:cut], pa.binary()), pa.array(values[cut:], pa.binary())])
+    column = column.slice(skip)
+    view = BinaryColumn(column, "s2", np.dtype(dtype).newbyteorder("<"), lambda h, w: (seasons, 3, h, w))
+    for row, ((h, w), array) in enumerate(zip(sizes, arrays, strict=True)):
+        np.testing.assert_array_equal(view.view(row, f"r{row}", h, w), array)
+        np.testing.assert_array_equal(view.view(row, f"r{row}", h, w, seasons - 1), array[seasons - 1])
+
+
+def test_binary_column_names_the_row_and_field_of_a_wrong_length() -> None:
+    column = pa.chunked_array([pa.array([b"\x00" * 11], pa.binary())])
+    view = BinaryColumn(column, "label", np.dtype(np.uint8), lambda h, w: (h, w))
+    with pytest.raises(RowValidationError, match=r"row 'loc-7', field 'label': 11 bytes.*needs 12"):
+        view.view(0, "loc-7", 3, 4)
+
+
+def test_hash_split_is_blake2b_of_the_id() -> None:
+    digest = hashlib.blake2b(b"0000042", digest_size=8, person=b"val-split").digest()
+    assert stable_unit("0000042", "val-split") == int.from_bytes(digest, "little") / 2**64
+    split = HashSplit(0.5)
+    assert split.is_val("0000042") == (int.from_bytes(digest, "little") < 2**63)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(st.text(min_size=1, max_size=8), min_size=2, max_size=40, unique=True),
+    fraction=st.floats(0.001, 0.999),
+    seed=st.integers(0, 1000),
+)
+def test_hash_split_keeps_both_sides_and_ignores_order(ids: list[str], fraction: float, seed: int) -> None:
+    split = HashSplit.for_ids(ids, fraction)
+    shuffled = random.Random(seed).sample(ids, len(ids))
+    assert HashSplit.for_ids(shuffled, fraction) == split
+    val = [row_id for row_id in ids if split.is_val(row_id)]
+    assert 1 <= len(val) <= len(ids) - 1
+    if fraction > 0.999:
+        return
+    natural = [row_id for row_id in ids if stable_unit(row_id, "val-split") < fraction]
+    if 1 <= len(natural) < len(ids):
+        assert sorted(val) == sorted(natural)
+
+
+def test_hash_split_without_fraction_or_with_one_id_holds_out_nothing() -> None:
+    split = HashSplit.for_ids(["a", "b", "c"], 0.0)
+    assert not any(split.is_val(row_id) for row_id in "abc")
+    assert HashSplit.for_ids(["only", "only"], 0.99) == HashSplit(0.0)
+
+
+def test_sample_rng_is_a_function_of_seed_epoch_and_id() -> None:
+    draw = lambda seed, epoch, row_id: sample_rng(seed, epoch, row_id).integers(0, 2**62, size=4).tolist()  # noqa: E731
+    assert draw(3, 1, "x") == draw(3, 1, "x")
+    assert len({str(draw(3, 1, "x")), str(draw(3, 2, "x")), str(draw(4, 1, "x")), str(draw(3, 1, "y"))}) == 4
+    assert draw(-1, 0, "x") == draw(2**64 - 1, 0, "x")
+
+
+def test_band_subsets_by_name() -> None:
+    meta = pretrain_meta()
+    assert band_indices(meta, 13) == slice(None)
+    assert band_indices(meta, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12]
+    assert band_indices(meta, 9).tolist() == [1, 2, 3, 4, 5, 6, 7, 11, 12]
+    assert band_indices(meta, 3).tolist() == [3, 2, 1]
+    rgb_only = meta.model_copy(update={"s2": ModalitySpec(dtype="uint8", bands=("B4", "B3", "B2"))})
+    assert band_indices(rgb_only, 3) == slice(None)
+    with pytest.raises(ValueError, match=r"9-band S2 subset needs bands \['B5'"):
+        band_indices(rgb_only, 9)
+
+
+def test_cut_samples_train_outputs_and_epoch_source() -> None:
+    meta = pretrain_meta()
+    rows = random_rows(meta, 5, 32, seed=1)
+    table = as_table(meta, rows)
+    epochs = iter([0, 1])
+    udf = CutSamples(meta, 9, 24, SampleDraw(True, 7, 0.5, lambda: next(epochs)), labels_all=True)
+    first, second = udf(table), udf(table)
+    assert first["s1"].shape == (5, 2, 24, 24) and first["s1"].dtype == np.uint8
+    assert first["s2"].shape == (5, 9, 24, 24) and first["s2"].dtype == np.uint8
+    assert first["label"].shape == (5, 24, 24) and first["labels_all"].shape == (5, 4, 24, 24)
+    assert first["season"].dtype == np.int64 and set(first["season"].tolist()) <= {0, 1, 2, 3}
+    assert "prior" not in first
+    np.testing.assert_array_equal(first["key"], second["key"])
+    assert not np.array_equal(first["s2"], second["s2"])
+
+
+def test_cut_samples_rejects_a_row_of_the_wrong_size_naming_file_and_id() -> None:
+    meta = pretrain_meta()
+    rows = random_rows(meta, 2, 16, seed=2)
+    rows[1]["s2"] = rows[1]["s2"][:, :12]
+    udf = CutSamples(meta, 13, 8, SampleDraw(False))
+    with pytest.raises(ValueError, match=r"mem://shard.parquet: row '0000001', field 's2': .*bytes"):
+        udf(as_table(meta, rows))
+
+
+def test_tiles_smaller_than_the_crop_are_kept_whole_and_must_agree() -> None:
+    meta = pretrain_meta()
+    udf = CutSamples(meta, 3, 32, SampleDraw(True, 0, 1.0))
+    out = udf(as_table(meta, random_rows(meta, 3, 24, seed=5)))
+    assert out["s2"].shape == (3, 3, 24, 24) and out["label"].shape == (3, 24, 24)
+    mixed = random_rows(meta, 1, 24, seed=6) + random_rows(meta, 1, 16, seed=7)
+    mixed[1]["id"] = "small"
+    message = r"smaller than the crop \(32\) differ in size.*: small is 16x16, 0000000 is 24x24"
+    with pytest.raises(ValueError, match=message):
+        udf(as_table(meta, mixed))
+
+
+def test_device_prior_matches_cpu_prior_away_from_the_crop_border() -> None:
+    """Spec 2 fast path: the prior of the cropped labels equals the cropped full-tile prior
+    more than 4 sigma = 12 px from the crop border (both float32; tolerance 1e-5 for the
+    float32 sums). Near the border they differ (the reflection sees the crop edge)."""
+    meta = pretrain_meta()
+    rows = random_rows(meta, 6, 64, seed=3)
+    table = as_table(meta, rows)
+    draw = SampleDraw(True, 11, 1.0, lambda: 2)
+    on_cpu = CutSamples(meta, 13, 40, draw, cpu_prior="ts")(table)
+    on_device = CutSamples(meta, 13, 40, draw, labels_all=True)(table)
+    np.testing.assert_array_equal(on_cpu["label"], on_device["label"])
+    cpu = to_device({k: torch.from_numpy(v) for k, v in on_cpu.items()}, meta, "cpu")
+    device = to_device({k: torch.from_numpy(v) for k, v in on_device.items()}, meta, "cpu")
+    assert cpu.prior.shape == device.prior.shape == (6, CLASSES, 40, 40)
+    inner = (slice(None), slice(None), slice(RADIUS, -RADIUS), slice(RADIUS, -RADIUS))
+    torch.testing.assert_close(device.prior[inner], cpu.prior[inner], rtol=0, atol=1e-5)
+    assert (device.prior - cpu.prior).abs().amax() > 1e-3
+
+
+def test_cpu_prior_is_the_full_tile_prior_of_spec_2() -> None:
+    meta = pretrain_meta()
+    rows = random_rows(meta, 2, 48, seed=4)
+    out = CutSamples(meta, 13, 48, SampleDraw(False), cpu_prior="ts")(as_table(meta, rows))
+    for index, row in enumerate(rows):
+        expected = reference_prior(row["label"], int(out["season"][index]))
+        np.testing.assert_allclose(out["prior"][index], expected, atol=1e-5)
+
+
+def test_to_device_scales_as_declared_by_hand() -> None:
+    meta = pretrain_meta()
+    batch = {
+        "s1": torch.tensor([[[[0, 255]], [[51, 102]]]], dtype=torch.uint8),
+        "s2": torch.tensor([[[[0, 255]]] * 13], dtype=torch.uint8),
+        "label": torch.tensor([[[3, 255]]], dtype=torch.uint8),
+        "clean_label": torch.tensor([[[3, 4]]], dtype=torch.uint8),
+    }
+    out = to_device(batch, meta, "cpu")
+    torch.testing.assert_close(out.x1, torch.tensor([[[[-30.0, 5.0]], [[-23.0, -16.0]]]]))
+    torch.testing.assert_close(out.x2[0, :, 0], torch.tensor([[0.0, 1.0]] * 13))
+    assert out.y.dtype == torch.long and out.y.tolist() == [[[3, 255]]]
+    assert out.clean_y.tolist() == [[[3, 4]]]
+    assert out.prior is None
+
+
+def test_to_device_keeps_raw_dtypes_and_downstream_batches() -> None:
+    meta = ShardMetadata(
+        kind="dw",
+        classes=tuple(f"c{i}" for i in range(CLASSES)),
+        seasons=1,
+        s1=ModalitySpec(dtype="float32", bands=("VV", "VH")),
+        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4),
+    )
+    batch = {
+        "s1": torch.tensor([[[[-12.5]], [[-20.25]]]]),
+        "s2": torch.full((1, 3, 1, 1), 10000, dtype=torch.uint16),
+        "label": torch.tensor([[[255]]], dtype=torch.uint8),
+    }
+    out = to_device(batch, meta, "cpu", prior="ts")
+    torch.testing.assert_close(out.x1, batch["s1"])
+    torch.testing.assert_close(out.x2, torch.ones(1, 3, 1, 1))
+    assert out.prior is None and out.clean_y is None
+
+
+def test_to_device_prior_none_ignores_a_cpu_prior() -> None:
+    meta = pretrain_meta()
+    batch = {
+        "s1": torch.zeros(1, 2, 2, 2, dtype=torch.uint8),
+        "s2": torch.zeros(1, 13, 2, 2, dtype=torch.uint8),
+        "label": torch.zeros(1, 2, 2, dtype=torch.uint8),
+        "prior": torch.full((1, CLASSES, 2, 2), 1 / CLASSES),
+    }
+    assert to_device(batch, meta, "cpu", prior="none").prior is None
+    assert to_device(batch, meta, "cpu").prior.shape == (1, CLASSES, 2, 2)
