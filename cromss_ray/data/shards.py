@@ -233,7 +233,7 @@ def open_shard(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pq
     """Open one shard file and read its metadata; raises :class:`ShardFileError` naming the file."""
     fs, inner = resolve_filesystem(path, filesystem)
     try:
-        parquet = pq.ParquetFile(fs.open_input_file(inner))
+        parquet = pq.ParquetFile(fs.open_input_file(inner), page_checksum_verification=True)
     except (OSError, pa.ArrowException) as exc:
         raise ShardFileError(path, f"not a readable Parquet file ({exc})") from None
     try:
@@ -399,9 +399,9 @@ class ShardWriter:
         writer = pq.ParquetWriter(
             sink,
             self._schema,
-            compression="zstd",
-            compression_level=1,
+            compression="lz4",
             use_dictionary=["id"],
+            write_page_checksum=True,
             write_statistics=["id", "height", "width"],
         )
         return _OpenFile(temp_path=temp_path, final_path=final_path, sink=sink, writer=writer)

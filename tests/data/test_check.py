@@ -22,6 +22,7 @@ from cromss_ray.data.schema import (
     ShardMetadata,
 )
 from cromss_ray.data.shards import encode_row, list_shards, read_manifest
+from cromss_ray.data.synth import synthesize
 
 DOWNSTREAM = ShardMetadata(
     kind="dw",
@@ -203,3 +204,17 @@ def test_check_reads_shards_from_s3(s3_endpoint: str, dw_shards: Path, capsys: p
     assert report.class_histogram() == read_manifest(dw_shards).class_histogram
     assert main(["data", "check", "s3://noldo/dw", "--s3-endpoint", s3_endpoint]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("check s3://noldo/dw: 1 files, 12 rows, 12 valid")
+
+
+def test_a_corrupted_data_page_fails_its_checksum_and_names_the_file(tmp_path: Path) -> None:
+    synthesize(tmp_path, "pretrain", 4, 32, 0)
+    shard = Path(list_shards(tmp_path)[0])
+    raw = bytearray(shard.read_bytes())
+    middle = len(raw) // 3
+    raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+    shard.write_bytes(bytes(raw))
+
+    report = check_shards(tmp_path)
+
+    assert not report.ok
+    assert any(p.file.endswith(shard.name) and "checksum" in p.message.lower() for p in report.problems)
