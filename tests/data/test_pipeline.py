@@ -5,7 +5,6 @@ batches, one geometry for every output, determinism, the validation split and ba
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from ray.data import DataContext
 
 from cromss_ray.config import DataConfig, DownstreamDataConfig
 from cromss_ray.data.pipeline import (
@@ -34,17 +32,6 @@ from cromss_ray.method.smoothing import smoothing_prior
 pytestmark = pytest.mark.ray
 
 CLASSES = 9
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    DataContext.get_current().enable_progress_bars = False
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from moto.server import ThreadedMotoServer
-from ray.data import DataContext
 
 from cromss_ray.config import DataConfig
 from cromss_ray.data.pipeline import open_shards, pretrain_datasets, resolve_filesystem, set_epoch
@@ -38,17 +37,6 @@ def s3_endpoint() -> Iterator[str]:
             yield f"http://{host}:{port}"
         finally:
             server.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    DataContext.get_current().enable_progress_bars = False
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
