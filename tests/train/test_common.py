@@ -1,0 +1,182 @@
+"""The pieces every training loop shares: scaling, precision, schedules, checkpoints, data sharding."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import ray.data
+import ray.train
+import torch
+import yaml
+from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, ReduceLROnPlateau, StepLR
+
+from cromss_ray.config import ConfigError, OptimConfig, PretrainConfig, RunConfig, ScalingConfig, build_config
+from cromss_ray.train.common import (
+    Precision,
+    TrainingState,
+    absolute_storage_path,
+    all_reduce_sums,
+    build_optimizer,
+    build_scheduler,
+    load_model_state,
+    ray_run_config,
+    ray_scaling_config,
+    read_meta,
+    step_scheduler,
+)
+from cromss_ray.train.pretrain import (
+    ExactValidationDataConfig,
+    check_pretrain_config,
+    check_resumable,
+    rgb_positions,
+    true_colour,
+)
+
+
+def test_precision_autocasts_only_on_a_gpu() -> None:
+    cpu = Precision.on(torch.device("cpu"), "bf16")
+    assert (cpu.dtype, cpu.name, cpu.grad_scaler().is_enabled()) == (None, "fp32", False)
+    assert Precision.on(torch.device("cuda", 0), "bf16").dtype == torch.bfloat16
+    assert Precision.on(torch.device("cuda", 0), "fp16").name == "fp16"
+    assert Precision.on(torch.device("cuda", 0), "fp32").dtype is None
+    with cpu.autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("plateau", ReduceLROnPlateau), ("exponential", ExponentialLR), ("cosine", CosineAnnealingLR), ("step", StepLR)],
+)
+def test_each_schedule_name_builds_its_scheduler(name: str, kind: type) -> None:
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(scheduler=name))
+    assert isinstance(build_scheduler(optimizer, OptimConfig(scheduler=name)), kind)
+    assert build_scheduler(optimizer, OptimConfig(scheduler="none")) is None
+
+
+def test_the_plateau_schedule_halves_the_rate_after_patience_epochs_without_a_better_val_loss() -> None:
+    optim = OptimConfig(lr=1.0, plateau_factor=0.5, plateau_patience=1)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
+    scheduler = build_scheduler(optimizer, optim)
+    rates = []
+    for val_loss in (1.0, 1.0, 1.0, 0.5, 0.5, 0.5):
+        step_scheduler(scheduler, val_loss)
+        rates.append(optimizer.param_groups[0]["lr"])
+    # Epoch 1 sets the best loss; the 2nd bad epoch in a row exceeds patience 1; 0.5 is a new best.
+    assert rates == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+
+
+def test_optimiser_names_and_hyperparameters() -> None:
+    parameters = [torch.nn.Parameter(torch.zeros(1))]
+    adam = build_optimizer(parameters, OptimConfig(optimizer="adam", lr=5e-3, weight_decay=1e-8))
+    sgd = build_optimizer(parameters, OptimConfig(optimizer="sgd", lr=0.1, momentum=0.8))
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["weight_decay"] == 1e-8
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
+    assert isinstance(build_optimizer(parameters, OptimConfig(optimizer="adamw")), torch.optim.AdamW)
+
+
+def test_storage_paths_become_absolute_and_uris_stay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert absolute_storage_path("runs") == str(tmp_path / "runs")
+    assert absolute_storage_path("s3://bucket/runs") == "s3://bucket/runs"
+
+
+def test_run_config_names_the_run_keeps_checkpoints_and_retries(tmp_path: Path) -> None:
+    run = ray_run_config(RunConfig(name="r", storage_path=str(tmp_path), checkpoints_to_keep=3, max_failures=-1))
+    assert (run.name, run.storage_path) == ("r", str(tmp_path))
+    assert run.checkpoint_config.num_to_keep == 3
+    assert run.failure_config.max_failures == -1
+
+
+def test_gpus_are_requested_only_when_asked_or_present(ray_cluster: None) -> None:
+    auto = ray_scaling_config(ScalingConfig(num_workers=2, use_gpu="auto", cpus_per_worker=0.5))
+    assert (auto.num_workers, auto.use_gpu, auto.resources_per_worker) == (2, False, {"CPU": 0.5})
+    forced = ray_scaling_config(ScalingConfig(use_gpu=True, gpus_per_worker=0.5))
+    assert forced.use_gpu and forced.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
+
+
+def test_a_training_state_round_trips_through_a_checkpoint_directory(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    optim = OptimConfig(lr=0.1, plateau_patience=0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model.parameters(), optim)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = TrainingState(model, optimizer, build_scheduler(optimizer, optim), scaler)
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    step_scheduler(state.scheduler, 1.0)
+    step_scheduler(state.scheduler, 2.0)
+    state.save(tmp_path, PretrainConfig(), {"epoch": 2, "mlflow_run_id": "abc"})
+
+    fresh_model = torch.nn.Linear(3, 2)
+    fresh_model.load_state_dict(load_model_state(tmp_path))
+    fresh_optimizer = build_optimizer(fresh_model.parameters(), optim)
+    fresh = TrainingState(fresh_model, fresh_optimizer, build_scheduler(fresh_optimizer, optim), scaler)
+    fresh.load_optimisation(tmp_path, torch.device("cpu"))
+    assert torch.equal(fresh_model.weight, model.weight)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(0.05), "the plateau step is restored"
+    assert read_meta(tmp_path) == {"epoch": 2, "mlflow_run_id": "abc"}
+    assert build_config(PretrainConfig, yaml.safe_load((tmp_path / "config.yaml").read_text())) == PretrainConfig()
+
+
+def test_a_broken_meta_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"meta\.json: not a readable checkpoint meta file"):
+        read_meta(tmp_path)
+
+
+def test_a_checkpoint_without_a_readable_config_is_named(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match=r"config\.yaml: not the config of a pretraining checkpoint"):
+        check_resumable(PretrainConfig(), ray.train.Checkpoint.from_directory(str(tmp_path)))
+
+
+def test_sums_of_one_worker_are_its_own() -> None:
+    assert all_reduce_sums({"b": 2, "a": 1.5}, torch.device("cpu")) == {"a": 1.5, "b": 2.0}
+
+
+def _consume(iterators: list[ray.data.DataIterator]) -> list[list[int]]:
+    """Read every split at once (a streaming split advances only when all its consumers read)."""
+    rows: list[list[int]] = [[] for _ in iterators]
+
+    def read(index: int) -> None:
+        rows[index] = [row["id"] for row in iterators[index].iter_rows()]
+
+    threads = [threading.Thread(target=read, args=(index,)) for index in range(len(iterators))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return rows
+
+
+def test_training_rows_split_equally_and_validation_rows_exactly_once(ray_cluster: None) -> None:
+    config = ExactValidationDataConfig()
+    train = config.configure({"train": ray.data.range(7)}, world_size=2, worker_handles=None, worker_node_ids=None)
+    val = config.configure({"val": ray.data.range(5)}, world_size=2, worker_handles=None, worker_node_ids=None)
+    train_rows = _consume([shard["train"] for shard in train])
+    val_rows = _consume([shard["val"] for shard in val])
+    assert len(train_rows[0]) == len(train_rows[1]) == 3, "equal steps per rank: one of 7 rows is dropped"
+    assert sorted(val_rows[0] + val_rows[1]) == [0, 1, 2, 3, 4]
+
+
+def test_cross_field_rules_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"cromss\.prior: two smoothing factors"):
+        check_pretrain_config(build_config(PretrainConfig, {"cromss": {"prior": "none"}}))
+    check_pretrain_config(build_config(PretrainConfig, {"cromss": {"prior": "none", "smoothing_factors": [0.1]}}))
+
+
+def test_true_colour_takes_b4_b3_b2_of_each_band_subset() -> None:
+    # Spec 9 subsets: 13 = B1..B12, 9 = B2 B3 B4 B5 B6 B7 B8 B11 B12, 3 = B4 B3 B2.
+    assert rgb_positions(13) == [3, 2, 1]
+    assert rgb_positions(12) == [3, 2, 1]
+    assert rgb_positions(9) == [2, 1, 0]
+    assert rgb_positions(3) == [0, 1, 2]
+    s2 = torch.stack([torch.full((4, 4), float(band)) for band in range(9)])
+    s2[2, 0, 0] = 100.0
+    image = true_colour(s2, rgb_positions(9))
+    assert image.shape == (4, 4, 3)
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    assert image[1, 1, 0] > image[1, 1, 1] > image[1, 1, 2], "red (B4) is the brightest band here"

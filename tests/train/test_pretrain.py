@@ -1,0 +1,182 @@
+"""A 2-worker CPU pretraining run on synthetic shards: tracked, checkpointed, registered, resumed.
+
+One run of the tiny config (ResNet-18, 64 px, 2 epochs) is shared by the tests of this
+module; the last test resumes it to 3 epochs, so it stays last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from cromss_ray.config import ConfigError, PretrainConfig
+from cromss_ray.data.storage import scan_shards
+from cromss_ray.data.transforms import HashSplit
+from cromss_ray.method import build_model
+from cromss_ray.train.pretrain import PretrainResult, build_trainer, run_pretrain
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+RUN_NAME = "cromss-test-pretrain"
+EPOCH_KEYS = (
+    "epoch",
+    "train/loss",
+    "train/loss/ce/s1",
+    "train/loss/dice/s2",
+    "train/loss/consistency",
+    "train/s1/selected_share",
+    "train/s2/selected_share",
+    "train/s1/confidence_pred",
+    "train/lr",
+    "val/loss",
+    "val/s1/miou",
+    "val/s2/oa",
+    "val/fused/miou",
+    "val_clean/s1/oa",
+    "val_clean/s2/miou",
+    "val_clean/fused/mf1",
+)
+
+PREDICT_IN_FRESH_PROCESS = """
+import json, sys
+import mlflow
+import numpy as np
+
+model = mlflow.pyfunc.load_model(f"models:/{sys.argv[1]}@latest")
+rng = np.random.default_rng(0)
+out = model.predict({
+    "s1": rng.random((2, 2, 40, 36), dtype=np.float32),
+    "s2": rng.random((2, int(sys.argv[2]), 40, 36), dtype=np.float32),
+})
+print(json.dumps({
+    "classes": list(out["classes"].shape),
+    "range": [int(out["classes"].min()), int(out["classes"].max())],
+    "probabilities": list(out["probabilities"].shape),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster: None, tiny_config) -> tuple[PretrainConfig, PretrainResult]:
+    config = tiny_config(RUN_NAME)
+    return config, run_pretrain(config)
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(metric.step for metric in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
+    paths = set()
+    for entry in client.list_artifacts(run_id, folder or None):
+        paths |= artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return paths
+
+
+def held_out_locations(config: PretrainConfig) -> int:
+    ids = scan_shards(config.data.uri).read_ids()
+    split = HashSplit.for_ids(ids, config.data.val_fraction)
+    return sum(split.is_val(row_id) for row_id in ids)
+
+
+def test_every_epoch_is_reported_and_logged_with_its_epoch(first_run, tracking_uri: str) -> None:
+    config, outcome = first_run
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "cromss-pretrain"
+    assert run.data.params["model.encoder"] == "resnet18"
+    assert run.data.params["scaling.num_workers"] == "2"
+    for key in EPOCH_KEYS:
+        assert steps(client, outcome.run_id, key) == [1, 2], key
+    assert [m.value for m in client.get_metric_history(outcome.run_id, "epoch")] == [1.0, 2.0]
+    assert outcome.result.metrics["epoch"] == 2
+    assert set(EPOCH_KEYS) <= set(outcome.result.metrics)
+    assert outcome.start_epoch == 0
+    assert 0.0 <= outcome.metrics["train/s1/selected_share"] <= 1.0
+    assert outcome.metrics["train/selection/ratio"] < 1.0, "the 2-epoch ramp must have started selecting"
+
+
+def test_final_confusion_matrices_cover_every_held_out_pixel_once(first_run, tracking_uri: str) -> None:
+    config, outcome = first_run
+    client = MlflowClient(tracking_uri)
+    paths = artifact_paths(client, outcome.run_id)
+    for kind in ("val", "val_clean"):
+        for branch in ("s1", "s2", "fused"):
+            assert {f"confusion/{kind}/{branch}.json", f"confusion/{kind}/{branch}.png"} <= paths
+    assert {"config.yaml", "samples/epoch_0002/sample_00.png", "samples/epoch_0002/sample_01.png"} <= paths
+    local = Path(client.download_artifacts(outcome.run_id, "confusion/val/s2.json"))
+    result = json.loads(local.read_text())
+    # Two workers score their shares of the held-out locations; summed, each 64 x 64 crop counts once.
+    assert torch.tensor(result["matrix"]).sum().item() == held_out_locations(config) * 64 * 64
+    assert result["miou"] == pytest.approx(outcome.metrics["val/s2/miou"])
+
+
+def test_the_last_checkpoint_holds_model_optimiser_config_and_meta(first_run) -> None:
+    config, outcome = first_run
+    run_folder = Path(config.run.storage_path) / config.run.name
+    assert sorted(p.name for p in run_folder.glob("checkpoint_epoch_*")) == [
+        "checkpoint_epoch_0001",
+        "checkpoint_epoch_0002",
+    ]
+    with outcome.result.checkpoint.as_directory() as directory:
+        folder = Path(directory)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "meta.json", "model.pt", "optim.pt"]
+        meta = json.loads((folder / "meta.json").read_text())
+        saved = PretrainConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+        network = build_model("mid", "resnet18", s1_bands=2, s2_bands=13, classes=9)
+        network.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        optim = torch.load(folder / "optim.pt", weights_only=True)
+    assert meta["epoch"] == 2
+    assert meta["mlflow_run_id"] == outcome.run_id
+    assert meta["metrics"]["val/s2/miou"] == pytest.approx(outcome.metrics["val/s2/miou"])
+    assert {"torch", "ray", "cromss-ray"} <= set(meta["versions"])
+    assert saved == config
+    assert set(optim) == {"optimizer", "scheduler", "scaler"}
+    assert optim["scheduler"]["patience"] == config.optim.plateau_patience
+
+
+def test_the_registered_model_predicts_in_a_fresh_process(first_run, tracking_uri: str) -> None:
+    config, outcome = first_run
+    assert outcome.version == 1
+    client = MlflowClient(tracking_uri)
+    assert client.get_model_version_by_alias(RUN_NAME, "latest").run_id == outcome.run_id
+    done = subprocess.run(
+        [sys.executable, "-c", PREDICT_IN_FRESH_PROCESS, RUN_NAME, str(config.data.s2_bands)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["classes"] == [2, 40, 36]
+    assert 0 <= found["range"][0] <= found["range"][1] < 9
+    assert found["probabilities"] == [2, 9, 40, 36]
+
+
+def test_a_run_with_another_network_does_not_resume_the_checkpoint(first_run, tiny_config) -> None:
+    with pytest.raises(ConfigError, match=r"model\.encoder \('resnet18' in the checkpoint, 'resnet34' now\)"):
+        build_trainer(tiny_config(RUN_NAME, "model.encoder=resnet34"))
+
+
+def test_rerunning_the_same_name_resumes_from_the_latest_checkpoint(first_run, tiny_config, tracking_uri) -> None:
+    _, outcome = first_run
+    resumed = run_pretrain(tiny_config(RUN_NAME, "optim.epochs=3"))
+    assert resumed.start_epoch == 2
+    assert resumed.run_id == outcome.run_id, "the resumed run must keep writing to the same MLflow run"
+    assert resumed.result.metrics["epoch"] == 3
+    assert resumed.version == 2
+    client = MlflowClient(tracking_uri)
+    assert steps(client, outcome.run_id, "val/s2/miou") == [1, 2, 3]
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    assert int(client.get_model_version_by_alias(RUN_NAME, "latest").version) == 2
