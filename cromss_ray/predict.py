@@ -1,0 +1,459 @@
+"""Class maps from Sentinel-1/2 images of any size: tiled, overlapping, blended prediction (spec 1, 11).
+
+A :class:`Segmenter` wraps a network with what inference needs: a fine-tuned
+single-branch smp model, or a pretrained CromSS network used fused (the mean of the two
+softmax outputs, spec 1) or through one branch. :func:`predict_array` predicts numpy
+images, :func:`predict_geotiff` writes a GeoTIFF class map on the grid and CRS of the
+input GeoTIFFs.
+
+Tiling: the image is covered by ``tile`` x ``tile`` windows that overlap by ``overlap``
+pixels (a quarter of the tile unless given), the last window of each row and column aligned with the image edge. Each
+window's class probabilities are weighted by a window function that is 1 inside and
+falls along a raised cosine over the ``overlap`` pixels next to a neighbouring window
+(sides on the image border keep weight 1); the weighted probabilities are summed and
+divided by the summed weights, so a pixel's prediction moves smoothly from one window
+to the next and there are no seams. The class map is the argmax. Images smaller than a
+tile are padded (edge values repeated) to a multiple of the network's stride and the
+result cropped back.
+
+Windows are run one strip (one row of windows) at a time, and rows are handed out as
+soon as no later strip covers them, so memory grows with the image width, not its size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from rasterio.windows import Window
+from torch import nn
+
+from cromss_ray.data.schema import NODATA, S1_BAND_NAMES, S2_BAND_NAMES, S2_BAND_SUBSETS
+from cromss_ray.method import CromSSNet, fused_probabilities
+from cromss_ray.tracking.figures import class_colors
+
+Branch = Literal["s1", "s2", "fused"]
+BRANCHES: tuple[str, ...] = ("s1", "s2", "fused")
+S1_BANDS = len(S1_BAND_NAMES)
+ALL_S2_BANDS = len(S2_BAND_NAMES)
+DEFAULT_TILE = 256
+DEFAULT_BATCH_SIZE = 4
+OVERLAP_SHARE = 4
+"""Without an explicit overlap, windows overlap by a quarter of the tile."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How stored pixel values become model inputs: ``value = stored * scale + offset`` (spec 9)."""
+
+    scale: float = 1.0
+    offset: float = 0.0
+
+    def apply(self, stored: np.ndarray) -> np.ndarray:
+        values = stored.astype(np.float32)
+        if self.scale != 1.0:
+            values *= np.float32(self.scale)
+        if self.offset != 0.0:
+            values += np.float32(self.offset)
+        return values
+
+
+PRODUCT_SCALING: dict[str, Scaling] = {"s1": Scaling(), "s2": Scaling(scale=1e-4)}
+"""The raw products: S1 backscatter in dB as is, S2 L1C digital numbers (reflectance x 10 000)."""
+
+
+def output_stride(network: nn.Module) -> int:
+    """The factor input sizes must be multiples of: the largest encoder output stride of ``network``."""
+    if isinstance(network, CromSSNet):
+        return max(network.encoder_for(modality).output_stride for modality in ("s1", "s2"))
+    encoder = getattr(network, "encoder", None)
+    return int(getattr(encoder, "output_stride", 1))
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``images`` (N, B, H, W) padded at the bottom and right, edge values repeated, to multiples of ``multiple``."""
+    height, width = images.shape[-2:]
+    if height % multiple == 0 and width % multiple == 0:
+        return images
+    return F.pad(images, (0, -width % multiple, 0, -height % multiple), mode="replicate")
+
+
+@dataclass(frozen=True)
+class Segmenter:
+    """A network ready for inference, with the inputs it takes and the classes it predicts.
+
+    ``network`` is a :class:`~cromss_ray.method.CromSSNet` (``branch`` 's1', 's2' or
+    'fused') or a single-modality network taking ``branch``'s image (a fine-tuned smp
+    model). ``scaling`` maps each modality's stored GeoTIFF values to model inputs.
+    """
+
+    network: nn.Module
+    branch: Branch
+    s2_bands: int
+    class_names: tuple[str, ...]
+    scaling: Mapping[str, Scaling] = field(default_factory=lambda: dict(PRODUCT_SCALING))
+
+    def __post_init__(self) -> None:
+        if self.branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {self.branch!r}")
+        if self.branch == "fused" and not isinstance(self.network, CromSSNet):
+            raise ValueError("the fused prediction needs a two-branch CromSS network")
+        if self.s2_bands not in S2_BAND_SUBSETS:
+            raise ValueError(f"s2_bands must be one of {sorted(S2_BAND_SUBSETS)}, got {self.s2_bands}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The images the network needs: ('s1', 's2') for the fused prediction, else its branch."""
+        return ("s1", "s2") if self.branch == "fused" else (self.branch,)
+
+    @property
+    def stride(self) -> int:
+        """Input sizes the network takes are multiples of this (its encoders' output stride)."""
+        return output_stride(self.network)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def bands(self, modality: str) -> int:
+        """The band count the network takes for ``modality``."""
+        return S1_BANDS if modality == "s1" else self.s2_bands
+
+    @torch.no_grad()
+    def probabilities(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Class probabilities (N, C, H, W) of images (N, bands, H, W) keyed by modality, any H and W."""
+        height, width = images[self.modalities[0]].shape[-2:]
+        padded = {modality: pad_to_multiple(images[modality], self.stride) for modality in self.modalities}
+        self.network.eval()
+        if isinstance(self.network, CromSSNet):
+            if self.branch == "fused":
+                result = fused_probabilities(*self.network(padded["s1"], padded["s2"]))
+            else:
+                result = torch.softmax(self.network.forward_branch(padded[self.branch], self.branch), dim=1)
+        else:
+            result = torch.softmax(self.network(padded[self.branch]), dim=1)
+        return result[..., :height, :width]
+
+
+def select_s2_bands(s2: np.ndarray, s2_bands: int, where: str) -> np.ndarray:
+    """The model's S2 bands of an image holding either all 13 L1C bands or exactly those (spec 9)."""
+    if s2.shape[0] == s2_bands:
+        return s2
+    if s2.shape[0] == ALL_S2_BANDS:
+        return s2[list(S2_BAND_SUBSETS[s2_bands])]
+    raise ValueError(f"{where}: has {s2.shape[0]} bands; the model takes {s2_bands} S2 bands (or all {ALL_S2_BANDS})")
+
+
+def check_tiling(tile: int, overlap: int | None, stride: int) -> int:
+    """The overlap to use (a quarter of ``tile`` when None), checked: ``tile`` a positive multiple of
+    the network's stride, ``0 <= overlap < tile``."""
+    if tile < stride or tile % stride:
+        raise ValueError(f"tile must be a positive multiple of the network's stride {stride}, got {tile}")
+    overlap = tile // OVERLAP_SHARE if overlap is None else overlap
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be at least 0 and below the tile size {tile}, got {overlap}")
+    return overlap
+
+
+def window_origins(size: int, span: int, overlap: int) -> list[int]:
+    """Start offsets of ``span``-pixel windows covering ``size`` pixels with ``overlap``; the last ends at the edge."""
+    if size <= span:
+        return [0]
+    step = span - overlap
+    return [*range(0, size - span, step), size - span]
+
+
+def window_span(size: int, tile: int, stride: int) -> int:
+    """The window length along an axis of ``size`` pixels: the tile, or the axis padded to the stride when shorter."""
+    return tile if size > tile else math.ceil(size / stride) * stride
+
+
+def taper(span: int, overlap: int, *, before: bool, after: bool) -> np.ndarray:
+    """1-D blending weights of a window: 1, falling along a raised cosine over ``overlap`` pixels on a side facing
+    another window (``before``: the low-index side). Strictly positive, so every pixel has weight."""
+    weights = np.ones(span, dtype=np.float32)
+    ramp_length = min(overlap, span)
+    if ramp_length == 0:
+        return weights
+    ramp = (0.5 - 0.5 * np.cos(np.pi * np.arange(1, ramp_length + 1) / (ramp_length + 1))).astype(np.float32)
+    if before:
+        weights[:ramp_length] = np.minimum(weights[:ramp_length], ramp)
+    if after:
+        weights[span - ramp_length :] = np.minimum(weights[span - ramp_length :], ramp[::-1])
+    return weights
+
+
+RowReader = Callable[[int, int], dict[str, np.ndarray]]
+"""``read(first_row, stop_row)``: the model inputs (bands, rows, W) of those image rows, keyed by modality."""
+
+
+def iter_probability_rows(
+    segmenter: Segmenter,
+    read_rows: RowReader,
+    height: int,
+    width: int,
+    *,
+    tile: int = DEFAULT_TILE,
+    overlap: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Blended class probabilities, top to bottom, in ``(first row, (C, rows, width) float32)`` blocks.
+
+    ``read_rows`` supplies the inputs strip by strip; see the module docstring for the tiling.
+    """
+    overlap = check_tiling(tile, overlap, segmenter.stride)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    row_span, col_span = window_span(height, tile, segmenter.stride), window_span(width, tile, segmenter.stride)
+    row_origins, col_origins = window_origins(height, row_span, overlap), window_origins(width, col_span, overlap)
+    padded_width = max(width, col_span)
+    classes = len(segmenter.class_names)
+    carry = np.zeros((classes + 1, 0, padded_width), dtype=np.float32)
+    for strip, top in enumerate(row_origins):
+        accumulator = np.zeros((classes + 1, row_span, padded_width), dtype=np.float32)
+        accumulator[:, : carry.shape[1]] = carry
+        row_weights = taper(row_span, overlap, before=strip > 0, after=strip < len(row_origins) - 1)
+        images = _strip_tensors(segmenter, read_rows(top, min(top + row_span, height)), row_span, padded_width)
+        _add_strip(segmenter, images, accumulator, row_weights, col_origins, col_span, overlap, batch_size)
+        last = strip == len(row_origins) - 1
+        finished = min(height, top + row_span) - top if last else row_origins[strip + 1] - top
+        yield top, accumulator[:classes, :finished, :width] / accumulator[classes, :finished, :width]
+        carry = accumulator[:, finished:]
+
+
+def _add_strip(
+    segmenter: Segmenter,
+    images: Mapping[str, torch.Tensor],
+    accumulator: np.ndarray,
+    row_weights: np.ndarray,
+    col_origins: Sequence[int],
+    col_span: int,
+    overlap: int,
+    batch_size: int,
+) -> None:
+    """Add one strip's windows to ``accumulator``: weighted probabilities (C planes) and weights (last plane)."""
+    classes = accumulator.shape[0] - 1
+    for start in range(0, len(col_origins), batch_size):
+        lefts = col_origins[start : start + batch_size]
+        windows = {
+            modality: torch.cat([image[..., left : left + col_span] for left in lefts])
+            for modality, image in images.items()
+        }
+        probabilities = segmenter.probabilities(windows).float().cpu().numpy()
+        if probabilities.shape[1] != classes:
+            raise ValueError(f"the network predicts {probabilities.shape[1]} classes, the segmenter names {classes}")
+        for index, left in enumerate(lefts):
+            column = start + index
+            col_weights = taper(col_span, overlap, before=column > 0, after=column < len(col_origins) - 1)
+            weights = np.outer(row_weights, col_weights)
+            accumulator[:classes, :, left : left + col_span] += probabilities[index] * weights
+            accumulator[classes, :, left : left + col_span] += weights
+
+
+def _strip_tensors(
+    segmenter: Segmenter, inputs: Mapping[str, np.ndarray], rows: int, width: int
+) -> dict[str, torch.Tensor]:
+    """One strip's inputs as (1, bands, rows, width) tensors on the segmenter's device, edge-padded when short."""
+    tensors = {}
+    for modality in segmenter.modalities:
+        image = torch.as_tensor(np.ascontiguousarray(inputs[modality]), dtype=torch.float32, device=segmenter.device)
+        pad_rows, pad_cols = rows - image.shape[-2], width - image.shape[-1]
+        image = image[None]
+        if pad_rows or pad_cols:
+            image = F.pad(image, (0, pad_cols, 0, pad_rows), mode="replicate")
+        tensors[modality] = image
+    return tensors
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted class map (H, W) int64 and its class probabilities (C, H, W) float32."""
+
+    classes: np.ndarray
+    probabilities: np.ndarray
+
+
+def _checked_arrays(segmenter: Segmenter, images: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    """The images the segmenter needs, (bands, H, W), S2 cut to its band subset; errors name the input."""
+    arrays: dict[str, np.ndarray] = {}
+    for modality in segmenter.modalities:
+        image = images.get(modality)
+        if image is None:
+            raise ValueError(f"the {segmenter.branch} prediction needs the {modality.upper()} image")
+        image = np.asarray(image)
+        if image.ndim != 3:
+            raise ValueError(f"{modality} must be (bands, H, W), got shape {image.shape}")
+        if modality == "s2":
+            image = select_s2_bands(image, segmenter.s2_bands, "s2")
+        elif image.shape[0] != S1_BANDS:
+            raise ValueError(f"s1: has {image.shape[0]} bands, the model takes {S1_BANDS} (VV, VH)")
+        arrays[modality] = image
+    shapes = {modality: image.shape[1:] for modality, image in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the images differ in size: {shapes}")
+    return arrays
+
+
+def predict_array(
+    segmenter: Segmenter,
+    *,
+    s1: np.ndarray | None = None,
+    s2: np.ndarray | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Prediction:
+    """Class map and probabilities of images (bands, H, W) already scaled to model inputs.
+
+    ``s2`` holds the model's S2 bands or all 13 L1C bands (the subset is taken, spec 9);
+    only the images the segmenter needs are required. Tiled and blended (module docstring).
+    """
+    arrays = _checked_arrays(segmenter, {"s1": s1, "s2": s2})
+    height, width = next(iter(arrays.values())).shape[1:]
+    probabilities = np.empty((len(segmenter.class_names), height, width), dtype=np.float32)
+
+    def read_rows(first: int, stop: int) -> dict[str, np.ndarray]:
+        return {modality: image[:, first:stop] for modality, image in arrays.items()}
+
+    for top, block in iter_probability_rows(
+        segmenter, read_rows, height, width, tile=tile, overlap=overlap, batch_size=batch_size
+    ):
+        probabilities[:, top : top + block.shape[1]] = block
+    return Prediction(classes=probabilities.argmax(axis=0), probabilities=probabilities)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An open input GeoTIFF and the 1-based band indexes the model reads from it."""
+
+    path: Path
+    dataset: rasterio.DatasetReader
+    indexes: list[int]
+    scaling: Scaling
+
+
+def _open_source(segmenter: Segmenter, modality: str, path: Path) -> _Source:
+    """Open ``path`` and pick its bands: S1 needs 2, S2 the model's subset or all 13."""
+    try:
+        dataset = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise ValueError(f"{path}: cannot open as a GeoTIFF ({exc})") from None
+    count, wanted = dataset.count, segmenter.bands(modality)
+    if count == wanted:
+        indexes = list(range(1, count + 1))
+    elif modality == "s2" and count == ALL_S2_BANDS:
+        indexes = [index + 1 for index in S2_BAND_SUBSETS[wanted]]
+    else:
+        dataset.close()
+        expected = f"{wanted} or {ALL_S2_BANDS}" if modality == "s2" else str(wanted)
+        raise ValueError(f"{path}: has {count} bands, a {modality.upper()} input needs {expected}")
+    return _Source(path, dataset, indexes, segmenter.scaling[modality])
+
+
+def _check_same_grid(sources: Sequence[_Source]) -> None:
+    first = sources[0]
+    for other in sources[1:]:
+        same = (
+            other.dataset.shape == first.dataset.shape
+            and other.dataset.transform == first.dataset.transform
+            and other.dataset.crs == first.dataset.crs
+        )
+        if not same:
+            raise ValueError(
+                f"{other.path} and {first.path} are not on the same grid: shapes {other.dataset.shape} / "
+                f"{first.dataset.shape}, CRS {other.dataset.crs} / {first.dataset.crs}, transforms "
+                f"{tuple(other.dataset.transform)[:6]} / {tuple(first.dataset.transform)[:6]}"
+            )
+
+
+def _invalid(sources: Sequence[_Source], first: int, stop: int, width: int) -> np.ndarray:
+    """Rows ``first:stop`` where any input is masked (its no-data value, alpha or internal mask)."""
+    window = Window(0, first, width, stop - first)
+    invalid = np.zeros((stop - first, width), dtype=bool)
+    for source in sources:
+        invalid |= source.dataset.dataset_mask(window=window) == 0
+    return invalid
+
+
+def _colormap(class_names: Sequence[str]) -> dict[int, tuple[int, int, int, int]]:
+    """The GeoTIFF palette: the class colours of the run figures (Dynamic World where the names match)."""
+    return {index: (*(round(255 * c) for c in colour), 255) for index, colour in enumerate(class_colors(class_names))}
+
+
+def predict_geotiff(
+    segmenter: Segmenter,
+    out: str | os.PathLike[str],
+    *,
+    s1: str | os.PathLike[str] | None = None,
+    s2: str | os.PathLike[str] | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tags: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the class map of Sentinel-1/2 GeoTIFFs to ``out``, on their grid and in their CRS.
+
+    The inputs the segmenter needs must share size, transform and CRS; stored values are
+    scaled with ``segmenter.scaling``. The output is a one-band uint8 GeoTIFF of class
+    indices with the class colours and names (tag ``classes``), ``NODATA`` (255) where an
+    input is masked. It is written under a temporary name and renamed when complete.
+    """
+    paths = {"s1": s1, "s2": s2}
+    missing = [modality for modality in segmenter.modalities if paths[modality] is None]
+    if missing:
+        raise ValueError(
+            f"the {segmenter.branch} prediction needs the {' and '.join(m.upper() for m in missing)} GeoTIFF"
+        )
+    out = Path(out)
+    partial = out.with_name(f".{out.name}.partial")
+    sources: list[_Source] = []
+    try:
+        for modality in segmenter.modalities:
+            sources.append(_open_source(segmenter, modality, Path(paths[modality])))
+        _check_same_grid(sources)
+        reference = sources[0].dataset
+        height, width = reference.height, reference.width
+
+        def read_rows(first: int, stop: int) -> dict[str, np.ndarray]:
+            window = Window(0, first, width, stop - first)
+            return {
+                modality: source.scaling.apply(source.dataset.read(source.indexes, window=window))
+                for modality, source in zip(segmenter.modalities, sources, strict=True)
+            }
+
+        profile = {
+            "driver": "GTiff",
+            "dtype": "uint8",
+            "count": 1,
+            "height": height,
+            "width": width,
+            "crs": reference.crs,
+            "transform": reference.transform,
+            "nodata": NODATA,
+            "compress": "deflate",
+        }
+        with rasterio.open(partial, "w", **profile) as target:
+            target.write_colormap(1, _colormap(segmenter.class_names))
+            target.update_tags(classes=json.dumps(list(segmenter.class_names)), **dict(tags or {}))
+            for top, block in iter_probability_rows(
+                segmenter, read_rows, height, width, tile=tile, overlap=overlap, batch_size=batch_size
+            ):
+                stop = top + block.shape[1]
+                classes = block.argmax(axis=0).astype(np.uint8)
+                classes[_invalid(sources, top, stop, width)] = NODATA
+                target.write(classes, 1, window=Window(0, top, width, stop - top))
+        os.replace(partial, out)
+    finally:
+        for source in sources:
+            source.dataset.close()
+        partial.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,200 @@
+"""``cromss compare EXPERIMENT``: test scores of transfer runs side by side, as in the paper's tables (spec 11).
+
+Every finished transfer run of the experiment (tagged ``cromss.task=finetune`` with a
+test mIoU) contributes its ``test/<branch>/miou`` and ``test/<branch>/oa``. Runs are
+grouped by dataset, initialisation, branch, decoder and encoder mode, and scores of a
+group averaged. The printed table has one row per dataset, initialisation and branch
+and one column per decoder and encoder mode, each cell ``mIoU / OA`` in percent: the
+layout of the paper's transfer tables. The same groups, one per line, are written as
+CSV: into a file, or as ``comparison.csv`` (with the table as ``comparison.txt``) of a
+new run of the experiment tagged ``cromss.task=compare``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from cromss_ray.tracking.finetuned import (
+    BRANCH_TAG,
+    DATASET_NAMES,
+    DATASET_TAG,
+    DECODER_TAG,
+    ENCODER_MODE_TAG,
+    FINETUNE_TASK,
+    INIT_TAG,
+    TASK_TAG,
+)
+from cromss_ray.tracking.registry import registry_client
+from cromss_ray.tracking.uris import redact_uri
+
+COMPARE_TASK = "compare"
+COMPARE_RUN_NAME = "compare"
+CSV_ARTIFACT = "comparison.csv"
+TABLE_ARTIFACT = "comparison.txt"
+PAGE_SIZE = 500
+MODE_ORDER = ("frozen", "fine-tuned")
+
+
+@dataclass(frozen=True)
+class TransferScore:
+    """The test scores of one transfer run and what distinguishes it."""
+
+    run_id: str
+    dataset: str
+    init: str
+    branch: str
+    decoder: str
+    encoder_mode: str
+    miou: float
+    oa: float
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """The mean test scores of the runs of one dataset, initialisation, branch, decoder and encoder mode."""
+
+    dataset: str
+    init: str
+    branch: str
+    decoder: str
+    encoder_mode: str
+    runs: int
+    miou: float
+    oa: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A comparison: its rows, the printed table, and where the CSV went (a file or an MLflow run)."""
+
+    rows: list[ComparisonRow]
+    table: str
+    run_id: str | None
+    path: Path | None
+
+
+def _runs(client: MlflowClient, experiment_id: str) -> Iterator[Run]:
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TASK_TAG}` = '{FINETUNE_TASK}'",
+            max_results=PAGE_SIZE,
+            page_token=token,
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def transfer_scores(client: MlflowClient, experiment: str) -> list[TransferScore]:
+    """The scores of every transfer run in ``experiment`` that reached its test split."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment '{experiment}' in {redact_uri(client.tracking_uri)}")
+    scores = []
+    for run in _runs(client, found.experiment_id):
+        tags, metrics = run.data.tags, run.data.metrics
+        branch = tags.get(BRANCH_TAG, "")
+        miou, oa = metrics.get(f"test/{branch}/miou"), metrics.get(f"test/{branch}/oa")
+        if miou is None or oa is None:
+            continue
+        scores.append(
+            TransferScore(
+                run_id=run.info.run_id,
+                dataset=tags.get(DATASET_TAG, "custom"),
+                init=tags.get(INIT_TAG, "?"),
+                branch=branch,
+                decoder=tags.get(DECODER_TAG, "?"),
+                encoder_mode=tags.get(ENCODER_MODE_TAG, "?"),
+                miou=miou,
+                oa=oa,
+            )
+        )
+    return scores
+
+
+def summarise(scores: Sequence[TransferScore]) -> list[ComparisonRow]:
+    """One row per dataset, initialisation, branch, decoder and encoder mode, with mean scores, sorted."""
+    groups: dict[tuple[str, ...], list[TransferScore]] = defaultdict(list)
+    for score in scores:
+        groups[(score.dataset, score.init, score.branch, score.decoder, score.encoder_mode)].append(score)
+    rows = [
+        ComparisonRow(
+            *key,
+            runs=len(members),
+            miou=math.fsum(member.miou for member in members) / len(members),
+            oa=math.fsum(member.oa for member in members) / len(members),
+        )
+        for key, members in groups.items()
+    ]
+    return sorted(rows, key=lambda row: (row.dataset, row.init, row.branch, row.decoder, _mode_rank(row.encoder_mode)))
+
+
+def _mode_rank(mode: str) -> tuple[int, str]:
+    """Frozen before fine-tuned before fine-tuned after a warm-up, as in the paper's columns."""
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+
+
+def _cell(row: ComparisonRow) -> str:
+    runs = f" (n={row.runs})" if row.runs > 1 else ""
+    return f"{100 * row.miou:.2f} / {100 * row.oa:.2f}{runs}"
+
+
+def format_table(rows: Sequence[ComparisonRow]) -> str:
+    """Rows: dataset, initialisation, branch; columns: decoder and encoder mode; cells: test mIoU / OA (%)."""
+    if not rows:
+        return "no transfer runs with test scores"
+    columns = sorted({(row.decoder, row.encoder_mode) for row in rows}, key=lambda c: (c[0], _mode_rank(c[1])))
+    cells: dict[tuple[str, str, str], dict[tuple[str, str], str]] = defaultdict(dict)
+    for row in rows:
+        cells[(DATASET_NAMES.get(row.dataset, row.dataset), row.init, row.branch.upper())][
+            (row.decoder, row.encoder_mode)
+        ] = _cell(row)
+    header = ["dataset", "initialisation", "input", *(f"{decoder} {mode}" for decoder, mode in columns)]
+    body = [[*key, *(values.get(column, "-") for column in columns)] for key, values in cells.items()]
+    widths = [max(len(line[index]) for line in (header, *body)) for index in range(len(header))]
+
+    def render(line: Sequence[str]) -> str:
+        return "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+
+    rule = "-" * len(render(header))
+    return "\n".join([render(header), rule, *(render(line) for line in body), rule, "cells: test mIoU / OA (%)"])
+
+
+def to_csv(rows: Sequence[ComparisonRow]) -> str:
+    """The rows as CSV, one group per line, scores as fractions."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([field.name for field in fields(ComparisonRow)])
+    writer.writerows(astuple(row) for row in rows)
+    return buffer.getvalue()
+
+
+def compare_experiment(
+    experiment: str, *, tracking_uri: str | None = None, out: str | Path | None = None
+) -> Comparison:
+    """Compare the transfer runs of ``experiment``: the CSV goes to ``out``, else into a new run of it."""
+    client = registry_client(tracking_uri)
+    rows = summarise(transfer_scores(client, experiment))
+    table = format_table(rows)
+    if out is not None:
+        path = Path(out)
+        path.write_text(to_csv(rows))
+        return Comparison(rows, table, None, path)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    run = client.create_run(experiment_id, run_name=COMPARE_RUN_NAME, tags={TASK_TAG: COMPARE_TASK})
+    client.log_text(run.info.run_id, to_csv(rows), CSV_ARTIFACT)
+    client.log_text(run.info.run_id, table, TABLE_ARTIFACT)
+    client.set_terminated(run.info.run_id)
+    return Comparison(rows, table, run.info.run_id, None)

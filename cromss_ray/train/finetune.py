@@ -1,0 +1,676 @@
+"""Transfer learning on Ray Train: a pretrained branch encoder under a fresh decoder (spec 10-11, issue 6).
+
+The driver resolves the initialisation (:func:`resolve_init`): the S1 or S2 encoder of a
+registered pretrained model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), of one of
+the paper's checkpoints (spec 12), or none (``random``). The network's encoder name and
+S2 band subset are the source's (:func:`effective_config`); the classes and the ignore
+value come from the downstream shards (spec 10).
+
+Every worker builds the single-modality smp network (any architecture), loads the
+encoder, and trains it with cross-entropy on its share of the training tiles. A
+'frozen' encoder (the whole run, or until ``model.unfreeze_epoch``) has no trainable
+parameters and stays in eval mode, so its batch-norm statistics do not move either.
+After each epoch the validation split is scored from one confusion matrix summed over
+the workers (spec 11: ``val/<branch>/oa``, ``miou``, ``mf1``, per-class IoU and F1);
+after the last one the test split (``test/<branch>/...``).
+
+Rank 0 owns the MLflow run (experiment ``cromss-finetune``): the config, per-epoch
+metrics, the confusion matrices as JSON and figures, and at the end the model,
+registered as ``cromss-ft-<dataset>-<decoder>`` with tags and a description naming the
+source model and version (:mod:`cromss_ray.tracking.finetuned`). Checkpoints store the
+MLflow run id, so a resumed run (same ``run.name`` and ``run.storage_path``) continues it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+import yaml
+from ray.actor import ActorHandle
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from cromss_ray.config import ConfigError, FinetuneConfig, build_config, flatten
+from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, set_epoch, to_device
+from cromss_ray.data.schema import ShardMetadata
+from cromss_ray.method import ConfusionMatrix, encoder_state_dict, load_encoder_state, load_reference_checkpoint
+from cromss_ray.predict import output_stride, pad_to_multiple
+from cromss_ray.tracking.finetuned import (
+    TransferSource,
+    default_registry_name,
+    log_finetuned_model,
+    run_tags,
+    transfer_network,
+)
+from cromss_ray.tracking.registry import load_pretrained
+from cromss_ray.tracking.runs import RunTracker
+from cromss_ray.tracking.uris import absolute_tracking_uri
+from cromss_ray.train.common import (
+    CONFIG_FILE,
+    Precision,
+    TrainingState,
+    absolute_storage_path,
+    all_reduce_sums,
+    all_reduce_tensor,
+    build_optimizer,
+    build_scheduler,
+    finite_metrics,
+    latest_checkpoint_directory,
+    learning_rate,
+    load_model_state,
+    package_versions,
+    ray_run_config,
+    ray_scaling_config,
+    read_meta,
+    report_epoch,
+    step_scheduler,
+    unwrap,
+)
+
+TRAIN = "train"
+VAL = "val"
+TEST = "test"
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+RESUME_KEYS = ("model.", "data.s2_bands")
+"""Config keys a resumed run must share with its checkpoint (they fix the network)."""
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a transfer run leaves: Ray's result, the MLflow run, the registered model, final scores.
+
+    ``metrics`` are the last epoch's training and validation metrics, ``test_metrics``
+    the test split's; ``version`` is None when ``tracking.log_model`` is off.
+    """
+
+    result: ray.train.Result
+    run_id: str
+    registry_name: str
+    version: int | None
+    metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    start_epoch: int
+    source: TransferSource
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    """The resolved ``model.init``: where the encoder comes from and its weights (None for 'random')."""
+
+    source: TransferSource
+    encoder_state: dict[str, torch.Tensor] | None
+
+
+def resolve_init(config: FinetuneConfig) -> Initialisation:
+    """Pull the configured branch's encoder from the registry or a paper checkpoint (spec 11-12).
+
+    Raises ``ModelNotFoundError`` for a missing registry entry and ConfigError for a
+    path that is no file or a checkpoint without ``model.init_fusion``.
+    """
+    model = config.model
+    if model.init == "random":
+        return Initialisation(TransferSource(model.init, "random", model.encoder), None)
+    if model.init.startswith(REGISTRY_SCHEMES):
+        pretrained = load_pretrained(model.init, tracking_uri=config.tracking.resolved_uri())
+        source = TransferSource(
+            init=model.init,
+            kind="registry",
+            encoder=pretrained.config.model.encoder,
+            s2_bands=pretrained.config.data.s2_bands,
+            fusion=pretrained.config.model.fusion,
+            name=pretrained.name,
+            version=pretrained.version,
+            run_id=pretrained.run_id,
+        )
+        return Initialisation(source, encoder_state_dict(pretrained.model, model.branch))
+    path = Path(model.init).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"model.init: '{model.init}' is neither 'random', a models:/ or runs:/ URI, nor a checkpoint file"
+        )
+    if model.init_fusion is None:
+        raise ConfigError(f"model.init_fusion: the checkpoint {path} needs its fusion ('mid' or 'late')")
+    network = load_reference_checkpoint(path, model.init_fusion, encoder=model.encoder)
+    source = TransferSource(
+        init=str(path.resolve()),
+        kind="checkpoint",
+        encoder=model.encoder,
+        s2_bands=network.s2_bands,
+        fusion=model.init_fusion,
+    )
+    return Initialisation(source, encoder_state_dict(network, model.branch))
+
+
+def effective_config(config: FinetuneConfig, source: TransferSource) -> FinetuneConfig:
+    """``config`` with the source's encoder and, for the S2 branch, its band subset (spec 11).
+
+    A value set explicitly in the config that contradicts the source is a ConfigError.
+    """
+    model, data = config.model, config.data
+    if source.kind == "random":
+        return config
+    if "encoder" in model.model_fields_set and model.encoder != source.encoder:
+        raise ConfigError(
+            f"model.encoder: '{model.encoder}' is set, but {source.label} has a '{source.encoder}' encoder; "
+            "leave model.encoder out or set it to the source's"
+        )
+    tree = config.model_dump(mode="json")
+    tree["model"]["encoder"] = source.encoder
+    if model.branch == "s2" and source.s2_bands is not None:
+        if "s2_bands" in data.model_fields_set and data.s2_bands != source.s2_bands:
+            raise ConfigError(
+                f"data.s2_bands: {data.s2_bands} is set, but {source.label} was pretrained on "
+                f"{source.s2_bands} S2 bands; leave data.s2_bands out or set it to {source.s2_bands}"
+            )
+        tree["data"]["s2_bands"] = source.s2_bands
+    return build_config(FinetuneConfig, tree)
+
+
+def check_finetune_config(config: FinetuneConfig) -> None:
+    """Cross-field rules the sections cannot check alone; a ConfigError names the key."""
+    model, epochs = config.model, config.optim.epochs
+    if model.unfreeze_epoch is not None:
+        if model.encoder_mode == "frozen":
+            raise ConfigError(
+                "model.unfreeze_epoch: a frozen warm-up needs model.encoder_mode 'finetune' (the mode after it)"
+            )
+        if model.unfreeze_epoch >= epochs:
+            raise ConfigError(f"model.unfreeze_epoch: {model.unfreeze_epoch} is not below optim.epochs ({epochs})")
+    if config.run.checkpoint_frequency > epochs:
+        raise ConfigError(
+            f"run.checkpoint_frequency: {config.run.checkpoint_frequency} exceeds optim.epochs ({epochs}); "
+            "the final epoch is always checkpointed, so use at most the epoch count"
+        )
+
+
+def check_against_data(config: FinetuneConfig, datasets: DownstreamDatasets) -> None:
+    """The shards must give every worker training tiles and something to evaluate."""
+    workers, batch_size = config.scaling.num_workers, config.optim.batch_size
+    if datasets.num_train < workers * batch_size:
+        raise ConfigError(
+            f"optim.batch_size: {datasets.num_train} training tiles in {config.data.uri} give {workers} worker(s) "
+            f"fewer than one full batch of {batch_size} each (scaling.num_workers {workers})"
+        )
+    if datasets.val is None and config.optim.scheduler == "plateau":
+        raise ConfigError(
+            "optim.scheduler: 'plateau' follows the validation loss, but data.val_fraction is 0; "
+            "hold out validation tiles or choose another schedule"
+        )
+    if datasets.val is None and datasets.test is None:
+        raise ConfigError("data: neither validation tiles (data.val_fraction) nor a test split (data.test_uri)")
+
+
+def check_network(config: FinetuneConfig, classes: int, encoder_state: Mapping[str, torch.Tensor] | None) -> None:
+    """Build the network once on the driver: an unknown decoder or encoder, or an encoder state
+    that does not fit, fails here with the config key rather than on every worker."""
+    try:
+        network = transfer_network(config, classes)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"model.decoder / model.encoder: cannot build the network: {exc}") from None
+    if encoder_state is not None:
+        try:
+            load_encoder_state(network, encoder_state)
+        except ValueError as exc:
+            raise ConfigError(f"model.init: the {config.model.branch} encoder of {config.model.init}: {exc}") from None
+
+
+def existing_checkpoint(config: FinetuneConfig) -> ray.train.Checkpoint | None:
+    """The latest checkpoint of the run named ``run.name`` under ``run.storage_path``, if any."""
+    path = f"{absolute_storage_path(config.run.storage_path).rstrip('/')}/{config.run.name}"
+    try:
+        return ray.train.Result.from_path(path).checkpoint
+    except RuntimeError:
+        return None
+
+
+def check_resumable(config: FinetuneConfig, checkpoint: ray.train.Checkpoint) -> None:
+    """A run resumes only with the network its checkpoint holds (``model.*`` and ``data.s2_bands``)."""
+    with checkpoint.as_directory() as directory:
+        saved = build_config(FinetuneConfig, yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()))
+    ours, theirs = flatten(config), flatten(saved)
+    differing = [
+        f"{key} ({theirs.get(key)!r} in the checkpoint, {ours[key]!r} now)"
+        for key in sorted(ours)
+        if key.startswith(RESUME_KEYS) and ours[key] != theirs.get(key)
+    ]
+    if differing:
+        raise ConfigError(
+            f"run '{config.run.name}' in {config.run.storage_path} has a checkpoint ({checkpoint.path}) "
+            f"of another network: {'; '.join(differing)}. Choose a new run.name to start afresh."
+        )
+
+
+class EvaluationDataConfig(ray.train.DataConfig):
+    """Shard ``train`` equally across workers and the evaluation splits exactly.
+
+    Ray Train configures one dataset per call, when a worker first asks for it.
+
+    Training needs the same number of steps on every rank (DDP); Ray Train's equal split
+    drops the remainder for that. Evaluation must score every tile once (spec 11: one
+    confusion matrix over the whole set), so those splits keep every row and the ranks'
+    confusion matrices are summed afterwards.
+    """
+
+    def __init__(self, evaluated: Sequence[str]) -> None:
+        super().__init__(datasets_to_split=[TRAIN])
+        self.evaluated = tuple(evaluated)
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: list[ActorHandle] | None,
+        worker_node_ids: list[str] | None,
+        **kwargs: Any,
+    ) -> list[dict[str, ray.data.DataIterator]]:
+        others = {name: dataset for name, dataset in datasets.items() if name not in self.evaluated}
+        shards = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name in self.evaluated:
+            if name in datasets:
+                splits = datasets[name].streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+                for shard, split in zip(shards, splits, strict=True):
+                    shard[name] = split
+        return shards
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A transfer run ready to fit: its trainer, the effective config, the source and the registry name."""
+
+    trainer: TorchTrainer
+    config: FinetuneConfig
+    source: TransferSource
+    registry_name: str
+
+
+def build_trainer(
+    config: FinetuneConfig,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    tags: Mapping[str, str] | None = None,
+) -> PreparedRun:
+    """The TorchTrainer of one transfer run and what it was built from (driver side; Ray must be initialised).
+
+    The effective config has the source's encoder and bands. ``parent_run_id`` nests the
+    MLflow run, ``callbacks`` receive every report, ``tags`` go on the MLflow run.
+    """
+    check_finetune_config(config)
+    initialisation = resolve_init(config)
+    config = effective_config(config, initialisation.source)
+    checkpoint = existing_checkpoint(config)
+    if checkpoint is not None:
+        check_resumable(config, checkpoint)
+    datasets = downstream_datasets(config.data, seed=config.run.seed)
+    check_against_data(config, datasets)
+    meta = datasets.meta
+    check_network(config, meta.num_classes, initialisation.encoder_state)
+    registry_name = default_registry_name(config, meta)
+    evaluated = {TEST: datasets.test if datasets.test is not None else datasets.val}
+    if datasets.val is not None:
+        evaluated[VAL] = datasets.val
+    state = initialisation.encoder_state
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "meta": meta.model_dump(mode="json"),
+        "clock": datasets.clock.name,
+        "tracking_uri": absolute_tracking_uri(config.tracking.resolved_uri()),
+        "parent_run_id": parent_run_id,
+        "tags": {**run_tags(config, meta, initialisation.source), **(tags or {})},
+        "source": asdict(initialisation.source),
+        "encoder_state": ray.put(state) if state is not None else None,
+        "registry_name": registry_name,
+        "validates": datasets.val is not None,
+    }
+    trainer = TorchTrainer(
+        finetune_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray_scaling_config(config.scaling),
+        run_config=ray_run_config(config.run, callbacks),
+        datasets={TRAIN: datasets.train, **evaluated},
+        dataset_config=EvaluationDataConfig(tuple(evaluated)),
+    )
+    return PreparedRun(trainer, config, initialisation.source, registry_name)
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    tags: Mapping[str, str] | None = None,
+) -> FinetuneResult:
+    """Train (or resume) one transfer run to ``optim.epochs`` epochs, test it and register its model.
+
+    Raises ConfigError for a config the source, the data or an existing checkpoint
+    contradicts, ``ModelNotFoundError`` for a missing source model and
+    ``ray.train.TrainingFailedError`` when the workers fail more than ``run.max_failures`` times.
+    """
+    prepared = build_trainer(config, parent_run_id=parent_run_id, callbacks=callbacks, tags=tags)
+    result = prepared.trainer.fit()
+    summary = result.return_value
+    return FinetuneResult(
+        result=result,
+        run_id=summary["mlflow_run_id"],
+        registry_name=prepared.registry_name,
+        version=summary["model_version"],
+        metrics=summary["metrics"],
+        test_metrics=summary["test_metrics"],
+        start_epoch=summary["start_epoch"],
+        source=prepared.source,
+    )
+
+
+def encoder_frozen(config: FinetuneConfig, epoch: int) -> bool:
+    """Whether the encoder is frozen in zero-based ``epoch`` (spec 11; warm-up until ``unfreeze_epoch``)."""
+    model = config.model
+    if model.encoder_mode == "frozen":
+        return True
+    return model.unfreeze_epoch is not None and epoch < model.unfreeze_epoch
+
+
+def freeze_encoder(network: nn.Module) -> None:
+    """No encoder parameter trains and the whole encoder stays in eval mode (batch-norm statistics fixed).
+
+    smp's ``freeze_encoder`` keeps ``network.train()`` away from the encoder from then on.
+    """
+    network.freeze_encoder()
+    network.encoder.eval()
+
+
+def is_frozen(network: nn.Module) -> bool:
+    """Whether no encoder parameter of ``network`` trains."""
+    return not any(parameter.requires_grad for parameter in network.encoder.parameters())
+
+
+def metric_slug(name: str) -> str:
+    """A class name as a metric-key part: lower case, runs of other characters as one '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the loop's steps share on one worker."""
+
+    config: FinetuneConfig
+    meta: ShardMetadata
+    device: torch.device
+    precision: Precision
+
+    @property
+    def branch(self) -> str:
+        return self.config.model.branch
+
+    def batches(self, shard: ray.data.DataIterator, *, training: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The shard's ``(image of the branch, label)`` batches on the device, scaled (spec 9).
+
+        Training drops a last, smaller batch: decoders with batch norm after global pooling
+        (DeepLabV3+, PSPNet) cannot train on a single sample.
+        """
+        for batch in shard.iter_torch_batches(
+            batch_size=self.config.optim.batch_size,
+            prefetch_batches=self.config.data.prefetch_batches,
+            drop_last=training,
+        ):
+            inputs = to_device(batch, self.meta, self.device, prior="none")
+            yield (inputs.x1 if self.branch == "s1" else inputs.x2), inputs.y
+
+
+def _restore(
+    context: WorkerContext, checkpoint: Path | None, encoder_state: Mapping[str, torch.Tensor] | None
+) -> tuple[TrainingState, dict[str, Any] | None]:
+    """The network (DDP-wrapped), optimiser, schedule and scaler: from the checkpoint when there is
+    one, else with the source encoder loaded; frozen when the starting epoch says so."""
+    config = context.config
+    torch.manual_seed(config.run.seed)
+    network = transfer_network(config, context.meta.num_classes)
+    saved = None
+    if checkpoint is not None:
+        network.load_state_dict(load_model_state(checkpoint))
+        saved = read_meta(checkpoint)
+    elif encoder_state is not None:
+        load_encoder_state(network, encoder_state)
+    if encoder_frozen(config, int(saved["epoch"]) if saved else 0):
+        freeze_encoder(network)
+    model = ray.train.torch.prepare_model(network)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    state = TrainingState(model, optimizer, build_scheduler(optimizer, config.optim), context.precision.grad_scaler())
+    if checkpoint is not None:
+        state.load_optimisation(checkpoint, context.device)
+    return state, saved
+
+
+def unfreeze_if_due(context: WorkerContext, state: TrainingState, epoch: int) -> bool:
+    """After the frozen warm-up, make the encoder trainable and wrap the network anew.
+
+    DDP fixes the parameters it synchronises when it wraps a module, so the network is
+    re-wrapped; the optimiser already holds the encoder's parameters (they had no
+    gradient until now). Returns whether the encoder was unfrozen.
+    """
+    network = unwrap(state.model)
+    if encoder_frozen(context.config, epoch) or not is_frozen(network):
+        return False
+    network.unfreeze_encoder()
+    state.model = network  # drops the old DDP wrapper, and its gradient hooks, before wrapping anew
+    state.model = ray.train.torch.prepare_model(network)
+    return True
+
+
+def train_epoch(
+    context: WorkerContext, state: TrainingState, shard: ray.data.DataIterator, epoch: int
+) -> dict[str, float]:
+    """One pass over the worker's training share; the cross-entropy over labelled pixels of every rank."""
+    state.model.train()
+    nodata = context.meta.nodata
+    loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
+    pixels = torch.zeros((), dtype=torch.int64, device=context.device)
+    for image, label in context.batches(shard, training=True):
+        with context.precision.autocast():
+            logits = state.model(image)
+        batch_sum = F.cross_entropy(logits.float(), label, ignore_index=nodata, reduction="sum")
+        labelled = (label != nodata).sum()
+        loss = batch_sum / labelled.clamp_min(1)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        loss_sum += batch_sum.detach().double()
+        pixels += labelled
+    totals = all_reduce_sums({"loss": float(loss_sum), "pixels": int(pixels)}, context.device)
+    if totals["pixels"] == 0:
+        raise RuntimeError(f"no labelled training pixel on any worker in epoch {epoch + 1}")
+    return {f"{TRAIN}/loss": totals["loss"] / totals["pixels"]}
+
+
+@dataclass
+class Evaluation:
+    """One scored split: flat metrics and the confusion-matrix result (spec 11)."""
+
+    metrics: dict[str, float]
+    confusion: dict[str, Any]
+    example: torch.Tensor | None
+
+
+@torch.no_grad()
+def evaluate_split(context: WorkerContext, network: nn.Module, shard: ray.data.DataIterator, split: str) -> Evaluation:
+    """Score the worker's share of ``split``; loss and confusion matrix are summed over every rank.
+
+    ``<split>/loss`` is the unweighted cross-entropy over labelled pixels; the scores
+    come from one confusion matrix (spec 11). The unwrapped network is used, so no DDP
+    collective runs while ranks hold different numbers of batches. Tiles are padded to
+    the network's stride and the logits cropped back.
+    """
+    network.eval()
+    nodata, branch, names = context.meta.nodata, context.branch, context.meta.classes
+    matrix = ConfusionMatrix(context.meta.num_classes, nodata, context.device)
+    stride = output_stride(network)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
+    pixels = torch.zeros((), dtype=torch.int64, device=context.device)
+    example = None
+    for image, label in context.batches(shard, training=False):
+        with context.precision.autocast():
+            logits = network(pad_to_multiple(image, stride))
+        logits = logits[..., : image.shape[-2], : image.shape[-1]].float()
+        loss_sum += F.cross_entropy(logits, label, ignore_index=nodata, reduction="sum").double()
+        pixels += (label != nodata).sum()
+        matrix.update(logits.argmax(dim=1), label)
+        if example is None:
+            example = image[:1].cpu()
+    totals = all_reduce_sums({"loss": float(loss_sum), "pixels": int(pixels)}, context.device)
+    matrix.all_reduce(all_reduce_tensor)
+    result = matrix.compute()
+    metrics = {
+        f"{split}/loss": totals["loss"] / totals["pixels"] if totals["pixels"] else math.nan,
+        **{f"{split}/{branch}/{name}": result[name] for name in ("oa", "miou", "mf1")},
+    }
+    for score in ("iou", "f1"):
+        for class_name, value in zip(names, result[score], strict=True):
+            if math.isfinite(value):
+                metrics[f"{split}/{branch}/{score}/{metric_slug(class_name)}"] = value
+    return Evaluation(metrics, result, example)
+
+
+def _open_tracker(
+    config: FinetuneConfig, loop_config: Mapping[str, Any], saved: Mapping[str, Any] | None
+) -> RunTracker:
+    """Rank 0's MLflow run: the checkpoint's run when resuming, else a new one."""
+    return RunTracker.start(
+        config,
+        tracking_uri=loop_config["tracking_uri"],
+        experiment=config.tracking.experiment,
+        run_name=config.run.name,
+        run_id=saved["mlflow_run_id"] if saved else None,
+        parent_run_id=loop_config["parent_run_id"],
+        tags={"ray.train.run_name": config.run.name, **loop_config["tags"]},
+    )
+
+
+def _progress_line(epoch: int, epochs: int, metrics: Mapping[str, float], branch: str, seconds: float) -> str:
+    shown = ("train/loss", "val/loss", f"val/{branch}/oa", f"val/{branch}/miou", "train/lr")
+    values = "  ".join(f"{key} {metrics[key]:.4g}" for key in shown if key in metrics)
+    return f"[cromss finetune] epoch {epoch}/{epochs}  {values}  ({seconds:.1f} s)"
+
+
+def _checkpoint_meta(
+    loop_config: Mapping[str, Any], tracker: RunTracker, epoch: int, metrics: Mapping[str, float]
+) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint: completed epochs, metrics, the MLflow run, the source, versions."""
+    return {
+        "epoch": epoch,
+        "metrics": finite_metrics(metrics),
+        "mlflow_run_id": tracker.run_id,
+        "registry_name": loop_config["registry_name"],
+        "source": loop_config["source"],
+        "versions": package_versions(),
+    }
+
+
+def _finish(
+    context: WorkerContext,
+    loop_config: Mapping[str, Any],
+    tracker: RunTracker,
+    network: nn.Module,
+    evaluations: Mapping[str, Evaluation],
+    epochs: int,
+) -> int | None:
+    """Rank 0 at the end: test metrics, confusion matrices, the model logged and registered."""
+    config, branch = context.config, context.branch
+    test = evaluations[TEST]
+    tracker.log_metrics(test.metrics, epochs)
+    for split, evaluation in evaluations.items():
+        tracker.log_confusion_matrix(f"{split}/{branch}", evaluation.confusion, list(context.meta.classes))
+    if not config.tracking.log_model:
+        return None
+    return log_finetuned_model(
+        network,
+        config,
+        context.meta,
+        TransferSource(**loop_config["source"]),
+        tracker=tracker,
+        registry_name=loop_config["registry_name"],
+        aliases=config.tracking.aliases,
+        input_example=test.example,
+        epoch=epochs,
+        version_tags={
+            "epoch": str(epochs),
+            **{key: f"{value:.6g}" for key, value in finite_metrics(test.metrics).items()},
+        },
+    )
+
+
+def finetune_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-worker transfer loop (Ray Train ``train_loop_per_worker``); rank 0 returns the run summary."""
+    config = FinetuneConfig.model_validate(loop_config["config"])
+    meta = ShardMetadata.model_validate(loop_config["meta"])
+    train_context = ray.train.get_context()
+    rank = train_context.get_world_rank()
+    device = ray.train.torch.get_device()
+    context = WorkerContext(config, meta, device, Precision.on(device, config.scaling.precision))
+    encoder_state = loop_config["encoder_state"]
+    with latest_checkpoint_directory() as checkpoint:
+        state, saved = _restore(context, checkpoint, ray.get(encoder_state) if encoder_state is not None else None)
+    start_epoch = int(saved["epoch"]) if saved else 0
+    epochs = config.optim.epochs
+    train_shard = ray.train.get_dataset_shard(TRAIN)
+    val_shard = ray.train.get_dataset_shard(VAL) if loop_config["validates"] else None
+    tracker = _open_tracker(config, loop_config, saved) if rank == 0 else None
+    if tracker is not None:
+        print(
+            f"[cromss finetune] run {config.run.name}: {config.model.decoder} on {context.branch.upper()}, "
+            f"epochs {start_epoch + 1}..{epochs} on {train_context.get_world_size()} worker(s), {device}, "
+            f"{context.precision.name}; MLflow run {tracker.run_id}",
+            flush=True,
+        )
+    evaluations: dict[str, Evaluation] = {}
+    metrics: dict[str, float] = dict(saved["metrics"]) if saved else {}
+    with tracker or contextlib.nullcontext():
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            if rank == 0:
+                set_epoch(loop_config["clock"], epoch)
+            if unfreeze_if_due(context, state, epoch) and tracker is not None:
+                print(f"[cromss finetune] epoch {epoch + 1}: encoder unfrozen", flush=True)
+            lr = learning_rate(state.optimizer)
+            metrics = {**train_epoch(context, state, train_shard, epoch), f"{TRAIN}/lr": lr}
+            if val_shard is not None:
+                evaluations[VAL] = evaluate_split(context, unwrap(state.model), val_shard, VAL)
+                metrics.update(evaluations[VAL].metrics)
+            step_scheduler(state.scheduler, metrics.get(f"{VAL}/loss", math.nan))
+            completed = epoch + 1
+            write = None
+            if tracker is not None:
+                tracker.log_metrics(metrics, completed)
+                print(
+                    _progress_line(completed, epochs, metrics, context.branch, time.perf_counter() - started),
+                    flush=True,
+                )
+                if completed % config.run.checkpoint_frequency == 0 or completed == epochs:
+                    write = partial(
+                        state.save, config=config, meta=_checkpoint_meta(loop_config, tracker, completed, metrics)
+                    )
+            report_epoch(metrics, epoch=completed, write_checkpoint=write)
+        evaluations[TEST] = evaluate_split(context, unwrap(state.model), ray.train.get_dataset_shard(TEST), TEST)
+        if tracker is None:
+            return None
+        version = _finish(context, loop_config, tracker, unwrap(state.model), evaluations, epochs)
+    return {
+        "mlflow_run_id": tracker.run_id,
+        "model_version": version,
+        "metrics": finite_metrics(metrics),
+        "test_metrics": finite_metrics(evaluations[TEST].metrics),
+        "start_epoch": start_epoch,
+    }

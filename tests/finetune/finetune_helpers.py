@@ -1,0 +1,58 @@
+"""Helpers the transfer tests import: data classes of the session fixtures and config builders."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from cromss_ray.config import FinetuneConfig, load_config
+from cromss_ray.method import CromSSNet
+
+TINY_CONFIG = Path(__file__).parents[2] / "jobs" / "configs" / "finetune_tiny.yaml"
+ENCODER = "resnet18"
+PRETRAINED_BANDS = 9
+PRETRAINED_NAME = "cromss-mid-9b"
+TILE = 32
+_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class Shards:
+    """A downstream shard set: training tiles and a separate test split."""
+
+    train: Path
+    test: Path
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """The registered pretrained model the transfer runs start from."""
+
+    model: CromSSNet
+    name: str
+    version: int
+    run_id: str
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{next(_names)}"
+
+
+def tiny_config(shards: Shards, store: str, storage: Path, *overrides: str) -> FinetuneConfig:
+    """``jobs/configs/finetune_tiny.yaml`` on ``shards`` (whole 32 px tiles, batches of 2) with a test
+    split, a fresh run name and ``overrides``."""
+    return load_config(
+        FinetuneConfig,
+        TINY_CONFIG,
+        [
+            f"data.test_uri={shards.test}",
+            f"data.crop={TILE}",
+            "optim.batch_size=2",
+            f"run.storage_path={storage}",
+            f"run.name={unique_name('finetune')}",
+            *overrides,
+        ],
+        data=str(shards.train),
+        tracking_uri=store,
+    )

@@ -1,0 +1,111 @@
+"""``cromss evaluate`` and ``cromss compare`` on the session's transfer runs (spec 11)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+from finetune_helpers import Pretrained, Shards
+from mlflow import MlflowClient
+
+from cromss_ray.cli import main
+from cromss_ray.data.schema import DW_CLASSES
+from cromss_ray.tracking.compare import ComparisonRow, TransferScore, format_table, summarise, to_csv
+from cromss_ray.train.evaluate import evaluate_model
+from cromss_ray.train.finetune import FinetuneResult
+
+
+def test_evaluation_reproduces_the_runs_test_scores(frozen_run: FinetuneResult, store: str, dw_shards: Shards):
+    """The 32 px test tiles are one window each, as in the run's test pass: the same confusion matrix."""
+    uri = f"models:/{frozen_run.registry_name}/{frozen_run.version}"
+    result = evaluate_model(uri, str(dw_shards.test), tracking_uri=store)
+    assert result.tiles == 3 and result.class_names == DW_CLASSES
+    for key, value in result.metrics().items():
+        assert value == pytest.approx(frozen_run.test_metrics[key], abs=2e-3), key
+
+
+def test_evaluate_command_prints_the_table(
+    frozen_run: FinetuneResult, store: str, dw_shards: Shards, capsys: pytest.CaptureFixture[str]
+):
+    uri = f"models:/{frozen_run.registry_name}@latest"
+    assert main(["evaluate", "--model", uri, "--data", str(dw_shards.test), "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "SSL4EO-S12@DW, 3 tiles" in out and "mIoU" in out
+    assert all(name in out for name in DW_CLASSES)
+
+
+def test_evaluate_refuses_shards_of_other_classes(
+    frozen_run: FinetuneResult, store: str, dfc_shards: Shards, capsys: pytest.CaptureFixture[str]
+):
+    uri = f"models:/{frozen_run.registry_name}/{frozen_run.version}"
+    assert main(["evaluate", "--model", uri, "--data", str(dfc_shards.test), "--tracking-uri", store]) == 1
+    assert "classes" in capsys.readouterr().err
+
+
+def test_pretrained_model_is_evaluated_fused_on_dw_classes(pretrained: Pretrained, store: str, dw_shards: Shards):
+    result = evaluate_model(f"models:/{pretrained.name}@best", str(dw_shards.test), tracking_uri=store, tile=64)
+    assert result.branch == "fused" and 0.0 <= result.scores["oa"] <= 1.0
+    assert result.labelled_pixels == sum(int(row) for row in result.scores["matrix"].sum(dim=1))
+
+
+def test_summary_and_table_by_hand():
+    scores = [
+        TransferScore("a", "dw", "m/1", "s2", "Unet", "frozen", 0.40, 0.70),
+        TransferScore("b", "dw", "m/1", "s2", "Unet", "frozen", 0.50, 0.80),
+        TransferScore("c", "dw", "m/1", "s2", "Unet", "fine-tuned", 0.55, 0.82),
+        TransferScore("d", "dw", "random", "s2", "FPN", "fine-tuned", 0.30, 0.60),
+    ]
+    rows = summarise(scores)
+    assert rows == [
+        ComparisonRow("dw", "m/1", "s2", "Unet", "frozen", 2, pytest.approx(0.45), pytest.approx(0.75)),
+        ComparisonRow("dw", "m/1", "s2", "Unet", "fine-tuned", 1, 0.55, 0.82),
+        ComparisonRow("dw", "random", "s2", "FPN", "fine-tuned", 1, 0.30, 0.60),
+    ]
+    table = format_table(rows).splitlines()
+    assert table[0].split() == [
+        "dataset",
+        "initialisation",
+        "input",
+        "FPN",
+        "fine-tuned",
+        "Unet",
+        "frozen",
+        "Unet",
+        "fine-tuned",
+    ]
+    assert (
+        "45.00 / 75.00 (n=2)" in table[2] and "55.00 / 82.00" in table[2] and table[2].startswith("SSL4EO-S12@DW  m/1")
+    )
+    assert "30.00 / 60.00" in table[3]
+    parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    assert parsed[0]["runs"] == "2" and float(parsed[0]["miou"]) == pytest.approx(0.45)
+
+
+def test_compare_command_tabulates_and_logs_the_runs(
+    frozen_run: FinetuneResult,
+    warmup_run: FinetuneResult,
+    store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+):
+    assert main(["compare", "cromss-finetune", "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "Unet frozen" in out and "DeepLabV3Plus fine-tuned after a 1-epoch frozen warm-up" in out
+    assert f"{frozen_run.source.label}" in out and "SSL4EO-S12@DW" in out and "DFC2020" in out
+    run_id = out.strip().rsplit("MLflow run ", 1)[1]
+    client = MlflowClient(store)
+    assert client.get_run(run_id).data.tags["cromss.task"] == "compare"
+    logged = Path(client.download_artifacts(run_id, "comparison.csv", str(tmp_path))).read_text()
+    rows = list(csv.DictReader(io.StringIO(logged)))
+    frozen = next(row for row in rows if row["decoder"] == "Unet" and row["encoder_mode"] == "frozen")
+    assert float(frozen["miou"]) == pytest.approx(frozen_run.test_metrics["test/s2/miou"])
+    out_file = tmp_path / "comparison.csv"
+    assert main(["compare", "cromss-finetune", "--tracking-uri", store, "--out", str(out_file)]) == 0
+    assert out_file.read_text() == logged
+
+
+def test_compare_names_a_missing_experiment(store: str, capsys: pytest.CaptureFixture[str]):
+    assert main(["compare", "no-such-experiment", "--tracking-uri", store]) == 1
+    assert "no MLflow experiment 'no-such-experiment'" in capsys.readouterr().err

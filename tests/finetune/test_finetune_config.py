@@ -1,0 +1,133 @@
+"""Initialisation, encoder modes and config errors of transfer runs, caught on the driver (spec 11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from finetune_helpers import ENCODER, PRETRAINED_BANDS, TINY_CONFIG, Pretrained, Shards, tiny_config
+
+from cromss_ray.cli import main
+from cromss_ray.config import ConfigError, FinetuneConfig, build_config
+from cromss_ray.method import build_segmentation_model
+from cromss_ray.tracking.finetuned import TransferSource
+from cromss_ray.tracking.registry import ModelNotFoundError
+from cromss_ray.train.finetune import (
+    build_trainer,
+    check_finetune_config,
+    effective_config,
+    encoder_frozen,
+    freeze_encoder,
+    metric_slug,
+    resolve_init,
+)
+
+
+def _config(**model: object) -> FinetuneConfig:
+    return build_config(FinetuneConfig, {"model": model, "optim": {"epochs": 4}})
+
+
+def test_encoder_modes_by_epoch():
+    frozen = _config(encoder_mode="frozen")
+    assert [encoder_frozen(frozen, epoch) for epoch in range(4)] == [True] * 4
+    warm_up = _config(encoder_mode="finetune", unfreeze_epoch=2)
+    assert [encoder_frozen(warm_up, epoch) for epoch in range(4)] == [True, True, False, False]
+    fine_tuned = _config(encoder_mode="finetune")
+    assert [encoder_frozen(fine_tuned, epoch) for epoch in range(4)] == [False] * 4
+
+
+def test_frozen_encoder_keeps_weights_and_batchnorm_statistics_through_a_training_step():
+    torch.manual_seed(0)
+    network = build_segmentation_model("FPN", ENCODER, 4, 3)
+    freeze_encoder(network)
+    before = {key: value.clone() for key, value in network.encoder.state_dict().items()}
+    decoder_before = next(network.decoder.parameters()).clone()
+    optimizer = torch.optim.Adam(network.parameters(), lr=0.1, weight_decay=0.1)
+    network.train()
+    assert not any(module.training for module in network.encoder.modules())
+    loss = network(torch.randn(2, 4, 64, 64)).square().mean()
+    loss.backward()
+    optimizer.step()
+    for key, value in network.encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not torch.equal(next(network.decoder.parameters()), decoder_before)
+
+
+def test_metric_slug_by_hand():
+    assert metric_slug("industrial, commercial and transport") == "industrial_commercial_and_transport"
+    assert metric_slug("Snow and ice") == "snow_and_ice"
+
+
+def test_effective_config_takes_encoder_and_bands_from_the_source():
+    source = TransferSource("models:/m@best", "registry", "resnet34", s2_bands=9, fusion="late", name="m", version=2)
+    config = build_config(FinetuneConfig, {"model": {"init": "models:/m@best"}})
+    effective = effective_config(config, source)
+    assert effective.model.encoder == "resnet34" and effective.data.s2_bands == 9
+    s1 = build_config(FinetuneConfig, {"model": {"init": "models:/m@best", "branch": "s1"}, "data": {"s2_bands": 3}})
+    assert effective_config(s1, source).data.s2_bands == 3
+    with pytest.raises(ConfigError, match=r"data.s2_bands: 13 is set, but m/2 was pretrained on 9 S2 bands"):
+        effective_config(build_config(FinetuneConfig, {"model": {"init": "x"}, "data": {"s2_bands": 13}}), source)
+    with pytest.raises(ConfigError, match=r"model.encoder: 'resnet50' is set, but m/2 has a 'resnet34' encoder"):
+        effective_config(build_config(FinetuneConfig, {"model": {"init": "x", "encoder": "resnet50"}}), source)
+
+
+def test_transfer_source_tags_and_labels():
+    registry = TransferSource("models:/m@best", "registry", "resnet18", 9, "mid", "m", 3, "abc")
+    assert registry.label == "m/3"
+    assert registry.tags() == {
+        "cromss.init": "m/3",
+        "cromss.init_uri": "models:/m@best",
+        "cromss.source_model": "m",
+        "cromss.source_version": "3",
+        "cromss.source_run_id": "abc",
+        "cromss.source_fusion": "mid",
+    }
+    assert TransferSource("/x/paper.ckpt", "checkpoint", "resnet50", 13, "late").label == "checkpoint paper.ckpt"
+    assert TransferSource("random", "random", "resnet50").tags() == {
+        "cromss.init": "random",
+        "cromss.init_uri": "random",
+    }
+
+
+def test_encoder_mode_rules():
+    with pytest.raises(ConfigError, match=r"model.unfreeze_epoch: a frozen warm-up needs"):
+        check_finetune_config(_config(encoder_mode="frozen", unfreeze_epoch=1))
+    with pytest.raises(ConfigError, match=r"model.unfreeze_epoch: 4 is not below optim.epochs \(4\)"):
+        check_finetune_config(_config(encoder_mode="finetune", unfreeze_epoch=4))
+
+
+def test_bad_initialisations_are_named(tmp_path: Path, pretrained: Pretrained, store: str):
+    with pytest.raises(ConfigError, match=r"model.init: '.*missing.ckpt' is neither"):
+        resolve_init(_config(init=str(tmp_path / "missing.ckpt")))
+    checkpoint = tmp_path / "paper.ckpt"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model.init_fusion: the checkpoint .*paper.ckpt needs its fusion"):
+        resolve_init(_config(init=str(checkpoint)))
+    missing = build_config(FinetuneConfig, {"model": {"init": "models:/cromss-nope@best"}, "tracking": {"uri": store}})
+    with pytest.raises(ModelNotFoundError, match=r"no registered model 'cromss-nope'"):
+        resolve_init(missing)
+    resolved = resolve_init(
+        build_config(FinetuneConfig, {"model": {"init": f"models:/{pretrained.name}@best"}, "tracking": {"uri": store}})
+    )
+    assert resolved.source.version == pretrained.version and resolved.source.s2_bands == PRETRAINED_BANDS
+    assert resolved.encoder_state["conv1.weight"].shape[1] == PRETRAINED_BANDS
+
+
+@pytest.mark.ray
+def test_data_dependent_errors_name_the_key(ray_cluster, store: str, tmp_path: Path, dw_shards: Shards):
+    with pytest.raises(ConfigError, match=r"model.decoder / model.encoder: cannot build the network"):
+        build_trainer(tiny_config(dw_shards, store, tmp_path, "model.decoder=NoSuchNet"))
+    with pytest.raises(ConfigError, match=r"optim.scheduler: 'plateau' follows the validation loss"):
+        build_trainer(tiny_config(dw_shards, store, tmp_path, "data.val_fraction=0", "optim.scheduler=plateau"))
+    with pytest.raises(ConfigError, match=r"optim.batch_size: .* fewer than one full batch of 4 each"):
+        build_trainer(tiny_config(dw_shards, store, tmp_path, "scaling.num_workers=20", "optim.batch_size=4"))
+
+
+@pytest.mark.ray
+def test_command_line_errors(ray_cluster, store: str, dw_shards: Shards, capsys: pytest.CaptureFixture[str]):
+    common = ["finetune", "--config", str(TINY_CONFIG), "--data", str(dw_shards.train), "--tracking-uri", store]
+    assert main([*common, "--set", "model.encoder_mode=sideways"]) == 2
+    assert "model.encoder_mode" in capsys.readouterr().err
+    assert main([*common, "--init", "models:/cromss-nope@best"]) == 1
+    assert "no registered model 'cromss-nope'" in capsys.readouterr().err
