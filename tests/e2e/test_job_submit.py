@@ -1,0 +1,172 @@
+"""End to end, as a platform engineer runs it: `ray job submit` of a tiny pretraining that
+reads its shards from object storage and logs to a remote MLflow server, then the
+registered model pulled from that server in a fresh process and used to predict.
+
+Everything is real and on 127.0.0.1: a Ray head with token authentication, an
+`mlflow server` (sqlite store, proxied artifacts) and moto's S3 server. Credentials
+and the tracking URI reach the job only through its runtime environment, built by
+clusters/runtime_env_json.py from clusters/runtime_env.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from local_stack import (
+    VENV_BIN,
+    MlflowServer,
+    RayHead,
+    S3Server,
+    http_get,
+    mlflow_server,
+    ray_head,
+    s3_server,
+    service_environment,
+    upload_tree,
+)
+
+from cromss_ray.config import PretrainConfig, load_config
+from cromss_ray.data.synth import synthesize
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = "jobs/configs/pretrain_tiny.yaml"
+BUCKET, PREFIX = "cromss-e2e", "noldo-s12"
+JOB_TIMEOUT_S = 480
+CLIENT_TIMEOUT_S = 300
+
+PREDICT_IN_FRESH_PROCESS = """
+import json, sys
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+name, bands = sys.argv[1], int(sys.argv[2])
+model = mlflow.pyfunc.load_model(f"models:/{name}@latest")
+rng = np.random.default_rng(0)
+batch = {
+    "s1": rng.random((2, 2, 48, 40), dtype=np.float32),
+    "s2": rng.random((2, bands, 48, 40), dtype=np.float32),
+}
+prediction = model.predict(batch)
+client = MlflowClient()
+run = client.get_run(client.get_model_version_by_alias(name, "latest").run_id)
+print(json.dumps({
+    "classes_shape": list(prediction["classes"].shape),
+    "classes_kind": prediction["classes"].dtype.kind,
+    "classes_range": [int(prediction["classes"].min()), int(prediction["classes"].max())],
+    "probabilities_shape": list(prediction["probabilities"].shape),
+    "probability_sums": [float(s) for s in prediction["probabilities"].sum(axis=1).reshape(-1)[[0, -1]]],
+    "experiment": client.get_experiment(run.info.experiment_id).name,
+    "status": run.info.status,
+    "artifact_uri": run.info.artifact_uri,
+    "metrics": sorted(run.data.metrics),
+    "params": run.data.params,
+    "tags": run.data.tags,
+}))
+"""
+
+
+def runtime_env_json(mlflow: MlflowServer, s3: S3Server) -> str:
+    """What a platform engineer passes to --runtime-env-json: the committed file plus shell credentials."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "clusters" / "runtime_env_json.py")],
+        env=service_environment({"MLFLOW_TRACKING_URI": mlflow.url, **s3.credentials()}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+def ray_cli(head: RayHead, *args: str, timeout: float = CLIENT_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), *args],
+        cwd=REPO,
+        env=head.client_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def submit_tiny_pretraining(
+    head: RayHead, mlflow: MlflowServer, s3: S3Server, storage: Path, submission_id: str
+) -> subprocess.CompletedProcess[str]:
+    """``ray job submit`` from the repository root; waits for the job and returns its output."""
+    try:
+        return ray_cli(
+            head,
+            "job", "submit", "--submission-id", submission_id, "--working-dir", ".",
+            "--runtime-env-json", runtime_env_json(mlflow, s3),
+            "--",
+            "python", "jobs/pretrain.py", "--config", TINY_CONFIG,
+            "--data", f"s3://{BUCKET}/{PREFIX}",
+            "--set", f"data.s3_endpoint={s3.endpoint_url}",
+            "--set", f"run.storage_path={storage}",
+            timeout=JOB_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        ray_cli(head, "job", "stop", submission_id)
+        logs = ray_cli(head, "job", "logs", submission_id).stdout
+        pytest.fail(f"job {submission_id} still running after {JOB_TIMEOUT_S} s; its log:\n{logs[-6000:]}")
+
+
+def predict_in_fresh_process(mlflow: MlflowServer, registry_name: str, bands: int) -> dict:
+    """Load ``models:/NAME@latest`` from the server in a new interpreter without any AWS credentials."""
+    result = subprocess.run(
+        [sys.executable, "-c", PREDICT_IN_FRESH_PROCESS, registry_name, str(bands)],
+        env=service_environment({"MLFLOW_TRACKING_URI": mlflow.url}),
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow(tmp_path: Path) -> None:
+    config = load_config(PretrainConfig, REPO / TINY_CONFIG)
+    shards = tmp_path / "shards"
+    synthesize(shards, kind="pretrain", locations=12, size=64, seed=0)
+    submission_id = f"cromss-e2e-{secrets.token_hex(4)}"
+
+    with ExitStack() as services:
+        s3 = services.enter_context(s3_server())
+        upload_tree(s3, shards, BUCKET, PREFIX)
+        mlflow = services.enter_context(mlflow_server(tmp_path))
+        head = services.enter_context(ray_head(tmp_path, token=secrets.token_hex(32)))
+
+        job = submit_tiny_pretraining(head, mlflow, s3, tmp_path / "runs", submission_id)
+        assert job.returncode == 0, f"job failed:\n{job.stdout[-8000:]}\n{job.stderr[-4000:]}"
+        status, body = http_get(f"{head.dashboard_url}/api/jobs/{submission_id}", head.auth_header())
+        assert status == 200 and json.loads(body)["status"] == "SUCCEEDED"
+
+        found = predict_in_fresh_process(mlflow, config.registry_name(), config.data.s2_bands)
+        artifact_files = [path for path in mlflow.artifacts_dir.rglob("*") if path.is_file()]
+
+    classes = config.model.classes
+    assert found["classes_shape"] == [2, 48, 40]
+    assert found["classes_kind"] == "i"
+    assert 0 <= found["classes_range"][0] <= found["classes_range"][1] < classes
+    assert found["probabilities_shape"] == [2, classes, 48, 40]
+    assert found["probability_sums"] == pytest.approx([1.0, 1.0], abs=1e-4)
+
+    assert found["experiment"] == config.tracking.experiment
+    assert found["status"] == "FINISHED"
+    assert found["artifact_uri"].startswith("mlflow-artifacts:"), "artifacts must go through the server"
+    assert any(path.name == "MLmodel" for path in artifact_files)
+    assert {"epoch", "train/loss", "val/s2/miou", "val_clean/s2/miou"} <= set(found["metrics"])
+
+    logged = json.dumps([found["params"], found["tags"]])
+    assert s3.secret_access_key not in logged and s3.access_key_id not in logged, "credentials were logged"
