@@ -15,7 +15,13 @@ import sys
 from cromss_ray import __version__
 from cromss_ray.config import ConfigError
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "cromss_ray.data.cli",
+    "cromss_ray.train.cli",
+    "cromss_ray.tune.cli",
+    "cromss_ray.train.finetune_cli",
+    "cromss_ray.tracking.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
