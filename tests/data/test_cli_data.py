@@ -12,7 +12,7 @@ import pytest
 from cromss_ray.cli import main
 from cromss_ray.data.shards import iter_rows, list_shards, read_manifest
 
-FIXTURE = Path("/work/shared/fixtures/ssl4eo-s12")
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "ssl4eo-s12"
 JUNE = "20200604T054639_20200604T054831_T43RCP"
 
 

@@ -14,7 +14,7 @@ from cromss_ray.data.convert.ssl4eo import convert_ssl4eo, read_season_table
 from cromss_ray.data.schema import NODATA, S2_BAND_NAMES
 from cromss_ray.data.shards import iter_rows, list_shards, read_manifest
 
-FIXTURE = Path("/work/shared/fixtures/ssl4eo-s12")
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "ssl4eo-s12"
 JUNE = "20200604T054639_20200604T054831_T43RCP"
 AUGUST = "20200823T054639_20200823T055618_T43RCP"
 S1_JUNE = "S1A_IW_GRDH_1SDV_20200607T010800_20200607T010825_032904_03CFBA_D457"
