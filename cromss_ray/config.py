@@ -234,8 +234,12 @@ class TuneConfig(PretrainConfig):
     def _space_names_leaves(self) -> TuneConfig:
         base = flatten(PretrainConfig.model_validate(self.model_dump(exclude={"tune"})))
         for key in self.tune.search_space:
-            if key not in base:
-                raise ValueError(f"search_space key '{key}' is not a pretraining config key")
+            leaf, _, index = key.rpartition(".")
+            element = index.isdigit() and isinstance(base.get(leaf), list) and int(index) < len(base[leaf])
+            if key not in base and not element:
+                raise ValueError(
+                    f"search_space key '{key}' is not a pretraining config key (nor an element 'key.N' of a list)"
+                )
         return self
 
 

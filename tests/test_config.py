@@ -121,3 +121,10 @@ def test_tune_search_space_must_name_pretraining_keys():
         build_config(TuneConfig, {"tune": {"search_space": {"cromss.final_rati": {"uniform": [0.3, 0.9]}}}})
     with pytest.raises(ConfigError, match="exactly one of"):
         build_config(TuneConfig, {"tune": {"search_space": {"optim.lr": {"uniform": [0, 1], "choice": [1]}}}})
+
+
+def test_tune_search_space_may_name_an_element_of_a_list_leaf():
+    cfg = build_config(TuneConfig, {"tune": {"search_space": {"cromss.smoothing_factors.1": {"uniform": [0, 0.1]}}}})
+    assert cfg.tune.search_space["cromss.smoothing_factors.1"].uniform == (0.0, 0.1)
+    with pytest.raises(ConfigError, match="cromss.smoothing_factors.2"):
+        build_config(TuneConfig, {"tune": {"search_space": {"cromss.smoothing_factors.2": {"uniform": [0, 0.1]}}}})
