@@ -56,6 +56,15 @@ def trial_status(trial_status_name: str, epochs_run: int, epochs_planned: int) -
     return COMPLETED if epochs_run >= epochs_planned else STOPPED_EARLY
 
 
+def creation_order(trial: Trial) -> tuple[int, str]:
+    """Sort key: the search algorithm's counter that leads the trial's experiment tag (``3_lr=...``).
+
+    Tune lists trials in the order it last touched them, which a restore changes.
+    """
+    counter = trial.experiment_tag.partition("_")[0]
+    return (int(counter) if counter.isdigit() else -1, trial.trial_id)
+
+
 def collect_rows(
     analysis: ExperimentAnalysis,
     keys: Sequence[str],
@@ -63,14 +72,14 @@ def collect_rows(
     mode: str,
     epochs_planned: int,
 ) -> list[TrialRow]:
-    """One row per trial of ``analysis``, in trial-creation order.
+    """One row per trial of ``analysis``, in the order the trials were created.
 
     ``epochs_planned`` is the base config's epoch count; a trial that samples
     ``optim.epochs`` is measured against its own value.
     """
     dataframes = analysis.trial_dataframes
     rows = []
-    for trial in analysis.trials:
+    for trial in sorted(analysis.trials, key=creation_order):
         frame = dataframes.get(trial.trial_id)
         has_rows = frame is not None and not frame.empty
         epochs_run = int(frame["epoch"].nunique()) if has_rows and "epoch" in frame else 0
@@ -187,7 +196,7 @@ def plot_parallel_coordinates(
     from matplotlib.colors import Normalize
 
     plotted = [row for row in rows if row.best is not None]
-    axes_names = [*keys, metric]
+    axes_names = [*keys, f"best {metric}"]
     figure, axis = plt.subplots(figsize=(max(6.0, 2.2 * len(axes_names)), 4.5))
     if not plotted:
         axis.text(0.5, 0.5, f"no trial has reported {metric} yet", ha="center", va="center")
@@ -223,7 +232,7 @@ def plot_parallel_coordinates(
         for side in ("left", "right", "top"):
             axis.spines[side].set_visible(False)
         figure.colorbar(cm.ScalarMappable(norm=norm, cmap=colormap), ax=axis, label=f"best {metric}")
-        axis.set_title("Sweep trials (dashed: stopped early or unfinished)", fontsize=10)
+        axis.set_title("Sweep trials (dashed: did not complete)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

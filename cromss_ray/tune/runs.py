@@ -58,7 +58,8 @@ def delete_trial_runs(tracking_uri: str, experiment: str, sweep_name: str, trial
     otherwise stay RUNNING beside the new one.
     """
     client = registry_client(tracking_uri)
-    stale = [run.info.run_id for run in find_runs(tracking_uri, experiment, {SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id})]
+    found = find_runs(tracking_uri, experiment, {SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id})
+    stale = [run.info.run_id for run in found]
     for run_id in stale:
         client.delete_run(run_id)
     return stale

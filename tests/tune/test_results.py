@@ -3,6 +3,7 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ray.tune.experiment import Trial
 
 from cromss_ray.cli import main
 from cromss_ray.config import PretrainConfig, SearchDomain, TuneConfig, build_config
@@ -14,6 +15,7 @@ from cromss_ray.tune.results import (
     TrialRow,
     _axis_values,
     best_row,
+    creation_order,
     format_table,
     from_csv,
     plot_parallel_coordinates,
@@ -156,3 +158,11 @@ def test_unreadable_sweep_state_is_named(tmp_path, capsys):
         sweep_report("broken", storage_path=str(tmp_path))
     assert main(["tune", "report", "broken", "--storage-path", str(tmp_path)]) == 1
     assert f"{folder / SWEEP_STATE_FILE}: not a readable sweep state file" in capsys.readouterr().err
+
+
+def test_creation_order_follows_the_search_counter():
+    def made(trial_id: str, tag: str) -> Trial:
+        return Trial("run_trial", config={}, trial_id=trial_id, experiment_tag=tag, stub=True)
+
+    trials = [made("x_00010", "10_lr=0.1"), made("x_00002", "2_lr=0.3"), made("abcd1234", "1"), made("y", "")]
+    assert [trial.trial_id for trial in sorted(trials, key=creation_order)] == ["y", "abcd1234", "x_00002", "x_00010"]

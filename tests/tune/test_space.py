@@ -9,6 +9,7 @@ from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Unif
 
 from cromss_ray.config import ConfigError, PretrainConfig, SearchDomain, TuneConfig, build_config
 from cromss_ray.tune.space import apply_sample, check_space, expected_trials, param_space, to_tune_domain
+from cromss_ray.tune.trial import TrialContext, trial_config
 
 
 def domain(**kind) -> SearchDomain:
@@ -158,3 +159,13 @@ def test_tune_config_from_yaml_tree_translates():
     trial = apply_sample(PretrainConfig.model_validate(config.model_dump(exclude={"tune"})), sampled)
     assert trial.cromss.smoothing_factors in ([0.15, 0.05], [0.3, 0.1])
     assert 1e-4 <= trial.optim.lr <= 1e-2
+
+
+def test_trial_config_has_its_own_run_name_and_storage():
+    base = PretrainConfig()
+    context = TrialContext(sweep_name="sweep", base=base, train_storage="/runs/sweep/train", parent_run_id="p1")
+    trial = trial_config(context, {"model.fusion": "late"}, "abc12_00003")
+    assert (trial.run.name, trial.run.storage_path) == ("sweep_abc12_00003", "/runs/sweep/train")
+    assert trial.model.fusion == "late"
+    assert trial.registry_name() == "cromss-late-13b"
+    assert (base.run.name, base.model.fusion) == ("cromss-pretrain", "mid")
