@@ -1,10 +1,10 @@
-"""Shared fixtures of the transfer tests: a local Ray cluster, an MLflow store, synthetic downstream
-shards, a registered pretrained model, and the transfer runs the tests inspect.
+"""Shared fixtures of the transfer tests: an MLflow store, synthetic downstream shards, a registered
+pretrained model, and the transfer runs the tests inspect (the Ray cluster is the suite's ``ray_cluster``).
 
-Each run takes seconds on two cores, so the runs are session fixtures: one frozen run from a
-registry alias on DW-like tiles, one warm-up-then-fine-tuned S1 run from a registry version on
-DFC2020-like patches, one from a paper-style checkpoint file. The registered pretrained model is
-a fresh ``build_model`` network logged with the tracking layer's own function, a real registry
+A Ray Train run takes tens of seconds on two cores, so the runs many tests inspect are session
+fixtures: one frozen run from a registry alias on DW-like tiles, and one warm-up-then-fine-tuned
+S1 run from a registry version on DFC2020-like patches. The registered pretrained model is a
+fresh ``build_model`` network logged with the tracking layer's own function, a real registry
 entry without a pretraining run.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from finetune_helpers import ENCODER, PRETRAINED_BANDS, PRETRAINED_NAME, TILE, Pretrained, Shards, tiny_config
 
@@ -23,17 +22,6 @@ from cromss_ray.method import build_model
 from cromss_ray.tracking.models import log_pretrained_model
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.finetune import FinetuneResult, run_finetune
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local two-CPU Ray cluster on 127.0.0.1 for the session (one already running is reused)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

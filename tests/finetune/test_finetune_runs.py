@@ -17,16 +17,16 @@ from finetune_helpers import (
     TINY_CONFIG,
     Pretrained,
     Shards,
-    tiny_config,
     unique_name,
 )
 from mlflow import MlflowClient
 
 from cromss_ray.cli import main
+from cromss_ray.config import FinetuneConfig, build_config
 from cromss_ray.data.schema import DFC2020_CLASSES, DW_CLASSES
-from cromss_ray.method import build_model, encoder_state_dict
-from cromss_ray.tracking.finetuned import FinetunedModel, load_cromss_model
-from cromss_ray.train.finetune import FinetuneResult, metric_slug, run_finetune
+from cromss_ray.method import build_model, encoder_state_dict, load_encoder_state
+from cromss_ray.tracking.finetuned import FinetunedModel, load_cromss_model, transfer_network
+from cromss_ray.train.finetune import FinetuneResult, effective_config, metric_slug, resolve_init
 
 pytestmark = pytest.mark.ray
 
@@ -146,31 +146,24 @@ def test_random_baseline_runs_from_the_command_line(
     assert "test/s2/miou" in out
 
 
-def test_paper_checkpoint_initialises_the_encoder(
-    ray_cluster, store: str, storage: Path, dfc_shards: Shards, tmp_path: Path
-):
+def test_paper_checkpoint_initialises_the_encoder(tmp_path: Path):
+    """The checkpoint path differs from a registry source only until the encoder state is resolved."""
     torch.manual_seed(5)
     released = build_model("late", ENCODER, s2_bands=13).eval()
     checkpoint = tmp_path / "cromss-late.ckpt"
     torch.save({"state_dict": {f"net.{key}": value for key, value in released.state_dict().items()}}, checkpoint)
-    config = tiny_config(
-        dfc_shards,
-        store,
-        storage,
-        f"model.init={checkpoint}",
-        "model.init_fusion=late",
-        "model.encoder_mode=frozen",
-        "model.decoder=PSPNet",
-        "optim.epochs=1",
-        "scaling.num_workers=1",
-        "data.val_fraction=0",
+    config = build_config(
+        FinetuneConfig,
+        {"model": {"init": str(checkpoint), "init_fusion": "late", "encoder": ENCODER, "decoder": "PSPNet"}},
     )
-    result = run_finetune(config)
-    tuned = _registered(result, store)
-    assert result.source.kind == "checkpoint" and result.source.fusion == "late"
-    assert tuned.config.data.s2_bands == 13
-    _assert_same_state(tuned.model.encoder.state_dict(), encoder_state_dict(released, "s2"))
-    assert result.registry_name == "cromss-ft-dfc2020-pspnet"
+    initialisation = resolve_init(config)
+    assert initialisation.source.kind == "checkpoint" and initialisation.source.fusion == "late"
+    assert initialisation.source.label == "checkpoint cromss-late.ckpt"
+    effective = effective_config(config, initialisation.source)
+    assert effective.data.s2_bands == 13
+    network = transfer_network(effective, classes=8)
+    load_encoder_state(network, initialisation.encoder_state)
+    _assert_same_state(network.encoder.state_dict(), encoder_state_dict(released, "s2"))
 
 
 def test_registered_model_loads_as_an_mlflow_pyfunc(
