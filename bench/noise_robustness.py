@@ -33,6 +33,7 @@ the repository root::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -342,7 +343,7 @@ def run_all(args: argparse.Namespace, sets: SyntheticSets, device: torch.device)
                     result.finetuned_miou = transfer(args, sets, encoder, FINETUNED, seed, device)
                 result.seconds = time.perf_counter() - started
                 results.append(result)
-                progress(result)
+                progress(results, args.json)
     if args.transfer:
         for seed in args.seeds:
             started = time.perf_counter()
@@ -351,12 +352,14 @@ def run_all(args: argparse.Namespace, sets: SyntheticSets, device: torch.device)
             result.finetuned_miou = transfer(args, sets, None, FINETUNED, seed, device)
             result.seconds = time.perf_counter() - started
             results.append(result)
-            progress(result)
+            progress(results, args.json)
     return results
 
 
-def progress(result: RunResult) -> None:
-    """One line per finished run on stderr, so that long benchmarks show where they are."""
+def progress(results: list[RunResult], json_path: Path | None) -> None:
+    """A line on stderr per finished run, and the runs so far in the JSON file, so that a long
+    benchmark shows where it is and an interrupted one keeps what it finished."""
+    result = results[-1]
     named = {
         "s2": result.s2_miou,
         "fused": result.fused_miou,
@@ -367,6 +370,10 @@ def progress(result: RunResult) -> None:
     where = "random init" if result.variant == RANDOM_INIT else f"noise {result.noise} {result.fusion}/{result.variant}"
     line = f"[noise_robustness] seed {result.seed} {where}: {scores} ({result.seconds:.0f} s)"
     print(line, file=sys.stderr, flush=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = {"title": TITLE, "complete": False, "runs": [asdict(run) for run in results]}
+        json_path.write_text(json.dumps(partial, indent=2) + "\n")
 
 
 def summarise(values: Sequence[float | None]) -> str:
@@ -430,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="smoke size: 4 locations of 32 px, 1 epoch, 1 seed, mid fusion"
     )
-    parser.add_argument("--json", type=Path, help="also write the report and every run's scores as JSON here")
+    parser.add_argument(
+        "--json", type=Path, help="write every run's scores here as JSON after each run, and the report at the end"
+    )
     return parser
 
 
@@ -485,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = {"machine": machine_section(device), "setup": setup_section(args, sets)}
     sections.update(result_sections(results, noisy))
     sections["timing"] = {"total_s": time.perf_counter() - started}
-    publish(TITLE, sections, args.json, {"runs": [asdict(result) for result in results]})
+    publish(TITLE, sections, args.json, {"complete": True, "runs": [asdict(result) for result in results]})
     return 0
 
 

@@ -219,6 +219,7 @@ def bench_fusion(fusion: str, args: argparse.Namespace, device: torch.device) ->
         "weights_ms": weights * 1e3,
         "loss_terms_ms": (objective - prior - weights) * 1e3,
         "model_gflop_per_step": flops / 1e9,
+        "model_gflop_per_image": flops / args.batch / 1e9,
         "achieved_tflop_per_s": achieved,
     }
     if device.type == "cpu":

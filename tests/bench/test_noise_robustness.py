@@ -45,6 +45,7 @@ def test_report_has_a_section_per_noise_rate_and_the_random_baseline(quick_repor
 
 def test_every_run_is_recorded_with_scores_in_range(quick_report):
     report = quick_report
+    assert report["complete"] is True
     runs = report["runs"]
     expected = [("-", "s2_only"), ("mid", "cromss"), ("-", "random_init")]
     assert [(run["fusion"], run["variant"]) for run in runs] == expected
@@ -63,6 +64,23 @@ def test_noisy_label_reference_scores_the_noise_against_the_truth(tmp_path, nois
         assert miou == 1.0
     else:
         assert 0.0 < miou < 1.0
+
+
+def test_each_finished_run_is_written_at_once(tmp_path, capsys):
+    path = tmp_path / "partial.json"
+    first = noise_robustness.RunResult(0.2, 1, "late", "cromss", 0.1, 0.2, 0.3, 0.4, 0.5, 6.0)
+    noise_robustness.progress([first], path)
+    second = noise_robustness.RunResult(-1.0, 1, "-", "random_init", None, None, None, 0.25, 0.5, 2.0)
+    noise_robustness.progress([first, second], path)
+
+    written = json.loads(path.read_text())
+    assert written["complete"] is False
+    assert [run["variant"] for run in written["runs"]] == ["cromss", "random_init"]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "[noise_robustness] seed 1 noise 0.2 late/cromss: s2 0.200, fused 0.300, frozen 0.400, finetuned 0.500 (6 s)",
+        "[noise_robustness] seed 1 random init: frozen 0.250, finetuned 0.500 (2 s)",
+    ]
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

@@ -20,6 +20,7 @@ FUSION_ROWS = {
     "weights_ms",
     "loss_terms_ms",
     "model_gflop_per_step",
+    "model_gflop_per_image",
     "achieved_tflop_per_s",
     "mfu_pct",
     "step_cpu_s",
@@ -44,6 +45,7 @@ def test_quick_report_lists_every_row_for_both_fusions(tmp_path, capsys):
         assert f"  {key} " in printed
     # Both fusions run two encoders and the decoder twice: the same model FLOPs.
     assert sections["mid"]["model_gflop_per_step"] == sections["late"]["model_gflop_per_step"] > 0
+    assert sections["mid"]["model_gflop_per_image"] == pytest.approx(sections["mid"]["model_gflop_per_step"] / 2)
 
 
 def test_size_must_be_a_multiple_of_the_output_stride():
