@@ -18,7 +18,7 @@ network that reproduced the noise exactly would reach that mIoU. Every pretraine
 encoder is then transferred to a synthetic DW-like set, frozen and fine-tuned, and scored
 on its test tiles, next to the same network from random initialisation.
 
-Runs go without Ray, on :class:`bench.common.InMemoryShard` batches cut by the pipeline's
+Runs go without Ray, on :class:`bench.in_memory.InMemoryShard` batches cut by the pipeline's
 own UDF: (ii)-(v) call the pretraining loop's ``train_epoch`` and ``validate``, the
 transfers the fine-tuning loop's ``train_epoch`` and ``evaluate_split``, so the per-step
 code is the trainers'. (i) has its own short loop: the pretraining loop trains two-branch
@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import EpochCounter, InMemoryShard, Section, machine_section, mean_std, publish, resolve_device
+from bench.common import Section, machine_section, mean_std, publish, resolve_device
+from bench.in_memory import EpochCounter, InMemoryShard
 from cromss_ray.config import FinetuneConfig, PretrainConfig, build_config
 from cromss_ray.data.pipeline import DOWNSTREAM_ROTATION_PROBABILITY, to_device
 from cromss_ray.data.schema import ShardMetadata

@@ -10,7 +10,7 @@ locations (training on one set, validation on a held-out set, every epoch):
   timestamps rank 0 writes at the end of each epoch.
 * ``plain``: the trainer's own ``train_epoch`` and ``validate`` in this process, on the
   rows held in memory and cut by the pipeline's UDF in the loop
-  (:class:`bench.common.InMemoryShard`), timed with ``perf_counter``. It runs with as
+  (:class:`bench.in_memory.InMemoryShard`), timed with ``perf_counter``. It runs with as
   many torch threads as a Ray worker gets (``floor(cpus_per_worker)``, at least 1: Ray
   sets ``OMP_NUM_THREADS`` so), once before and once after the Ray run, so that a
   change of machine load between them shows up instead of biasing the comparison.
@@ -39,7 +39,8 @@ import ray.data
 import torch
 from mlflow import MlflowClient
 
-from bench.common import EpochCounter, InMemoryShard, Section, machine_section, publish, resolve_device
+from bench.common import Section, machine_section, publish, resolve_device
+from bench.in_memory import EpochCounter, InMemoryShard
 from cromss_ray.config import PretrainConfig, build_config
 from cromss_ray.data.storage import scan_shards
 from cromss_ray.data.synth import synthesize

@@ -17,7 +17,8 @@ after ``--warmup`` untimed rounds. On a CPU the process CPU time of the step and
 the objective is reported too (``images_per_cpu_s``, ``objective_share_cpu_pct``):
 on a shared machine it depends far less on other load than the wall time does. On a
 CUDA device the forward runs under bf16 autocast with channels_last tensors
-(``--compile`` adds ``torch.compile``), and the model FLOPs of a step (forward and
+(``--compile`` adds ``torch.compile`` of the network, ``--compile-objective`` of the
+objective), and the model FLOPs of a step (forward and
 backward of the network, counted once with ``FlopCounterMode``) give the achieved
 TFLOP/s and, with ``--peak-tflops``, the model FLOP utilisation. Run from the repository root::
 
@@ -197,6 +198,8 @@ def bench_fusion(fusion: str, args: argparse.Namespace, device: torch.device) ->
     flops = bench.model_flops()
     if args.compile:
         bench.model = torch.compile(model)
+    if args.compile_objective:
+        bench.criterion = torch.compile(criterion)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings = measure(
@@ -251,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default on for a GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--compile-objective", action="store_true", help="torch.compile the CromSS objective")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak TFLOP/s for the MFU row")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
@@ -298,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "precision": args.precision,
         "channels_last": str(args.channels_last),
         "compiled": str(args.compile),
+        "objective_compiled": str(args.compile_objective),
         "schedule_epoch": args.epoch,
         "warmup_rounds": args.warmup,
         "timed_rounds": args.repeats,

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.common import EpochCounter, InMemoryShard, Repeats, format_report, mean_std, publish
+from bench.common import Repeats, format_report, mean_std, publish
+from bench.in_memory import EpochCounter, InMemoryShard
 from cromss_ray.data.storage import scan_shards
 from cromss_ray.data.synth import synthesize
 from cromss_ray.data.transforms import CutSamples, SampleDraw
