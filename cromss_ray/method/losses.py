@@ -117,7 +117,7 @@ class CromSSLoss(nn.Module):
         consistency: 'ce' (reference), 'kl', 'mse' or 'none'.
         consistency_weight: lambda.
         smoothing_factors: () for none, (a,) or (a, b) (spec 2; reference (0.15, 0.05)).
-            Two factors need the ``prior`` argument of :meth:`forward`.
+            Without the ``prior`` argument of :meth:`forward` the prior is uniform.
         selection: cross-modal sample selection on (spec 6-7); off means w = v = 1.
         final_ratio: rho_final of the selection-ratio schedule.
         ramp: ramp kind 'exp', 'linear' or 'none'; ramp_length: E in epochs.
@@ -255,8 +255,8 @@ class CromSSLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss for logits ``z1``, ``z2`` ``(N, C, H, W)``, labels ``y`` ``(N, H, W)``.
 
-        ``prior`` ``(N, C, H, W)`` is the smoothing prior (needed with two smoothing
-        factors); ``epoch`` is the zero-based epoch of the schedules (spec 5-8).
+        ``prior`` ``(N, C, H, W)`` is the smoothing prior (None: uniform, prior
+        type 'none'); ``epoch`` is the zero-based epoch of the schedules (spec 5-8).
         """
         logits = (z1.float(), z2.float())
         y, labelled = self._clean_labels(y)

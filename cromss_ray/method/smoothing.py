@@ -150,8 +150,11 @@ def smoothed_target(
     * one factor a without prior: ``q = (1 - a) onehot(y) + a / C``;
     * no factor: ``q = onehot(y)``.
 
-    Two factors need a prior. Pixels whose label lies outside ``0 .. classes-1`` carry no
-    target: their ``q`` is all zeros, so they add nothing to any loss term.
+    Without a prior (prior type 'none') P is the uniform 1 / C, as in the spec's one-factor
+    rule, so two factors give ``q = (1 - a - b) onehot(y) + (a + b) / C``: a sweep may
+    draw (a, b) and the prior type independently. Pixels whose label lies outside
+    ``0 .. classes-1`` carry no target: their ``q`` is all zeros, so they add nothing to
+    any loss term.
     """
     factors = tuple(float(f) for f in factors)
     if len(factors) > 2 or any(f < 0 for f in factors) or sum(factors) > 1:
@@ -160,19 +163,13 @@ def smoothed_target(
         raise ValueError(
             f"prior shape {tuple(prior.shape)} does not match labels {tuple(y.shape)} with {classes} classes"
         )
-    if len(factors) == 2 and prior is None:
-        raise ValueError("two smoothing factors (a, b) need a prior: q = (1 - a - b) onehot + a P + b / C")
     onehot = _one_hot(y, classes)
     labelled = ((y >= 0) & (y < classes)).unsqueeze(-3)
     if not factors:
         return onehot
-    if len(factors) == 2:
-        a, b = factors
-        target = (1 - a - b) * onehot + a * prior.float() + b / classes
-    elif prior is None:
-        (a,) = factors
-        target = (1 - a) * onehot + a / classes
+    a, b = factors if len(factors) == 2 else (factors[0], 0.0)
+    if prior is None:
+        target = (1 - a - b) * onehot + (a + b) / classes
     else:
-        (a,) = factors
-        target = (1 - a) * onehot + a * prior.float()
+        target = (1 - a - b) * onehot + a * prior.float() + b / classes
     return target * labelled

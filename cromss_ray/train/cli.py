@@ -47,9 +47,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     config = load_config(PretrainConfig, args.config, args.overrides, data=args.data, tracking_uri=args.tracking_uri)
 
     from cromss_ray.train.common import init_ray
-    from cromss_ray.train.pretrain import check_pretrain_config, run_pretrain
+    from cromss_ray.train.pretrain import run_pretrain
 
-    check_pretrain_config(config)
     init_ray()
     outcome = run_pretrain(config)
     print(f"MLflow run {outcome.run_id} ({config.tracking.experiment})")

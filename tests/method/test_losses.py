@@ -220,9 +220,16 @@ def test_validation_loss_is_unweighted_and_unsmoothed():
     assert set(terms) == {"loss/ce/s1", "loss/dice/s1", "loss/ce/s2", "loss/dice/s2", "loss/consistency"}
 
 
-def test_two_smoothing_factors_without_prior_are_refused():
-    with pytest.raises(ValueError, match="need a prior"):
-        CromSSLoss(classes=2)(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+def test_two_smoothing_factors_without_prior_use_the_uniform_prior():
+    generator = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(2, 1, 2, 4, 4, generator=generator)
+    y = torch.randint(0, 2, (1, 4, 4), generator=generator)
+    criterion = CromSSLoss(classes=2, selection=False)
+    without_prior, _ = criterion(z1, z2, y)
+    uniform, _ = criterion(z1, z2, y, prior=torch.full((1, 2, 4, 4), 0.5))
+    sharp, _ = criterion(z1, z2, y, prior=torch.nn.functional.one_hot(1 - y, 2).permute(0, 3, 1, 2).float())
+    assert float(without_prior) == pytest.approx(float(uniform), abs=1e-6)
+    assert float(sharp) != pytest.approx(float(uniform), abs=1e-3)
 
 
 @pytest.mark.parametrize(

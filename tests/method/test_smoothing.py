@@ -124,6 +124,14 @@ def test_one_factor_smoothing_with_and_without_prior_by_hand():
     assert smoothed_target(Y, None, (), 3)[0, :, 0, 1].tolist() == [0.0, 0.0, 1.0]
 
 
+def test_two_factors_without_prior_smooth_towards_the_uniform_prior_by_hand():
+    # prior 'none' = uniform P = 1/3: (1 - 0.2 - 0.1) onehot + 0.2 / 3 + 0.1 / 3
+    target = smoothed_target(Y, None, (0.2, 0.1), 3)
+    assert target[0, :, 0, 0].tolist() == pytest.approx([0.7 + 0.1, 0.1, 0.1], abs=1e-6)
+    uniform_prior = torch.full_like(PRIOR, 1 / 3)
+    assert torch.allclose(target, smoothed_target(Y, uniform_prior, (0.2, 0.1), 3))
+
+
 def test_unlabelled_pixels_carry_no_target():
     y = torch.tensor([[[0, NODATA]]])
     target = smoothed_target(y, PRIOR, (0.15, 0.05), 3)
@@ -133,7 +141,6 @@ def test_unlabelled_pixels_carry_no_target():
 @pytest.mark.parametrize(
     ("prior", "factors", "message"),
     [
-        (None, (0.15, 0.05), "need a prior"),
         (PRIOR, (0.6, 0.5), "at most two non-negative factors"),
         (PRIOR, (0.1, 0.1, 0.1), "at most two non-negative factors"),
         (PRIOR[:, :2], (0.2,), "does not match"),
