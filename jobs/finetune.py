@@ -4,7 +4,7 @@ Submit it from the repository root, which Ray ships to the cluster and puts on t
 job's ``PYTHONPATH``::
 
     ray job submit --working-dir . -- \
-        python jobs/finetune.py --config jobs/configs/finetune_tiny.yaml --init models:/cromss-mid-13b@best
+        python jobs/finetune.py --config jobs/configs/finetune_tiny.yaml --init models:/cromss-mid-13b@latest
 
 Under ``ray job submit`` the job joins the cluster named by ``RAY_ADDRESS``; run directly,
 it starts a local Ray instance on 127.0.0.1. Arguments: ``--config FILE [--init SOURCE]

@@ -45,7 +45,7 @@ from ray.data.expressions import col
 
 from cromss_ray.config import DataConfig, DownstreamDataConfig
 from cromss_ray.data.schema import ModalitySpec, ShardMetadata
-from cromss_ray.data.storage import ShardSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
+from cromss_ray.data.storage import ShardSet, TileSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
 from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw
 from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
 
@@ -134,7 +134,12 @@ class PretrainDatasets:
 
 @dataclass(frozen=True)
 class DownstreamDatasets:
-    """Downstream datasets (spec 10, 11): ``test`` is None without ``test_uri``."""
+    """Downstream datasets (spec 10, 11): ``test`` is None without ``test_uri``.
+
+    ``test_tiles`` are the whole tiles a transfer run's test split scores (as ``cromss
+    evaluate`` does): the test shards, else the held-out validation rows of the training
+    shards, else None.
+    """
 
     train: ray.data.Dataset
     val: ray.data.Dataset | None
@@ -144,6 +149,7 @@ class DownstreamDatasets:
     num_val: int
     num_test: int
     clock: EpochClock
+    test_tiles: TileSet | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,7 @@ def downstream_datasets(
 
     Training: random crop, flips and rotation per sample; validation / test: centre crop
     (the whole tile when it is smaller). Labels keep the ignore value ``meta.nodata``.
+    ``test_tiles`` reads the test (else validation) rows whole, outside Ray Data.
     """
     shards = scan_shards(cfg.uri, cfg.s3_endpoint)
     meta = shards.meta
@@ -248,17 +255,19 @@ def downstream_datasets(
         seasons_out=False,
     )
     train = _read(shards, train_udf, shuffle_seed=seed)
-    val = None
+    val, tiles = None, None
     if split.val is not None:
         val_udf = CutSamples(meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False)
         val = _read(split.val, val_udf, ids=split.val_ids)
+        tiles = TileSet(split.val, frozenset(split.val_ids) if split.val_ids is not None else None)
     test, num_test = None, 0
     if cfg.test_uri is not None:
         test_shards = scan_shards(cfg.test_uri, cfg.s3_endpoint)
         _check_compatible(shards, test_shards)
         test_udf = CutSamples(test_shards.meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False)
         test, num_test = _read(test_shards, test_udf), test_shards.num_rows
-    return DownstreamDatasets(train, val, test, meta, split.num_train, split.num_val, num_test, clock)
+        tiles = TileSet(test_shards)
+    return DownstreamDatasets(train, val, test, meta, split.num_train, split.num_val, num_test, clock, tiles)
 
 
 @dataclass

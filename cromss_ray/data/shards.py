@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -247,10 +247,13 @@ def open_shard(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pq
     return parquet, meta
 
 
-def iter_rows(path: str, filesystem: pafs.FileSystem | None = None) -> Iterator[dict[str, Any]]:
+def iter_rows(
+    path: str, filesystem: pafs.FileSystem | None = None, *, ids: Container[str] | None = None
+) -> Iterator[dict[str, Any]]:
     """The decoded rows of one shard file, read one row group at a time.
 
     Each row is ``{"id", "dates", "s1", "s2", "label"[, "clean_label"]}`` with numpy arrays.
+    With ``ids``, only the rows whose id is in it (the others are not decoded).
     Raises :class:`ShardFileError` naming the file (and row) for a corrupt file or bad row.
     """
     parquet, meta = open_shard(path, filesystem)
@@ -261,6 +264,9 @@ def iter_rows(path: str, filesystem: pafs.FileSystem | None = None) -> Iterator[
         except (OSError, pa.ArrowException) as exc:
             raise ShardFileError(path, f"row group {group} is unreadable ({exc})") from None
         for record in records:
+            if ids is not None and record["id"] not in ids:
+                row_index += 1
+                continue
             try:
                 arrays = decode_row(record, meta)
             except RowValidationError as exc:

@@ -6,14 +6,17 @@ lists the shards under such a location and checks every footer (Parquet is reada
 ``cromss`` metadata is present and identical across files, the columns of the schema are
 there with their types) before Ray reads a single row, so bad input fails early with the
 file named. ``open_shards`` hands the checked files to ``ray.data.read_parquet``, which
-streams them (spec 9; ``docs/data.md`` for the schema).
+streams them (spec 9; ``docs/data.md`` for the schema). A ``TileSet`` reads whole rows of a
+shard set without Ray Data, for scoring whole tiles (``cromss evaluate``, a transfer run's test split).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -22,7 +25,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from cromss_ray.data.schema import ShardMetadata, read_metadata
-from cromss_ray.data.shards import PARQUET_SUFFIX, list_shards
+from cromss_ray.data.shards import PARQUET_SUFFIX, iter_rows, list_shards
 
 FOOTER_READ_THREADS = 16
 """Footers and id columns are fetched concurrently: on object stores each is one round trip."""
@@ -106,6 +109,34 @@ class ShardSet:
 
         with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
             return [row_id for ids in pool.map(ids_of, self.files) for row_id in ids]
+
+
+@dataclass(frozen=True)
+class TileSet:
+    """Whole rows of a checked shard set, read directly (not through Ray Data); ``ids`` keeps only those rows.
+
+    Downstream rows are whole tiles, so this is what scoring on whole tiles reads: the
+    test shards of a transfer run, or the rows of its training shards held out for validation.
+    """
+
+    shards: ShardSet
+    ids: frozenset[str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.shards.uri
+
+    @property
+    def meta(self) -> ShardMetadata:
+        return self.shards.meta
+
+    def rows(self, part: int = 0, parts: int = 1) -> Iterator[dict[str, Any]]:
+        """The decoded rows (:func:`~cromss_ray.data.shards.iter_rows`) of files ``part``, ``part + parts``, ...:
+        worker ``part`` of ``parts`` reads its share of the files, all of them together read every row once."""
+        if not 0 <= part < parts:
+            raise ValueError(f"part must lie in 0 .. {parts - 1}, got {part}")
+        for path in self.shards.files[part::parts]:
+            yield from iter_rows(path, self.shards.filesystem, ids=self.ids)
 
 
 def _check_footer(filesystem: pafs.FileSystem, path: str) -> tuple[ShardMetadata, int]:

@@ -16,15 +16,15 @@ Stored: ``model.pt`` (the state dict), ``config.yaml`` (the run's
 :class:`~cromss_ray.config.FinetuneConfig`, encoder and band count as resolved from the
 source) and ``shard_metadata.json`` (the training shards' classes, ignore value and
 pixel scaling); the network is rebuilt with
-:func:`cromss_ray.method.build_segmentation_model`, so no network module is pickled. The
-stateless :class:`FinetunedPyfunc` wrapper is stored by MLflow's cloudpickle, which refers
-to the class in the ``cromss_ray`` code logged with the model.
+:func:`cromss_ray.method.build_segmentation_model`. Nothing is pickled: the stateless
+:class:`FinetunedPyfunc` wrapper is stored as source, an MLflow "model from code"
+(``finetuned_pyfunc_code.py``), with the ``cromss_ray`` package as its code path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any, Literal
@@ -33,14 +33,10 @@ import mlflow
 import numpy as np
 import torch
 import yaml
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from torch import nn
 
-import cromss_ray
 from cromss_ray.config import ConfigError, FinetuneConfig, TransferModelConfig, build_config, to_yaml
 from cromss_ray.data.schema import CLASS_SCHEMES, ShardMetadata
 from cromss_ray.method import build_segmentation_model
@@ -52,12 +48,12 @@ from cromss_ray.predict import (
     Segmenter,
     predict_array,
 )
-from cromss_ray.tracking.models import _process_tracking_uri, pinned_requirements
-from cromss_ray.tracking.registry import LATEST_ALIAS, PYFUNC_FLAVOR, PretrainedModel, _resolve, set_alias, store_uri
-from cromss_ray.tracking.runs import RunTracker, config_params, redacted_config
-from cromss_ray.tracking.storage import CONFIG_ARTIFACT, MODEL_NAME, S1_BANDS, WEIGHTS_ARTIFACT, load_network
+from cromss_ray.tracking.models import log_registered_model, save_weights
+from cromss_ray.tracking.registry import PretrainedModel, download_cromss_model
+from cromss_ray.tracking.runs import RunTracker, redacted_config
+from cromss_ray.tracking.storage import CONFIG_ARTIFACT, S1_BANDS, SHARDS_ARTIFACT, WEIGHTS_ARTIFACT, load_network
 
-SHARDS_ARTIFACT = "shard_metadata"
+PYFUNC_CODE = Path(__file__).with_name("finetuned_pyfunc_code.py")
 DEFAULT_TILE = 512
 """Pyfunc and evaluation tile: whole SSL4EO-S12 tiles (510 / 512 px) in one window."""
 DEFAULT_OVERLAP = 128
@@ -190,13 +186,12 @@ class FinetunedModel:
 
     def segmenter(self) -> Segmenter:
         """The network for :mod:`cromss_ray.predict`, reading inputs stored like its training shards."""
-        return Segmenter(
-            self.model,
-            self.config.model.branch,
-            self.config.data.s2_bands,
-            tuple(self.meta.classes),
-            scaling_of(self.meta),
-        )
+        return transfer_segmenter(self.model, self.config, self.meta)
+
+
+def transfer_segmenter(network: nn.Module, config: FinetuneConfig, meta: ShardMetadata) -> Segmenter:
+    """A transfer network for :mod:`cromss_ray.predict`: its branch and bands, the shards' classes and scaling."""
+    return Segmenter(network, config.model.branch, config.data.s2_bands, tuple(meta.classes), scaling_of(meta))
 
 
 def read_transfer_config(path: Path) -> FinetuneConfig:
@@ -286,19 +281,6 @@ def example_input(config: FinetuneConfig, given: torch.Tensor | np.ndarray | Non
     return {config.model.branch: np.ascontiguousarray(array[:1, :, :EXAMPLE_SIZE, :EXAMPLE_SIZE], dtype=np.float32)}
 
 
-def _register(client: MlflowClient, name: str, model_id: str, description: str, **version_fields: Any) -> int:
-    """A new version of registered model ``name`` (created on first use) for logged model ``model_id``."""
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    version = client.create_model_version(
-        name, source=f"models:/{model_id}", model_id=model_id, description=description, **version_fields
-    )
-    return int(version.version)
-
-
 def log_finetuned_model(
     model: nn.Module,
     config: FinetuneConfig,
@@ -319,47 +301,30 @@ def log_finetuned_model(
     description naming the data and the source model and version (:func:`describe`).
     ``@latest`` is MLflow's built-in alias of the newest version and needs no assignment.
     """
-    logged = tracker.client.create_logged_model(
-        experiment_id=tracker.experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id, params=config_params(config)
-    )
-    with TemporaryDirectory() as folder, _process_tracking_uri(tracker.tracking_uri):
-        weights, config_file, shards_file = (
-            Path(folder, name) for name in ("model.pt", "config.yaml", "shard_metadata.json")
-        )
-        torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, weights)
+
+    def write_artifacts(folder: Path) -> dict[str, Path]:
+        config_file, shards_file = folder / "config.yaml", folder / "shard_metadata.json"
         config_file.write_text(to_yaml(redacted_config(config)))
         shards_file.write_text(meta.model_dump_json(indent=2))
-        Model.log(
-            artifact_path=None,
-            name=MODEL_NAME,
-            flavor=mlflow.pyfunc,
-            run_id=tracker.run_id,
-            model_id=logged.model_id,
-            step=epoch or 0,
-            python_model=FinetunedPyfunc(),
-            artifacts={
-                WEIGHTS_ARTIFACT: str(weights),
-                CONFIG_ARTIFACT: str(config_file),
-                SHARDS_ARTIFACT: str(shards_file),
-            },
-            code_paths=[str(Path(cromss_ray.__file__).parent)],
-            signature=model_signature(config, meta.num_classes),
-            input_example=example_input(config, input_example),
-            pip_requirements=pinned_requirements(),
-        )
-        tags = {**source.tags(), **{key: str(value) for key, value in (version_tags or {}).items()}}
-        version = _register(
-            tracker.client,
-            registry_name,
-            logged.model_id,
-            describe(config, meta, source),
-            run_id=tracker.run_id,
-            tags=tags,
-        )
-    for alias in aliases:
-        if alias.lower() != LATEST_ALIAS:
-            set_alias(registry_name, alias, version, tracking_uri=tracker.tracking_uri)
-    return version
+        return {
+            WEIGHTS_ARTIFACT: save_weights(model, folder / "model.pt"),
+            CONFIG_ARTIFACT: config_file,
+            SHARDS_ARTIFACT: shards_file,
+        }
+
+    return log_registered_model(
+        tracker,
+        config,
+        python_model=str(PYFUNC_CODE),
+        write_artifacts=write_artifacts,
+        signature=model_signature(config, meta.num_classes),
+        input_example=example_input(config, input_example),
+        registry_name=registry_name,
+        description=describe(config, meta, source),
+        aliases=aliases,
+        epoch=epoch,
+        version_tags={**source.tags(), **(version_tags or {})},
+    )
 
 
 def load_cromss_model(model_uri: str, *, tracking_uri: str | None = None) -> FinetunedModel | PretrainedModel:
@@ -369,19 +334,17 @@ def load_cromss_model(model_uri: str, *, tracking_uri: str | None = None) -> Fin
     ``ModelNotFoundError`` names what is missing, a ValueError says when the URI holds no
     CromSS model.
     """
-    uri = store_uri(tracking_uri)
-    location, name, version, run_id = _resolve(MlflowClient(tracking_uri=uri, registry_uri=uri), model_uri)
     with TemporaryDirectory() as folder:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=uri))
-        stored = Model.load(local).flavors.get(PYFUNC_FLAVOR, {}).get("artifacts", {})
-        if WEIGHTS_ARTIFACT not in stored or CONFIG_ARTIFACT not in stored:
-            raise ValueError(f"{model_uri} is not a CromSS model: its pyfunc has no weights or config")
-        weights, config_file = (local / stored[key]["path"] for key in (WEIGHTS_ARTIFACT, CONFIG_ARTIFACT))
-        if SHARDS_ARTIFACT in stored:
-            loaded = load_transfer_network(weights, config_file, local / stored[SHARDS_ARTIFACT]["path"])
-            return replace(loaded, name=name, version=version, run_id=run_id)
-        network, config = load_network(weights, config_file)
-    return PretrainedModel(model=network, config=config, name=name, version=version, run_id=run_id)
+        location, files = download_cromss_model(model_uri, Path(folder), tracking_uri=tracking_uri)
+        if SHARDS_ARTIFACT in files:
+            loaded = load_transfer_network(files[WEIGHTS_ARTIFACT], files[CONFIG_ARTIFACT], files[SHARDS_ARTIFACT])
+            return FinetunedModel(
+                loaded.model, loaded.config, loaded.meta, location.name, location.version, location.run_id
+            )
+        network, config = load_network(files[WEIGHTS_ARTIFACT], files[CONFIG_ARTIFACT])
+    return PretrainedModel(
+        model=network, config=config, name=location.name, version=location.version, run_id=location.run_id
+    )
 
 
 def load_segmenter(model_uri: str, *, branch: Branch | None = None, tracking_uri: str | None = None) -> Segmenter:

@@ -23,8 +23,7 @@ package as its code path) plus two artifacts, ``model.pt`` (the state dict) and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -34,16 +33,14 @@ import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from pydantic import BaseModel
 
 import cromss_ray
 from cromss_ray.config import PretrainConfig, to_yaml
 from cromss_ray.method import CromSSNet, fused_probabilities
-from cromss_ray.tracking.registry import LATEST_ALIAS, set_alias
+from cromss_ray.tracking.registry import LATEST_ALIAS, register_model_version, set_alias, using_tracking_uri
 from cromss_ray.tracking.runs import RunTracker, config_params, redacted_config
 from cromss_ray.tracking.storage import (
     CONFIG_ARTIFACT,
@@ -181,36 +178,68 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in INFERENCE_DISTRIBUTIONS]
 
 
-@contextmanager
-def _process_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at ``uri`` for a block.
+def log_registered_model(
+    tracker: RunTracker,
+    config: BaseModel,
+    *,
+    python_model: str | mlflow.pyfunc.PythonModel,
+    write_artifacts: Callable[[Path], Mapping[str, Path]],
+    signature: ModelSignature,
+    input_example: Mapping[str, np.ndarray],
+    registry_name: str,
+    description: str,
+    aliases: Sequence[str],
+    epoch: int | None = None,
+    version_tags: Mapping[str, Any] | None = None,
+) -> int:
+    """Log a CromSS pyfunc model of the tracker's run, register it, point ``aliases`` at it; the new version.
 
-    ``Model.log`` and the registry's resolution of a ``models:/<model id>`` source read
-    the process-wide URI, not the tracker's client.
+    The logged model is named ``model`` and carries ``config``'s flattened params;
+    ``write_artifacts(folder)`` writes the model's files into a temporary folder and
+    returns them by artifact key. ``python_model`` is a model-from-code file or a
+    :class:`~mlflow.pyfunc.PythonModel`; the ``cromss_ray`` package is logged as its code
+    path and the inference packages are pinned (:func:`pinned_requirements`).
+    ``epoch`` is the step the model is logged at; the version gets ``description`` and
+    ``version_tags``. ``@latest`` is MLflow's built-in alias of the newest version, so
+    ``"latest"`` in ``aliases`` needs (and gets) no assignment.
     """
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
+    logged = tracker.client.create_logged_model(
+        experiment_id=tracker.experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id, params=config_params(config)
+    )
+    with TemporaryDirectory() as folder, using_tracking_uri(tracker.tracking_uri):
+        artifacts = write_artifacts(Path(folder))
+        Model.log(
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=mlflow.pyfunc,
+            run_id=tracker.run_id,
+            model_id=logged.model_id,
+            step=epoch or 0,
+            python_model=python_model,
+            artifacts={key: str(path) for key, path in artifacts.items()},
+            code_paths=[str(Path(cromss_ray.__file__).parent)],
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=pinned_requirements(),
+        )
+        version = register_model_version(
+            tracker.client,
+            registry_name,
+            logged.model_id,
+            description,
+            run_id=tracker.run_id,
+            tags={key: str(value) for key, value in (version_tags or {}).items()},
+        )
+    for alias in aliases:
+        if alias.lower() != LATEST_ALIAS:
+            set_alias(registry_name, alias, version, tracking_uri=tracker.tracking_uri)
+    return version
 
 
-def _register(client: MlflowClient, name: str, model_id: str, config: PretrainConfig, **version_fields: Any) -> int:
-    """A new version of registered model ``name`` (created on first use) for logged model ``model_id``."""
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    description = (
-        f"CromSS {config.model.fusion}-fusion {config.model.encoder}: S1 ({S1_BANDS} bands) and "
-        f"S2 ({config.data.s2_bands} bands) to {config.model.classes} classes"
-    )
-    version = client.create_model_version(
-        name, source=f"models:/{model_id}", model_id=model_id, description=description, **version_fields
-    )
-    return int(version.version)
+def save_weights(model: torch.nn.Module, path: Path) -> Path:
+    """``model``'s state dict, detached and on the CPU, saved to ``path`` (``model.pt``)."""
+    torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, path)
+    return path
 
 
 def log_pretrained_model(
@@ -235,36 +264,25 @@ def log_pretrained_model(
     """
     config = pretrain_part(config)
     check_matches_config(model, config)
-    logged = tracker.client.create_logged_model(
-        experiment_id=tracker.experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id, params=config_params(config)
-    )
-    with TemporaryDirectory() as folder, _process_tracking_uri(tracker.tracking_uri):
-        weights, config_file = Path(folder, "model.pt"), Path(folder, "config.yaml")
-        torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, weights)
+
+    def write_artifacts(folder: Path) -> dict[str, Path]:
+        config_file = folder / "config.yaml"
         config_file.write_text(to_yaml(redacted_config(config)))
-        Model.log(
-            artifact_path=None,
-            name=MODEL_NAME,
-            flavor=mlflow.pyfunc,
-            run_id=tracker.run_id,
-            model_id=logged.model_id,
-            step=epoch or 0,
-            python_model=str(PYFUNC_CODE),
-            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config_file)},
-            code_paths=[str(Path(cromss_ray.__file__).parent)],
-            signature=model_signature(config.data.s2_bands, config.model.classes),
-            input_example=example_input(config.data.s2_bands, input_example),
-            pip_requirements=pinned_requirements(),
-        )
-        version = _register(
-            tracker.client,
-            registry_name,
-            logged.model_id,
-            config,
-            run_id=tracker.run_id,
-            tags={key: str(value) for key, value in (version_tags or {}).items()},
-        )
-    for alias in aliases:
-        if alias.lower() != LATEST_ALIAS:
-            set_alias(registry_name, alias, version, tracking_uri=tracker.tracking_uri)
-    return version
+        return {WEIGHTS_ARTIFACT: save_weights(model, folder / "model.pt"), CONFIG_ARTIFACT: config_file}
+
+    return log_registered_model(
+        tracker,
+        config,
+        python_model=str(PYFUNC_CODE),
+        write_artifacts=write_artifacts,
+        signature=model_signature(config.data.s2_bands, config.model.classes),
+        input_example=example_input(config.data.s2_bands, input_example),
+        registry_name=registry_name,
+        description=(
+            f"CromSS {config.model.fusion}-fusion {config.model.encoder}: S1 ({S1_BANDS} bands) and "
+            f"S2 ({config.data.s2_bands} bands) to {config.model.classes} classes"
+        ),
+        aliases=aliases,
+        epoch=epoch,
+        version_tags=version_tags,
+    )

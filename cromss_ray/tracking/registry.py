@@ -1,33 +1,39 @@
-"""Pretrained CromSS models from the MLflow registry: pull one, point an alias at a version.
+"""CromSS models in the MLflow registry: register a version, pull one back, point an alias at a version.
 
 Model URIs: ``models:/NAME@ALIAS`` (``@latest`` is MLflow's built-in alias of the newest
 version), ``models:/NAME/VERSION``, ``models:/<logged model id>`` and
-``runs:/<run id>/model``. What is pulled is the pyfunc's ``model.pt`` and ``config.yaml``;
-the network is rebuilt from them (:mod:`cromss_ray.tracking.storage`).
+``runs:/<run id>/model``. What is pulled is the pyfunc's artifacts (``model.pt``,
+``config.yaml``, ...); the network is rebuilt from them (:mod:`cromss_ray.tracking.storage`,
+:mod:`cromss_ray.tracking.finetuned`).
 """
 
 from __future__ import annotations
 
+import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from cromss_ray.config import PretrainConfig, TrackingConfig
 from cromss_ray.method import CromSSNet
-from cromss_ray.tracking.storage import CONFIG_ARTIFACT, MODEL_NAME, WEIGHTS_ARTIFACT, load_network
+from cromss_ray.tracking.storage import CONFIG_ARTIFACT, MODEL_NAME, SHARDS_ARTIFACT, WEIGHTS_ARTIFACT, load_network
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
 
 LATEST_ALIAS = "latest"
 MODELS_SCHEME = "models:/"
 RUNS_SCHEME = "runs:/"
 PYFUNC_FLAVOR = "python_function"
+MLMODEL_FILE = "MLmodel"
 
 
 class ModelNotFoundError(LookupError):
@@ -61,6 +67,41 @@ def set_alias(name: str, alias: str, version: int, *, tracking_uri: str | None =
     if alias.lower() == LATEST_ALIAS:
         raise ValueError("'latest' is MLflow's built-in alias of the newest version and cannot be assigned")
     registry_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block, then restore the previous one.
+
+    ``Model.log`` and the registry's resolution of a ``models:/<model id>`` source read
+    the process-wide URI, not a client's, so logging a model to a given store needs this.
+    """
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def register_model_version(
+    client: MlflowClient, name: str, model_id: str, description: str, **version_fields: Any
+) -> int:
+    """Register logged model ``model_id`` as a new version of ``name`` (created on first use); its number.
+
+    ``version_fields`` go to ``MlflowClient.create_model_version`` (``run_id``, ``tags``).
+    Call it inside :func:`using_tracking_uri` of the client's store: MLflow resolves the
+    ``models:/<model id>`` source through the process-wide URI.
+    """
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    version = client.create_model_version(
+        name, source=f"models:/{model_id}", model_id=model_id, description=description, **version_fields
+    )
+    return int(version.version)
 
 
 def _not_found(exc: MlflowException) -> bool:
@@ -118,11 +159,27 @@ def _run_model_id(client: MlflowClient, run_id: str, name: str) -> str:
     return max(candidates)[2]
 
 
-def _resolve(client: MlflowClient, model_uri: str) -> tuple[str, str | None, int | None, str | None]:
-    """``(artifact location to download, registered name, version, run id)`` of ``model_uri``.
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model URI points: the artifact location to download and, when known, its registry entry.
+
+    ``name`` and ``version`` are set for ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION``;
+    ``run_id`` is the run that logged the model (None when MLflow does not know it).
+    """
+
+    artifacts: str
+    name: str | None
+    version: int | None
+    run_id: str | None
+
+
+def resolve_model_uri(client: MlflowClient, model_uri: str) -> ModelLocation:
+    """Where ``model_uri`` (module docstring) points in ``client``'s store.
 
     Locations are looked up with ``client`` rather than left to MLflow's ``models:/``
     resolution, which reads the process-wide registry URI instead of the one given.
+    Raises :class:`ModelNotFoundError` naming a missing model, alias, version, logged
+    model or run, and a ValueError for a URI of another form.
     """
     if model_uri.startswith(MODELS_SCHEME):
         reference = model_uri[len(MODELS_SCHEME) :]
@@ -136,19 +193,54 @@ def _resolve(client: MlflowClient, model_uri: str) -> tuple[str, str | None, int
             model_version = _registered_version(client, name, LATEST_ALIAS, None)
         elif reference and not slash:
             location, run_id = _logged_model_location(client, reference)
-            return location, None, None, run_id
+            return ModelLocation(location, None, None, run_id)
         else:
             raise ValueError(f"model URI '{model_uri}' must be models:/NAME@ALIAS or models:/NAME/VERSION")
         location = client.get_model_version_download_uri(model_version.name, model_version.version)
-        return location, model_version.name, int(model_version.version), model_version.run_id
+        return ModelLocation(location, model_version.name, int(model_version.version), model_version.run_id)
     if model_uri.startswith(RUNS_SCHEME):
         run_id, _, name = model_uri[len(RUNS_SCHEME) :].partition("/")
         location, _ = _logged_model_location(client, _run_model_id(client, run_id, name or MODEL_NAME))
-        return location, None, None, run_id
+        return ModelLocation(location, None, None, run_id)
     raise ValueError(
         f"model URI '{model_uri}' must be models:/NAME@ALIAS, models:/NAME/VERSION, "
         "models:/MODEL_ID or runs:/RUN_ID/model"
     )
+
+
+def download_cromss_model(
+    model_uri: str, folder: Path, *, tracking_uri: str | None = None, kind: str = "CromSS"
+) -> tuple[ModelLocation, dict[str, Path]]:
+    """Resolve ``model_uri`` and download its pyfunc artifacts into ``folder``.
+
+    Returns where the URI points and the artifacts' local paths by key.
+
+    Only the ``MLmodel`` file and the folders of the pyfunc's artifacts are fetched, not
+    the code logged with the model. Every CromSS model stores at least
+    ``WEIGHTS_ARTIFACT`` and ``CONFIG_ARTIFACT``; a ValueError says "``model_uri`` is
+    not a ``kind`` model" when they are missing.
+    """
+    uri = store_uri(tracking_uri)
+    location = resolve_model_uri(MlflowClient(tracking_uri=uri, registry_uri=uri), model_uri)
+    root = location.artifacts.rstrip("/")
+
+    def download(path: str) -> Path:
+        return Path(mlflow.artifacts.download_artifacts(f"{root}/{path}", dst_path=str(folder), tracking_uri=uri))
+
+    stored = Model.load(download(MLMODEL_FILE)).flavors.get(PYFUNC_FLAVOR, {}).get("artifacts", {})
+    if WEIGHTS_ARTIFACT not in stored or CONFIG_ARTIFACT not in stored:
+        raise ValueError(f"{model_uri} is not a {kind} model: its pyfunc has no weights or config")
+    folders: dict[str, Path] = {}
+    files: dict[str, Path] = {}
+    for key, entry in stored.items():
+        parent, name = posixpath.split(entry["path"])
+        if not parent:
+            files[key] = download(name)
+            continue
+        if parent not in folders:
+            folders[parent] = download(parent)
+        files[key] = folders[parent] / name
+    return location, files
 
 
 def load_pretrained(model_uri: str, *, tracking_uri: str | None = None) -> PretrainedModel:
@@ -158,15 +250,16 @@ def load_pretrained(model_uri: str, *, tracking_uri: str | None = None) -> Pretr
     missing model, version, alias or run; a ValueError says when the URI holds no CromSS
     pyfunc model.
     """
-    uri = store_uri(tracking_uri)
-    location, name, version, run_id = _resolve(MlflowClient(tracking_uri=uri, registry_uri=uri), model_uri)
     with TemporaryDirectory() as folder:
-        local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=uri)
+        location, files = download_cromss_model(
+            model_uri, Path(folder), tracking_uri=tracking_uri, kind="CromSS pretrained"
         )
-        stored = Model.load(local).flavors.get(PYFUNC_FLAVOR, {}).get("artifacts", {})
-        if WEIGHTS_ARTIFACT not in stored or CONFIG_ARTIFACT not in stored:
-            raise ValueError(f"{model_uri} is not a CromSS pretrained model: its pyfunc has no weights or config")
-        weights, config_file = (local / stored[key]["path"] for key in (WEIGHTS_ARTIFACT, CONFIG_ARTIFACT))
-        network, config = load_network(weights, config_file)
-    return PretrainedModel(model=network, config=config, name=name, version=version, run_id=run_id)
+        if SHARDS_ARTIFACT in files:
+            raise ValueError(
+                f"{model_uri} is a fine-tuned single-modality model, not a CromSS pretrained model "
+                "(its encoder cannot initialise a transfer run or be exported)"
+            )
+        network, config = load_network(files[WEIGHTS_ARTIFACT], files[CONFIG_ARTIFACT])
+    return PretrainedModel(
+        model=network, config=config, name=location.name, version=location.version, run_id=location.run_id
+    )

@@ -19,6 +19,8 @@ MODEL_NAME = "model"
 """The name a run logs its pyfunc model under (``runs:/<run id>/model``)."""
 WEIGHTS_ARTIFACT = "weights"
 CONFIG_ARTIFACT = "config"
+SHARDS_ARTIFACT = "shard_metadata"
+"""The artifact only fine-tuned models have: their training shards' metadata (:mod:`cromss_ray.tracking.finetuned`)."""
 S1_BANDS = 2
 """Sentinel-1 VV and VH (spec 1); the config records only the S2 band count."""
 

@@ -1,7 +1,8 @@
 """What every Ray Train loop of this project shares: cluster, scaling, precision, optimiser, checkpoints.
 
-The pretraining loop (:mod:`cromss_ray.train.pretrain`) and the fine-tuning loop use
-the same pieces, so that a config section means the same thing in both:
+The pretraining loop (:mod:`cromss_ray.train.pretrain`) and the fine-tuning loop
+(:mod:`cromss_ray.train.finetune`) use the same pieces, so that a config section means
+the same thing in both:
 ``scaling`` becomes a :class:`ray.train.ScalingConfig` (GPUs used when the cluster has
 them), ``optim`` an optimiser and a learning-rate schedule (spec 9: Adam 5e-3 with a
 plateau schedule on the validation loss), ``run`` a :class:`ray.train.RunConfig` whose
@@ -11,6 +12,9 @@ A checkpoint is one directory (architecture, "names that stay fixed"): ``model.p
 (the unwrapped model's state dict), ``optim.pt`` (optimiser, scheduler and gradient
 scaler states), ``config.yaml`` (the whole validated config) and ``meta.json`` (the
 completed epoch count, the epoch's metrics, the MLflow run id and package versions).
+A run is resumed from its latest checkpoint (:func:`latest_checkpoint`) only when the
+checkpoint holds the same network (:func:`check_resumable`), and rank 0 keeps writing
+to the MLflow run the checkpoint names (:func:`open_tracker`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import yaml
 from pydantic import BaseModel
+from ray.actor import ActorHandle
 from torch import nn
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
@@ -42,7 +49,18 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from cromss_ray.config import OptimConfig, RunConfig, ScalingConfig, to_yaml
+from cromss_ray.config import (
+    ConfigError,
+    FinetuneConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+    ScalingConfig,
+    build_config,
+    flatten,
+    to_yaml,
+)
+from cromss_ray.tracking.runs import RunTracker
 
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optim.pt"
@@ -50,6 +68,10 @@ CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 LOCAL_HOST = "127.0.0.1"
 VERSIONED_PACKAGES = ("cromss-ray", "torch", "ray", "segmentation-models-pytorch")
+TRAIN = "train"
+VAL = "val"
+RESUME_KEYS = ("model.", "data.s2_bands")
+"""Config keys a resumed run must share with its checkpoint (they fix the network's shape)."""
 
 Scheduler = LRScheduler | ReduceLROnPlateau
 
@@ -109,6 +131,68 @@ def ray_run_config(run: RunConfig, callbacks: Sequence[ray.train.UserCallback] =
         failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
         callbacks=list(callbacks),
     )
+
+
+def latest_checkpoint(config: PretrainConfig | FinetuneConfig) -> ray.train.Checkpoint | None:
+    """The latest checkpoint of the run named ``run.name`` under ``run.storage_path``, if any."""
+    path = f"{absolute_storage_path(config.run.storage_path).rstrip('/')}/{config.run.name}"
+    try:
+        return ray.train.Result.from_path(path).checkpoint
+    except RuntimeError:
+        return None
+
+
+def check_resumable(config: PretrainConfig | FinetuneConfig, checkpoint: ray.train.Checkpoint) -> None:
+    """A run resumes only with the network its checkpoint holds (:data:`RESUME_KEYS`).
+
+    Reads the checkpoint's ``config.yaml`` where it is stored (no download of the
+    weights) as a config of ``config``'s type; a ConfigError names what differs.
+    """
+    path = f"{checkpoint.path}/{CONFIG_FILE}"
+    task = "fine-tuning" if isinstance(config, FinetuneConfig) else "pretraining"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as stream:
+            saved = build_config(type(config), yaml.safe_load(stream.read()))
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        raise ConfigError(f"{path}: not the config of a {task} checkpoint: {exc}") from None
+    ours, theirs = flatten(config), flatten(saved)
+    differing = [
+        f"{key} ({theirs.get(key)!r} in the checkpoint, {ours[key]!r} now)"
+        for key in sorted(ours)
+        if key.startswith(RESUME_KEYS) and ours[key] != theirs.get(key)
+    ]
+    if differing:
+        raise ConfigError(
+            f"run '{config.run.name}' in {config.run.storage_path} has a checkpoint ({checkpoint.path}) "
+            f"of another network: {'; '.join(differing)}. Choose a new run.name to start afresh."
+        )
+
+
+class ExactValidationDataConfig(ray.train.DataConfig):
+    """Shard ``train`` equally across workers and ``val`` exactly.
+
+    Training needs the same number of rows (hence steps) on every rank, or a DDP rank
+    would wait for a gradient all-reduce its peers never start; Ray Train's equal split
+    drops the remainder for that. Validation must score every held-out row once
+    (spec 11: one confusion matrix over the whole set), so its split keeps every row and
+    the ranks' confusion matrices are summed afterwards.
+    """
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: list[ActorHandle] | None,
+        worker_node_ids: list[str] | None,
+        **kwargs: Any,
+    ) -> list[dict[str, ray.data.DataIterator]]:
+        others = {name: dataset for name, dataset in datasets.items() if name != VAL}
+        shards = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        if VAL in datasets:
+            validation = datasets[VAL].streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for shard, split in zip(shards, validation, strict=True):
+                shard[VAL] = split
+        return shards
 
 
 @dataclass(frozen=True)
@@ -247,6 +331,13 @@ class TrainingState:
         (directory / CONFIG_FILE).write_text(to_yaml(config))
         (directory / META_FILE).write_text(json.dumps(dict(meta), indent=2, sort_keys=True))
 
+    def optimise(self, loss: torch.Tensor) -> None:
+        """One optimiser step on ``loss``: gradients (scaled for fp16), step, scaler update."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
     def load_optimisation(self, directory: Path, device: torch.device) -> None:
         """Restore optimiser, schedule and scaler from ``optim.pt`` (the model is loaded before wrapping)."""
         states = torch.load(directory / OPTIM_FILE, map_location=device, weights_only=True)
@@ -270,6 +361,27 @@ def read_meta(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable checkpoint meta file: {exc}") from None
 
 
+def restore_model(network: nn.Module, checkpoint: Path | None) -> dict[str, Any] | None:
+    """Load a checkpoint directory's weights into ``network``; its ``meta.json`` (None without a checkpoint)."""
+    if checkpoint is None:
+        return None
+    network.load_state_dict(load_model_state(checkpoint))
+    return read_meta(checkpoint)
+
+
+def prepare_training(
+    network: nn.Module, optim: OptimConfig, precision: Precision, checkpoint: Path | None
+) -> TrainingState:
+    """``network`` wrapped for the worker group (DDP), with its optimiser, schedule and gradient scaler,
+    their states restored from ``checkpoint`` when there is one (load the weights first: :func:`restore_model`)."""
+    model = ray.train.torch.prepare_model(network)
+    optimizer = build_optimizer(model.parameters(), optim)
+    state = TrainingState(model, optimizer, build_scheduler(optimizer, optim), precision.grad_scaler())
+    if checkpoint is not None:
+        state.load_optimisation(checkpoint, precision.device)
+    return state
+
+
 @contextlib.contextmanager
 def latest_checkpoint_directory() -> Iterator[Path | None]:
     """The local directory of the checkpoint Ray Train hands this worker (None when starting fresh)."""
@@ -279,6 +391,46 @@ def latest_checkpoint_directory() -> Iterator[Path | None]:
         return
     with checkpoint.as_directory() as directory:
         yield Path(directory)
+
+
+def open_tracker(
+    config: PretrainConfig | FinetuneConfig, loop_config: Mapping[str, Any], saved: Mapping[str, Any] | None
+) -> RunTracker:
+    """Rank 0's MLflow run: the run the checkpoint's ``meta.json`` names when resuming, else a new one.
+
+    ``loop_config`` carries the ``tracking_uri``, the ``parent_run_id`` and the run ``tags``.
+    """
+    return RunTracker.start(
+        config,
+        tracking_uri=loop_config["tracking_uri"],
+        experiment=config.tracking.experiment,
+        run_name=config.run.name,
+        run_id=saved["mlflow_run_id"] if saved else None,
+        parent_run_id=loop_config["parent_run_id"],
+        tags={"ray.train.run_name": config.run.name, **loop_config["tags"]},
+    )
+
+
+def checkpoint_meta(
+    tracker: RunTracker, epoch: int, metrics: Mapping[str, float], **extra: Any
+) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint: completed epochs, finite metrics, the MLflow run to resume,
+    package versions, and ``extra`` (e.g. the registry name)."""
+    return {
+        "epoch": epoch,
+        "metrics": finite_metrics(metrics),
+        "mlflow_run_id": tracker.run_id,
+        **extra,
+        "versions": package_versions(),
+    }
+
+
+def progress_line(
+    task: str, epoch: int, epochs: int, metrics: Mapping[str, float], keys: Sequence[str], seconds: float
+) -> str:
+    """``[cromss TASK] epoch E/N  key value ...  (S s)``: the ``keys`` present in ``metrics``."""
+    values = "  ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics)
+    return f"[cromss {task}] epoch {epoch}/{epochs}  {values}  ({seconds:.1f} s)"
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

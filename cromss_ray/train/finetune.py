@@ -11,8 +11,12 @@ encoder, and trains it with cross-entropy on its share of the training tiles. A
 'frozen' encoder (the whole run, or until ``model.unfreeze_epoch``) has no trainable
 parameters and stays in eval mode, so its batch-norm statistics do not move either.
 After each epoch the validation split is scored from one confusion matrix summed over
-the workers (spec 11: ``val/<branch>/oa``, ``miou``, ``mf1``, per-class IoU and F1);
-after the last one the test split (``test/<branch>/...``).
+the workers (spec 11: ``val/<branch>/oa``, ``miou``, ``mf1``, per-class IoU and F1), on
+the centre crops of ``data.crop`` pixels the pipeline cuts. After the last epoch the test
+split (``data.test_uri``, else the validation rows) is scored on whole tiles with the
+scoring of ``cromss evaluate`` (:func:`cromss_ray.train.evaluate.score_tiles`; each
+worker its share of the shard files, the confusion matrices summed): the registered
+``test/<branch>/...`` scores are what ``cromss evaluate`` prints for the model and data.
 
 Rank 0 owns the MLflow run (experiment ``cromss-finetune``): the config, per-epoch
 metrics, the confusion matrices as JSON and figures, and at the end the model,
@@ -24,6 +28,7 @@ MLflow run id, so a resumed run (same ``run.name`` and ``run.storage_path``) con
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import time
@@ -39,14 +44,13 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn.functional as F
-import yaml
-from ray.actor import ActorHandle
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from cromss_ray.config import ConfigError, FinetuneConfig, build_config, flatten
+from cromss_ray.config import ConfigError, FinetuneConfig, build_config
 from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, set_epoch, to_device
 from cromss_ray.data.schema import ShardMetadata
+from cromss_ray.data.storage import TileSet
 from cromss_ray.method import ConfusionMatrix, encoder_state_dict, load_encoder_state, load_reference_checkpoint
 from cromss_ray.predict import output_stride, pad_to_multiple
 from cromss_ray.tracking.finetuned import (
@@ -55,38 +59,41 @@ from cromss_ray.tracking.finetuned import (
     log_finetuned_model,
     run_tags,
     transfer_network,
+    transfer_segmenter,
 )
 from cromss_ray.tracking.registry import load_pretrained
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri
 from cromss_ray.train.common import (
-    CONFIG_FILE,
+    TRAIN,
+    VAL,
+    ExactValidationDataConfig,
     Precision,
     TrainingState,
-    absolute_storage_path,
     all_reduce_sums,
     all_reduce_tensor,
-    build_optimizer,
-    build_scheduler,
+    check_resumable,
+    checkpoint_meta,
     finite_metrics,
+    latest_checkpoint,
     latest_checkpoint_directory,
     learning_rate,
-    load_model_state,
-    package_versions,
+    open_tracker,
+    prepare_training,
+    progress_line,
     ray_run_config,
     ray_scaling_config,
-    read_meta,
     report_epoch,
+    restore_model,
     step_scheduler,
     unwrap,
 )
+from cromss_ray.train.evaluate import score_tiles
 
-TRAIN = "train"
-VAL = "val"
+logger = logging.getLogger(__name__)
+
 TEST = "test"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
-RESUME_KEYS = ("model.", "data.s2_bands")
-"""Config keys a resumed run must share with its checkpoint (they fix the network)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,10 @@ def resolve_init(config: FinetuneConfig) -> Initialisation:
     if model.init == "random":
         return Initialisation(TransferSource(model.init, "random", model.encoder), None)
     if model.init.startswith(REGISTRY_SCHEMES):
-        pretrained = load_pretrained(model.init, tracking_uri=config.tracking.resolved_uri())
+        try:
+            pretrained = load_pretrained(model.init, tracking_uri=config.tracking.resolved_uri())
+        except ValueError as exc:
+            raise ConfigError(f"model.init: {exc}") from None
         source = TransferSource(
             init=model.init,
             kind="registry",
@@ -228,65 +238,6 @@ def check_network(config: FinetuneConfig, classes: int, encoder_state: Mapping[s
             raise ConfigError(f"model.init: the {config.model.branch} encoder of {config.model.init}: {exc}") from None
 
 
-def existing_checkpoint(config: FinetuneConfig) -> ray.train.Checkpoint | None:
-    """The latest checkpoint of the run named ``run.name`` under ``run.storage_path``, if any."""
-    path = f"{absolute_storage_path(config.run.storage_path).rstrip('/')}/{config.run.name}"
-    try:
-        return ray.train.Result.from_path(path).checkpoint
-    except RuntimeError:
-        return None
-
-
-def check_resumable(config: FinetuneConfig, checkpoint: ray.train.Checkpoint) -> None:
-    """A run resumes only with the network its checkpoint holds (``model.*`` and ``data.s2_bands``)."""
-    with checkpoint.as_directory() as directory:
-        saved = build_config(FinetuneConfig, yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()))
-    ours, theirs = flatten(config), flatten(saved)
-    differing = [
-        f"{key} ({theirs.get(key)!r} in the checkpoint, {ours[key]!r} now)"
-        for key in sorted(ours)
-        if key.startswith(RESUME_KEYS) and ours[key] != theirs.get(key)
-    ]
-    if differing:
-        raise ConfigError(
-            f"run '{config.run.name}' in {config.run.storage_path} has a checkpoint ({checkpoint.path}) "
-            f"of another network: {'; '.join(differing)}. Choose a new run.name to start afresh."
-        )
-
-
-class EvaluationDataConfig(ray.train.DataConfig):
-    """Shard ``train`` equally across workers and the evaluation splits exactly.
-
-    Ray Train configures one dataset per call, when a worker first asks for it.
-
-    Training needs the same number of steps on every rank (DDP); Ray Train's equal split
-    drops the remainder for that. Evaluation must score every tile once (spec 11: one
-    confusion matrix over the whole set), so those splits keep every row and the ranks'
-    confusion matrices are summed afterwards.
-    """
-
-    def __init__(self, evaluated: Sequence[str]) -> None:
-        super().__init__(datasets_to_split=[TRAIN])
-        self.evaluated = tuple(evaluated)
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: list[ActorHandle] | None,
-        worker_node_ids: list[str] | None,
-        **kwargs: Any,
-    ) -> list[dict[str, ray.data.DataIterator]]:
-        others = {name: dataset for name, dataset in datasets.items() if name not in self.evaluated}
-        shards = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
-        for name in self.evaluated:
-            if name in datasets:
-                splits = datasets[name].streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
-                for shard, split in zip(shards, splits, strict=True):
-                    shard[name] = split
-        return shards
-
-
 @dataclass(frozen=True)
 class PreparedRun:
     """A transfer run ready to fit: its trainer, the effective config, the source and the registry name."""
@@ -312,7 +263,7 @@ def build_trainer(
     check_finetune_config(config)
     initialisation = resolve_init(config)
     config = effective_config(config, initialisation.source)
-    checkpoint = existing_checkpoint(config)
+    checkpoint = latest_checkpoint(config)
     if checkpoint is not None:
         check_resumable(config, checkpoint)
     datasets = downstream_datasets(config.data, seed=config.run.seed)
@@ -320,9 +271,6 @@ def build_trainer(
     meta = datasets.meta
     check_network(config, meta.num_classes, initialisation.encoder_state)
     registry_name = default_registry_name(config, meta)
-    evaluated = {TEST: datasets.test if datasets.test is not None else datasets.val}
-    if datasets.val is not None:
-        evaluated[VAL] = datasets.val
     state = initialisation.encoder_state
     loop_config = {
         "config": config.model_dump(mode="json"),
@@ -335,14 +283,15 @@ def build_trainer(
         "encoder_state": ray.put(state) if state is not None else None,
         "registry_name": registry_name,
         "validates": datasets.val is not None,
+        "test_tiles": datasets.test_tiles,
     }
     trainer = TorchTrainer(
         finetune_loop,
         train_loop_config=loop_config,
         scaling_config=ray_scaling_config(config.scaling),
         run_config=ray_run_config(config.run, callbacks),
-        datasets={TRAIN: datasets.train, **evaluated},
-        dataset_config=EvaluationDataConfig(tuple(evaluated)),
+        datasets={TRAIN: datasets.train, **({VAL: datasets.val} if datasets.val is not None else {})},
+        dataset_config=ExactValidationDataConfig(),
     )
     return PreparedRun(trainer, config, initialisation.source, registry_name)
 
@@ -438,20 +387,12 @@ def _restore(
     config = context.config
     torch.manual_seed(config.run.seed)
     network = transfer_network(config, context.meta.num_classes)
-    saved = None
-    if checkpoint is not None:
-        network.load_state_dict(load_model_state(checkpoint))
-        saved = read_meta(checkpoint)
-    elif encoder_state is not None:
+    saved = restore_model(network, checkpoint)
+    if saved is None and encoder_state is not None:
         load_encoder_state(network, encoder_state)
     if encoder_frozen(config, int(saved["epoch"]) if saved else 0):
         freeze_encoder(network)
-    model = ray.train.torch.prepare_model(network)
-    optimizer = build_optimizer(model.parameters(), config.optim)
-    state = TrainingState(model, optimizer, build_scheduler(optimizer, config.optim), context.precision.grad_scaler())
-    if checkpoint is not None:
-        state.load_optimisation(checkpoint, context.device)
-    return state, saved
+    return prepare_training(network, config.optim, context.precision, checkpoint), saved
 
 
 def unfreeze_if_due(context: WorkerContext, state: TrainingState, epoch: int) -> bool:
@@ -483,11 +424,7 @@ def train_epoch(
             logits = state.model(image)
         batch_sum = F.cross_entropy(logits.float(), label, ignore_index=nodata, reduction="sum")
         labelled = (label != nodata).sum()
-        loss = batch_sum / labelled.clamp_min(1)
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
+        state.optimise(batch_sum / labelled.clamp_min(1))
         loss_sum += batch_sum.detach().double()
         pixels += labelled
     totals = all_reduce_sums({"loss": float(loss_sum), "pixels": int(pixels)}, context.device)
@@ -515,7 +452,7 @@ def evaluate_split(context: WorkerContext, network: nn.Module, shard: ray.data.D
     the network's stride and the logits cropped back.
     """
     network.eval()
-    nodata, branch, names = context.meta.nodata, context.branch, context.meta.classes
+    nodata = context.meta.nodata
     matrix = ConfusionMatrix(context.meta.num_classes, nodata, context.device)
     stride = output_stride(network)
     loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
@@ -530,7 +467,37 @@ def evaluate_split(context: WorkerContext, network: nn.Module, shard: ray.data.D
         matrix.update(logits.argmax(dim=1), label)
         if example is None:
             example = image[:1].cpu()
-    totals = all_reduce_sums({"loss": float(loss_sum), "pixels": int(pixels)}, context.device)
+    return _summed_evaluation(context, split, matrix, float(loss_sum), int(pixels), example)
+
+
+@torch.no_grad()
+def evaluate_tiles(context: WorkerContext, network: nn.Module, tiles: TileSet, split: str) -> Evaluation:
+    """Score whole tiles as ``cromss evaluate`` does (:func:`~cromss_ray.train.evaluate.score_tiles`).
+
+    Each rank predicts its share of the shard files with the unwrapped network, in fp32
+    and tiled above 512 px like the registered model; loss and confusion matrix are
+    summed over every rank. ``<split>/loss`` is the cross-entropy of the predicted
+    probabilities over labelled pixels.
+    """
+    train_context = ray.train.get_context()
+    segmenter = transfer_segmenter(network, context.config, context.meta)
+    rows = tiles.rows(train_context.get_world_rank(), train_context.get_world_size())
+    scores = score_tiles(segmenter, rows, context.meta)
+    example = torch.from_numpy(scores.example) if scores.example is not None else None
+    return _summed_evaluation(context, split, scores.matrix, scores.loss_sum, scores.pixels, example)
+
+
+def _summed_evaluation(
+    context: WorkerContext,
+    split: str,
+    matrix: ConfusionMatrix,
+    loss_sum: float,
+    pixels: int,
+    example: torch.Tensor | None,
+) -> Evaluation:
+    """Sum one rank's loss and confusion matrix over every rank; the split's flat metrics (spec 11)."""
+    branch = context.branch
+    totals = all_reduce_sums({"loss": loss_sum, "pixels": pixels}, context.device)
     matrix.all_reduce(all_reduce_tensor)
     result = matrix.compute()
     metrics = {
@@ -538,45 +505,10 @@ def evaluate_split(context: WorkerContext, network: nn.Module, shard: ray.data.D
         **{f"{split}/{branch}/{name}": result[name] for name in ("oa", "miou", "mf1")},
     }
     for score in ("iou", "f1"):
-        for class_name, value in zip(names, result[score], strict=True):
+        for class_name, value in zip(context.meta.classes, result[score], strict=True):
             if math.isfinite(value):
                 metrics[f"{split}/{branch}/{score}/{metric_slug(class_name)}"] = value
     return Evaluation(metrics, result, example)
-
-
-def _open_tracker(
-    config: FinetuneConfig, loop_config: Mapping[str, Any], saved: Mapping[str, Any] | None
-) -> RunTracker:
-    """Rank 0's MLflow run: the checkpoint's run when resuming, else a new one."""
-    return RunTracker.start(
-        config,
-        tracking_uri=loop_config["tracking_uri"],
-        experiment=config.tracking.experiment,
-        run_name=config.run.name,
-        run_id=saved["mlflow_run_id"] if saved else None,
-        parent_run_id=loop_config["parent_run_id"],
-        tags={"ray.train.run_name": config.run.name, **loop_config["tags"]},
-    )
-
-
-def _progress_line(epoch: int, epochs: int, metrics: Mapping[str, float], branch: str, seconds: float) -> str:
-    shown = ("train/loss", "val/loss", f"val/{branch}/oa", f"val/{branch}/miou", "train/lr")
-    values = "  ".join(f"{key} {metrics[key]:.4g}" for key in shown if key in metrics)
-    return f"[cromss finetune] epoch {epoch}/{epochs}  {values}  ({seconds:.1f} s)"
-
-
-def _checkpoint_meta(
-    loop_config: Mapping[str, Any], tracker: RunTracker, epoch: int, metrics: Mapping[str, float]
-) -> dict[str, Any]:
-    """``meta.json`` of a checkpoint: completed epochs, metrics, the MLflow run, the source, versions."""
-    return {
-        "epoch": epoch,
-        "metrics": finite_metrics(metrics),
-        "mlflow_run_id": tracker.run_id,
-        "registry_name": loop_config["registry_name"],
-        "source": loop_config["source"],
-        "versions": package_versions(),
-    }
 
 
 def _finish(
@@ -590,6 +522,7 @@ def _finish(
     """Rank 0 at the end: test metrics, confusion matrices, the model logged and registered."""
     config, branch = context.config, context.branch
     test = evaluations[TEST]
+    example = test.example if test.example is not None else getattr(evaluations.get(VAL), "example", None)
     tracker.log_metrics(test.metrics, epochs)
     for split, evaluation in evaluations.items():
         tracker.log_confusion_matrix(f"{split}/{branch}", evaluation.confusion, list(context.meta.classes))
@@ -603,7 +536,7 @@ def _finish(
         tracker=tracker,
         registry_name=loop_config["registry_name"],
         aliases=config.tracking.aliases,
-        input_example=test.example,
+        input_example=example,
         epoch=epochs,
         version_tags={
             "epoch": str(epochs),
@@ -627,23 +560,30 @@ def finetune_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     epochs = config.optim.epochs
     train_shard = ray.train.get_dataset_shard(TRAIN)
     val_shard = ray.train.get_dataset_shard(VAL) if loop_config["validates"] else None
-    tracker = _open_tracker(config, loop_config, saved) if rank == 0 else None
+    tracker = open_tracker(config, loop_config, saved) if rank == 0 else None
     if tracker is not None:
-        print(
-            f"[cromss finetune] run {config.run.name}: {config.model.decoder} on {context.branch.upper()}, "
-            f"epochs {start_epoch + 1}..{epochs} on {train_context.get_world_size()} worker(s), {device}, "
-            f"{context.precision.name}; MLflow run {tracker.run_id}",
-            flush=True,
+        logger.info(
+            "[cromss finetune] run %s: %s on %s, epochs %d..%d on %d worker(s), %s, %s; MLflow run %s",
+            config.run.name,
+            config.model.decoder,
+            context.branch.upper(),
+            start_epoch + 1,
+            epochs,
+            train_context.get_world_size(),
+            device,
+            context.precision.name,
+            tracker.run_id,
         )
     evaluations: dict[str, Evaluation] = {}
     metrics: dict[str, float] = dict(saved["metrics"]) if saved else {}
+    progress_keys = ("train/loss", "val/loss", f"val/{context.branch}/oa", f"val/{context.branch}/miou", "train/lr")
     with tracker or contextlib.nullcontext():
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
             if rank == 0:
                 set_epoch(loop_config["clock"], epoch)
             if unfreeze_if_due(context, state, epoch) and tracker is not None:
-                print(f"[cromss finetune] epoch {epoch + 1}: encoder unfrozen", flush=True)
+                logger.info("[cromss finetune] epoch %d: encoder unfrozen", epoch + 1)
             lr = learning_rate(state.optimizer)
             metrics = {**train_epoch(context, state, train_shard, epoch), f"{TRAIN}/lr": lr}
             if val_shard is not None:
@@ -654,16 +594,19 @@ def finetune_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             write = None
             if tracker is not None:
                 tracker.log_metrics(metrics, completed)
-                print(
-                    _progress_line(completed, epochs, metrics, context.branch, time.perf_counter() - started),
-                    flush=True,
-                )
+                seconds = time.perf_counter() - started
+                logger.info(progress_line("finetune", completed, epochs, metrics, progress_keys, seconds))
                 if completed % config.run.checkpoint_frequency == 0 or completed == epochs:
-                    write = partial(
-                        state.save, config=config, meta=_checkpoint_meta(loop_config, tracker, completed, metrics)
+                    checkpoint_info = checkpoint_meta(
+                        tracker,
+                        completed,
+                        metrics,
+                        registry_name=loop_config["registry_name"],
+                        source=loop_config["source"],
                     )
+                    write = partial(state.save, config=config, meta=checkpoint_info)
             report_epoch(metrics, epoch=completed, write_checkpoint=write)
-        evaluations[TEST] = evaluate_split(context, unwrap(state.model), ray.train.get_dataset_shard(TEST), TEST)
+        evaluations[TEST] = evaluate_tiles(context, unwrap(state.model), loop_config["test_tiles"], TEST)
         if tracker is None:
             return None
         version = _finish(context, loop_config, tracker, unwrap(state.model), evaluations, epochs)

@@ -21,6 +21,9 @@ from cromss_ray.train.cli import add_config_arguments
 TRACKING_HELP = "MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
 BRANCH_HELP = "for a pretrained CromSS model: predict from 's1' or 's2' alone (default: fused)"
+TILE = 512
+"""Default window of ``evaluate`` and ``predict``: the registered models' own (tracking.finetuned.DEFAULT_TILE),
+so the CLI, the pyfunc and a run's test scores predict with the same windows."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", required=True, metavar="URI", help="downstream shards (directory or s3://...)")
     evaluate.add_argument("--branch", choices=("s1", "s2", "fused"), help=BRANCH_HELP)
     evaluate.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store")
-    _add_inference_arguments(evaluate, tile=512)
+    _add_inference_arguments(evaluate, tile=TILE)
     evaluate.add_argument("--tracking-uri", help=TRACKING_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -73,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--out", required=True, type=Path, metavar="PRED.tif", help="class-map GeoTIFF to write")
     predict.add_argument("--branch", choices=("s1", "s2", "fused"), help=BRANCH_HELP)
-    _add_inference_arguments(predict, tile=256)
+    _add_inference_arguments(predict, tile=TILE)
     for modality in ("s1", "s2"):
         for part in ("scale", "offset"):
             predict.add_argument(

@@ -32,12 +32,10 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-import yaml
-from ray.actor import ActorHandle
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from cromss_ray.config import ConfigError, PretrainConfig, build_config, flatten
+from cromss_ray.config import ConfigError, PretrainConfig
 from cromss_ray.data.pipeline import DeviceBatch, pretrain_datasets, set_epoch, to_device
 from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
 from cromss_ray.method import ConfusionMatrix, CromSSLoss, build_model, fused_probabilities
@@ -45,32 +43,33 @@ from cromss_ray.tracking.models import log_pretrained_model
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri
 from cromss_ray.train.common import (
-    CONFIG_FILE,
+    TRAIN,
+    VAL,
+    ExactValidationDataConfig,
     Precision,
     TrainingState,
-    absolute_storage_path,
     all_gather_objects,
     all_reduce_sums,
     all_reduce_tensor,
-    build_optimizer,
-    build_scheduler,
+    check_resumable,
+    checkpoint_meta,
     finite_metrics,
+    latest_checkpoint,
     latest_checkpoint_directory,
     learning_rate,
-    load_model_state,
-    package_versions,
+    open_tracker,
+    prepare_training,
+    progress_line,
     ray_run_config,
     ray_scaling_config,
-    read_meta,
     report_epoch,
+    restore_model,
     step_scheduler,
     unwrap,
 )
 
 logger = logging.getLogger(__name__)
 
-TRAIN = "train"
-VAL = "val"
 BRANCHES = ("s1", "s2", "fused")
 RGB_BANDS = ("B4", "B3", "B2")
 RGB_STRETCH = (0.02, 0.98)
@@ -85,8 +84,6 @@ PROGRESS_KEYS = (
     "train/lr",
 )
 """Metrics shown in the per-epoch progress line."""
-RESUME_KEYS = ("model.", "data.s2_bands")
-"""Config keys a resumed run must share with its checkpoint (they fix the network's shape)."""
 
 
 @dataclass(frozen=True)
@@ -105,72 +102,6 @@ class PretrainResult:
     start_epoch: int
 
 
-class ExactValidationDataConfig(ray.train.DataConfig):
-    """Shard ``train`` equally across workers and ``val`` exactly.
-
-    Training needs the same number of rows (hence steps) on every rank, or a DDP rank
-    would wait for a gradient all-reduce its peers never start; Ray Train's equal split
-    drops the remainder for that. Validation must score every held-out location once
-    (spec 11: one confusion matrix over the whole set), so its split keeps every row and
-    the ranks' confusion matrices are summed afterwards.
-    """
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: list[ActorHandle] | None,
-        worker_node_ids: list[str] | None,
-        **kwargs: Any,
-    ) -> list[dict[str, ray.data.DataIterator]]:
-        others = {name: dataset for name, dataset in datasets.items() if name != VAL}
-        shards = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
-        if VAL in datasets:
-            validation = datasets[VAL].streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
-            for shard, split in zip(shards, validation, strict=True):
-                shard[VAL] = split
-        return shards
-
-
-def check_pretrain_config(config: PretrainConfig) -> None:
-    """Rules across config sections that the sections cannot check alone; a ConfigError names the key."""
-    if len(config.cromss.smoothing_factors) == 2 and config.cromss.prior == "none":
-        raise ConfigError("cromss.prior: two smoothing factors (spec 2) need a prior ('t', 's' or 'ts'), got 'none'")
-
-
-def latest_checkpoint(config: PretrainConfig) -> ray.train.Checkpoint | None:
-    """The latest checkpoint of the run named ``run.name`` under ``run.storage_path``, if any."""
-    path = f"{absolute_storage_path(config.run.storage_path).rstrip('/')}/{config.run.name}"
-    try:
-        return ray.train.Result.from_path(path).checkpoint
-    except RuntimeError:
-        return None
-
-
-def check_resumable(config: PretrainConfig, checkpoint: ray.train.Checkpoint) -> None:
-    """A run resumes only with the network its checkpoint holds (``model.*`` and ``data.s2_bands``).
-
-    Reads the checkpoint's ``config.yaml`` where it is stored (no download of the weights).
-    """
-    path = f"{checkpoint.path}/{CONFIG_FILE}"
-    try:
-        with checkpoint.filesystem.open_input_stream(path) as stream:
-            saved = build_config(PretrainConfig, yaml.safe_load(stream.read()))
-    except (OSError, yaml.YAMLError, ConfigError) as exc:
-        raise ConfigError(f"{path}: not the config of a pretraining checkpoint: {exc}") from None
-    ours, theirs = flatten(config), flatten(saved)
-    differing = [
-        f"{key} ({theirs.get(key)!r} in the checkpoint, {ours[key]!r} now)"
-        for key in sorted(ours)
-        if key.startswith(RESUME_KEYS) and ours[key] != theirs.get(key)
-    ]
-    if differing:
-        raise ConfigError(
-            f"run '{config.run.name}' in {config.run.storage_path} has a checkpoint ({checkpoint.path}) "
-            f"of another network: {'; '.join(differing)}. Choose a new run.name to start afresh."
-        )
-
-
 def build_trainer(
     config: PretrainConfig,
     *,
@@ -183,7 +114,6 @@ def build_trainer(
     ``parent_run_id`` nests the MLflow run (a Tune trial under its sweep), ``callbacks``
     receive every report (Tune's ``TuneReportCallback``), ``tags`` go on the MLflow run.
     """
-    check_pretrain_config(config)
     checkpoint = latest_checkpoint(config)
     if checkpoint is not None:
         check_resumable(config, checkpoint)
@@ -306,16 +236,8 @@ def _restore(context: WorkerContext, checkpoint: Path | None) -> tuple[TrainingS
         s2_bands=config.data.s2_bands,
         classes=config.model.classes,
     )
-    saved = None
-    if checkpoint is not None:
-        network.load_state_dict(load_model_state(checkpoint))
-        saved = read_meta(checkpoint)
-    model = ray.train.torch.prepare_model(network)
-    optimizer = build_optimizer(model.parameters(), config.optim)
-    state = TrainingState(model, optimizer, build_scheduler(optimizer, config.optim), context.precision.grad_scaler())
-    if checkpoint is not None:
-        state.load_optimisation(checkpoint, context.device)
-    return state, saved
+    saved = restore_model(network, checkpoint)
+    return prepare_training(network, config.optim, context.precision, checkpoint), saved
 
 
 def train_epoch(
@@ -329,10 +251,7 @@ def train_epoch(
         with context.precision.autocast():
             z1, z2 = state.model(inputs.x1, inputs.x2)
         loss, diagnostics = context.criterion(z1, z2, inputs.y, prior=inputs.prior, epoch=epoch)
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
+        state.optimise(loss)
         for key, value in {"loss": loss.detach(), **diagnostics}.items():
             sums[key] = sums.get(key, 0.0) + value.float()
         steps += 1
@@ -455,26 +374,6 @@ def _figure_samples(
     return samples
 
 
-def _open_tracker(
-    config: PretrainConfig, loop_config: Mapping[str, Any], saved: Mapping[str, Any] | None
-) -> RunTracker:
-    """Rank 0's MLflow run: the checkpoint's run when resuming, else a new one."""
-    return RunTracker.start(
-        config,
-        tracking_uri=loop_config["tracking_uri"],
-        experiment=config.tracking.experiment,
-        run_name=config.run.name,
-        run_id=saved["mlflow_run_id"] if saved else None,
-        parent_run_id=loop_config["parent_run_id"],
-        tags={"ray.train.run_name": config.run.name, **loop_config["tags"]},
-    )
-
-
-def _progress_line(epoch: int, epochs: int, metrics: Mapping[str, float], seconds: float) -> str:
-    values = "  ".join(f"{key} {metrics[key]:.4g}" for key in PROGRESS_KEYS if key in metrics)
-    return f"[cromss pretrain] epoch {epoch}/{epochs}  {values}  ({seconds:.1f} s)"
-
-
 def _finish(
     context: WorkerContext,
     tracker: RunTracker,
@@ -529,9 +428,11 @@ def run_epoch(
     write = None
     if tracker is not None:
         tracker.log_metrics(metrics, completed)
-        logger.info(_progress_line(completed, config.optim.epochs, metrics, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        logger.info(progress_line("pretrain", completed, config.optim.epochs, metrics, PROGRESS_KEYS, seconds))
         if completed % config.run.checkpoint_frequency == 0 or last:
-            write = partial(state.save, config=config, meta=_checkpoint_meta(config, tracker, completed, metrics))
+            meta = checkpoint_meta(tracker, completed, metrics, registry_name=config.registry_name())
+            write = partial(state.save, config=config, meta=meta)
     report_epoch(metrics, epoch=completed, write_checkpoint=write)
     return metrics, validation
 
@@ -554,7 +455,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     start_epoch = int(saved["epoch"]) if saved else 0
     shards = (ray.train.get_dataset_shard(TRAIN), ray.train.get_dataset_shard(VAL))
     is_rank_zero = train_context.get_world_rank() == 0
-    tracker = _open_tracker(config, loop_config, saved) if is_rank_zero else None
+    tracker = open_tracker(config, loop_config, saved) if is_rank_zero else None
     if tracker is not None:
         logger.info(
             "[cromss pretrain] run %s: epochs %d..%d on %d worker(s), %s, %s; MLflow run %s",
@@ -584,17 +485,4 @@ def pretrain_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         "model_version": version,
         "metrics": finite_metrics(metrics),
         "start_epoch": start_epoch,
-    }
-
-
-def _checkpoint_meta(
-    config: PretrainConfig, tracker: RunTracker, epoch: int, metrics: Mapping[str, float]
-) -> dict[str, Any]:
-    """``meta.json`` of a checkpoint: completed epochs, metrics, the MLflow run to resume, versions."""
-    return {
-        "epoch": epoch,
-        "metrics": finite_metrics(metrics),
-        "mlflow_run_id": tracker.run_id,
-        "registry_name": config.registry_name(),
-        "versions": package_versions(),
     }

@@ -3,9 +3,10 @@ pretrained model, and the transfer runs the tests inspect (the Ray cluster is th
 
 A Ray Train run takes tens of seconds on two cores, so the runs many tests inspect are session
 fixtures: one frozen run from a registry alias on DW-like tiles, and one warm-up-then-fine-tuned
-S1 run from a registry version on DFC2020-like patches. The registered pretrained model is a
-fresh ``build_model`` network logged with the tracking layer's own function, a real registry
-entry without a pretraining run.
+S1 run from a registry version on DFC2020-like patches. Their test tiles are larger than the
+training crop, so the test split is scored on whole tiles, as ``cromss evaluate`` scores them.
+The registered pretrained model is a fresh ``build_model`` network logged with the tracking
+layer's own function, a real registry entry without a pretraining run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_helpers import ENCODER, PRETRAINED_BANDS, PRETRAINED_NAME, TILE, Pretrained, Shards, tiny_config
+from finetune_helpers import (
+    ENCODER,
+    PRETRAINED_BANDS,
+    PRETRAINED_NAME,
+    TEST_TILE,
+    TILE,
+    Pretrained,
+    Shards,
+    tiny_config,
+)
 
 from cromss_ray.config import PretrainConfig
 from cromss_ray.data.synth import synthesize
@@ -32,19 +42,19 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _shards(root: Path, kind: str, seed: int) -> Shards:
     synthesize(root / "train", kind, locations=10, size=TILE, seed=seed)
-    synthesize(root / "test", kind, locations=3, size=TILE, seed=seed + 100)
+    synthesize(root / "test", kind, locations=3, size=TEST_TILE, seed=seed + 100)
     return Shards(root / "train", root / "test")
 
 
 @pytest.fixture(scope="session")
 def dw_shards(tmp_path_factory: pytest.TempPathFactory) -> Shards:
-    """SSL4EO-S12@DW-like tiles (9 classes, ignore 255) of 32 px: 10 for training, 3 for testing."""
+    """SSL4EO-S12@DW-like tiles (9 classes, ignore 255): 10 of 32 px for training, 3 of 64 px for testing."""
     return _shards(tmp_path_factory.mktemp("dw"), "dw", seed=11)
 
 
 @pytest.fixture(scope="session")
 def dfc_shards(tmp_path_factory: pytest.TempPathFactory) -> Shards:
-    """DFC2020-like patches (8 classes, ignore 255) of 32 px: 10 for training, 3 for testing."""
+    """DFC2020-like patches (8 classes, ignore 255): 10 of 32 px for training, 3 of 64 px for testing."""
     return _shards(tmp_path_factory.mktemp("dfc2020"), "dfc2020", seed=21)
 
 

@@ -14,6 +14,9 @@ ENCODER = "resnet18"
 PRETRAINED_BANDS = 9
 PRETRAINED_NAME = "cromss-mid-9b"
 TILE = 32
+"""Side of the training tiles, and the crop (validation: centre crops of it)."""
+TEST_TILE = 64
+"""Side of the test tiles, which the test split scores whole."""
 _names = itertools.count()
 
 
@@ -40,8 +43,8 @@ def unique_name(prefix: str) -> str:
 
 
 def tiny_config(shards: Shards, store: str, storage: Path, *overrides: str) -> FinetuneConfig:
-    """``jobs/configs/finetune_tiny.yaml`` on ``shards`` (whole 32 px tiles, batches of 2) with a test
-    split, a fresh run name and ``overrides``."""
+    """``jobs/configs/finetune_tiny.yaml`` on ``shards`` (whole 32 px training tiles, batches of 2) with
+    a test split, a fresh run name and ``overrides``."""
     return load_config(
         FinetuneConfig,
         TINY_CONFIG,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import pytest
-from finetune_helpers import Pretrained, Shards
+from finetune_helpers import TILE, Pretrained, Shards
 from mlflow import MlflowClient
 
 from cromss_ray.cli import main
@@ -18,12 +19,29 @@ from cromss_ray.train.finetune import FinetuneResult
 
 
 def test_evaluation_reproduces_the_runs_test_scores(frozen_run: FinetuneResult, store: str, dw_shards: Shards):
-    """The 32 px test tiles are one window each, as in the run's test pass: the same confusion matrix."""
+    """The run trained and validated on 32 px crops but scored its 64 px test tiles whole, as
+    ``cromss evaluate`` does: the same confusion matrix, so the same registered scores."""
     uri = f"models:/{frozen_run.registry_name}/{frozen_run.version}"
     result = evaluate_model(uri, str(dw_shards.test), tracking_uri=store)
     assert result.tiles == 3 and result.class_names == DW_CLASSES
+    assert result.labelled_pixels > 3 * TILE * TILE, "whole 64 px tiles, not 32 px crops"
+    client = MlflowClient(store, registry_uri=store)
+    logged = json.loads(Path(client.download_artifacts(frozen_run.run_id, "confusion/test/s2.json")).read_text())
+    assert logged["matrix"] == result.scores["matrix"].tolist()
+    tags = client.get_model_version(frozen_run.registry_name, str(frozen_run.version)).tags
     for key, value in result.metrics().items():
-        assert value == pytest.approx(frozen_run.test_metrics[key], abs=2e-3), key
+        assert value == pytest.approx(frozen_run.test_metrics[key], rel=1e-12, abs=1e-12), key
+        assert float(tags[key]) == pytest.approx(value, rel=1e-5), key
+
+
+def test_evaluate_command_prints_the_registered_test_scores(
+    frozen_run: FinetuneResult, store: str, dw_shards: Shards, capsys: pytest.CaptureFixture[str]
+):
+    uri = f"models:/{frozen_run.registry_name}/{frozen_run.version}"
+    assert main(["evaluate", "--model", uri, "--data", str(dw_shards.test), "--tracking-uri", store]) == 0
+    scores = {name: 100 * frozen_run.test_metrics[f"test/s2/{name}"] for name in ("oa", "miou", "mf1")}
+    expected = f"OA {scores['oa']:.2f}  mIoU {scores['miou']:.2f}  mF1 {scores['mf1']:.2f}  (%)"
+    assert expected in capsys.readouterr().out
 
 
 def test_evaluate_command_prints_the_table(

@@ -13,10 +13,11 @@ from finetune_helpers import PRETRAINED_BANDS, Pretrained
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
-from cromss_ray.cli import main
+from cromss_ray.cli import build_parser, main
 from cromss_ray.data.schema import DW_CLASSES, NODATA, S2_BAND_SUBSETS
 from cromss_ray.method import build_model, build_segmentation_model
 from cromss_ray.predict import PRODUCT_SCALING, Segmenter, predict_array, predict_geotiff
+from cromss_ray.tracking.finetuned import DEFAULT_TILE
 from cromss_ray.train.finetune import FinetuneResult
 
 HEIGHT, WIDTH = 70, 90
@@ -135,3 +136,12 @@ def test_predict_command_names_a_missing_model(store: str, tmp_path: Path, capsy
     code = main([*args, "--tracking-uri", store])
     assert code == 1
     assert "no registered model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_evaluate_and_predict_default_to_the_registered_models_windows():
+    """``cromss predict``, ``cromss evaluate``, the pyfunc and a run's test split use the same windows."""
+    parser = build_parser()
+    predict = parser.parse_args(["predict", "--model", "m", "--out", "p.tif"])
+    evaluate = parser.parse_args(["evaluate", "--model", "m", "--data", "d"])
+    assert predict.tile == evaluate.tile == DEFAULT_TILE
+    assert predict.overlap is evaluate.overlap is None

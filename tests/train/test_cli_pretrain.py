@@ -26,7 +26,6 @@ def pretrain(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         ("optim.lr=-1", "optim.lr: Input should be greater than 0"),
         ("model.fusion=early", "model.fusion: Input should be 'mid' or 'late'"),
         ("scaling.precision=fp8", "scaling.precision"),
-        ("cromss.prior=none", "cromss.prior: two smoothing factors"),
         ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep: Input should be greater than or equal to 1"),
     ],
 )

@@ -14,25 +14,21 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, ReduceLRO
 
 from cromss_ray.config import ConfigError, OptimConfig, PretrainConfig, RunConfig, ScalingConfig, build_config
 from cromss_ray.train.common import (
+    ExactValidationDataConfig,
     Precision,
     TrainingState,
     absolute_storage_path,
     all_reduce_sums,
     build_optimizer,
     build_scheduler,
+    check_resumable,
     load_model_state,
     ray_run_config,
     ray_scaling_config,
     read_meta,
     step_scheduler,
 )
-from cromss_ray.train.pretrain import (
-    ExactValidationDataConfig,
-    check_pretrain_config,
-    check_resumable,
-    rgb_positions,
-    true_colour,
-)
+from cromss_ray.train.pretrain import rgb_positions, true_colour
 
 
 def test_precision_autocasts_only_on_a_gpu() -> None:
@@ -160,12 +156,6 @@ def test_training_rows_split_equally_and_validation_rows_exactly_once(ray_cluste
     val_rows = _consume([shard["val"] for shard in val])
     assert len(train_rows[0]) == len(train_rows[1]) == 3, "equal steps per rank: one of 7 rows is dropped"
     assert sorted(val_rows[0] + val_rows[1]) == [0, 1, 2, 3, 4]
-
-
-def test_cross_field_rules_name_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"cromss\.prior: two smoothing factors"):
-        check_pretrain_config(build_config(PretrainConfig, {"cromss": {"prior": "none"}}))
-    check_pretrain_config(build_config(PretrainConfig, {"cromss": {"prior": "none", "smoothing_factors": [0.1]}}))
 
 
 def test_true_colour_takes_b4_b3_b2_of_each_band_subset() -> None:
