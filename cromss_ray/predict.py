@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from rasterio.windows import Window
 from torch import nn
 
-from cromss_ray.data.schema import NODATA, S1_BAND_NAMES, S2_BAND_NAMES, S2_BAND_SUBSETS
+from cromss_ray.data.schema import NODATA, S1_BAND_NAMES, S2_BAND_NAMES, S2_BAND_SUBSETS, ModalitySpec, network_affine
 from cromss_ray.method import CromSSNet, fused_probabilities
 from cromss_ray.tracking.figures import class_colors
 
@@ -67,8 +67,11 @@ class Scaling:
         return values
 
 
-PRODUCT_SCALING: dict[str, Scaling] = {"s1": Scaling(), "s2": Scaling(scale=1e-4)}
-"""The raw products: S1 backscatter in dB as is, S2 L1C digital numbers (reflectance x 10 000)."""
+PRODUCT_SCALING: dict[str, Scaling] = {
+    "s1": Scaling(*network_affine(ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"))),
+    "s2": Scaling(*network_affine(ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"))),
+}
+"""The raw products: S1 backscatter in dB (mapped onto [0, 1]), S2 L1C digital numbers (reflectance x 10 000)."""
 
 
 def output_stride(network: nn.Module) -> int:

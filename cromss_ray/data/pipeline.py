@@ -44,7 +44,7 @@ import torch
 from ray.data.expressions import col
 
 from cromss_ray.config import DataConfig, DownstreamDataConfig
-from cromss_ray.data.schema import ModalitySpec, ShardMetadata
+from cromss_ray.data.schema import ModalitySpec, ShardMetadata, network_affine
 from cromss_ray.data.storage import ShardSet, TileSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
 from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw
 from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
@@ -282,12 +282,13 @@ class DeviceBatch:
 
 
 def _scaled(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
-    """Physical values ``stored * scale + offset`` as float32 (spec 9: uint8 / 255)."""
+    """Network inputs as float32, dB mapped onto [0, 1] (spec 9; :func:`network_affine`)."""
+    scale, offset = network_affine(spec)
     values = stored.to(torch.float32)
-    if spec.scale != 1.0:
-        values = values * spec.scale
-    if spec.offset != 0.0:
-        values = values + spec.offset
+    if scale != 1.0:
+        values = values * scale
+    if offset != 0.0:
+        values = values + offset
     return values
 
 

@@ -25,6 +25,7 @@ from cromss_ray.data.schema import (
     CLASS_SCHEMES,
     NODATA,
     S1_BAND_NAMES,
+    S1_DB_RANGE,
     S2_BAND_NAMES,
     Manifest,
     ModalitySpec,
@@ -39,8 +40,6 @@ SEASONS = ("winter", "spring", "summer", "autumn")
 WINTER, SPRING, SUMMER, AUTUMN = range(4)
 SEASON_MONTHS = ((1, 2), (4, 5), (7, 8), (10, 11))
 
-S1_DB_RANGE = (-30.0, 5.0)
-"""uint8 S1 storage: 0..255 spans this dB range (scale 35/255, offset -30)."""
 
 ENDMEMBERS = (
     "water",

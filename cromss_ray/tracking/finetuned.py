@@ -7,7 +7,7 @@ origin: the run and the model version carry the tags of :meth:`TransferSource.ta
 (source model, version, run, fusion) and the version's description names them.
 
 Pyfunc input: ``{"s1": (N, 2, H, W)}`` or ``{"s2": (N, B, H, W)}`` float32, the model's
-branch only, scaled like the training batches (physical units, :mod:`cromss_ray.predict`);
+branch only, scaled like the training batches (:func:`~cromss_ray.data.schema.network_affine`);
 any H and W (tiled and blended above ``tile`` pixels). Output: ``"classes"`` (N, H, W)
 int64 and ``"probabilities"`` (N, C, H, W) float32. Inference params: ``batch_size``,
 ``tile``, ``overlap``.
@@ -38,7 +38,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from torch import nn
 
 from cromss_ray.config import ConfigError, FinetuneConfig, TransferModelConfig, build_config, to_yaml
-from cromss_ray.data.schema import CLASS_SCHEMES, ShardMetadata
+from cromss_ray.data.schema import CLASS_SCHEMES, ShardMetadata, network_affine
 from cromss_ray.method import build_segmentation_model
 from cromss_ray.predict import (
     DEFAULT_BATCH_SIZE,
@@ -169,8 +169,8 @@ def describe(config: FinetuneConfig, meta: ShardMetadata, source: TransferSource
 
 
 def scaling_of(meta: ShardMetadata) -> dict[str, Scaling]:
-    """How the training shards' stored values became model inputs, per modality."""
-    return {modality: Scaling(spec.scale, spec.offset) for modality, spec in (("s1", meta.s1), ("s2", meta.s2))}
+    """How the training shards' stored values became model inputs, per modality (:func:`network_affine`)."""
+    return {modality: Scaling(*network_affine(spec)) for modality, spec in (("s1", meta.s1), ("s2", meta.s2))}
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def test_pretrain_round_trip_shapes_dtypes_ranges(ray_cluster: None, pretrain_sh
         assert set(batch["label"].unique().tolist()) <= set(range(CLASSES)) | {NODATA}
         device = to_device(batch, data.meta, "cpu")
         assert device.x1.dtype == device.x2.dtype == torch.float32
-        assert -30.0 <= device.x1.min() and device.x1.max() <= 5.0 + 1e-5
+        assert 0.0 <= device.x1.min() and device.x1.max() <= 1.0 + 1e-6, "dB from -30 .. 5 onto [0, 1]"
         assert 0.0 <= device.x2.min() and device.x2.max() <= 1.0
         assert device.prior.shape == (n, CLASSES, 32, 32) and bool((device.prior >= 0).all())
         torch.testing.assert_close(device.prior.sum(1), torch.ones(n, 32, 32))

@@ -55,7 +55,7 @@ def pretrain_meta(dtype: str = "uint8", clean: bool = True) -> ShardMetadata:
         kind="pretrain",
         classes=tuple(f"c{i}" for i in range(CLASSES)),
         seasons=4,
-        s1=ModalitySpec(dtype=dtype, bands=("VV", "VH"), scale=35 / 255, offset=-30.0),
+        s1=ModalitySpec(dtype=dtype, bands=("VV", "VH"), scale=35 / 255, offset=-30.0, unit="dB"),
         s2=ModalitySpec(dtype=dtype, bands=S2_BAND_NAMES, scale=1 / 255),
         has_clean_label=clean,
     )
@@ -293,7 +293,8 @@ def test_to_device_scales_as_declared_by_hand() -> None:
         "clean_label": torch.tensor([[[3, 4]]], dtype=torch.uint8),
     }
     out = to_device(batch, meta, "cpu")
-    torch.testing.assert_close(out.x1, torch.tensor([[[[-30.0, 5.0]], [[-23.0, -16.0]]]]))
+    # stored 0, 255, 51, 102 are -30, 5, -23, -16 dB, which the networks see as (dB + 30) / 35
+    torch.testing.assert_close(out.x1, torch.tensor([[[[0.0, 1.0]], [[0.2, 0.4]]]]))
     torch.testing.assert_close(out.x2[0, :, 0], torch.tensor([[0.0, 1.0]] * 13))
     assert out.y.dtype == torch.long and out.y.tolist() == [[[3, 255]]]
     assert out.clean_y.tolist() == [[[3, 4]]]
