@@ -48,8 +48,8 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-name, bands = sys.argv[1], int(sys.argv[2])
-model = mlflow.pyfunc.load_model(f"models:/{name}@latest")
+name, bands, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+model = mlflow.pyfunc.load_model(f"models:/{name}@latest", dst_path=folder)
 rng = np.random.default_rng(0)
 batch = {
     "s1": rng.random((2, 2, 48, 40), dtype=np.float32),
@@ -121,10 +121,10 @@ def submit_tiny_pretraining(
         pytest.fail(f"job {submission_id} still running after {JOB_TIMEOUT_S} s; its log:\n{logs[-6000:]}")
 
 
-def predict_in_fresh_process(mlflow: MlflowServer, registry_name: str, bands: int) -> dict:
-    """Load ``models:/NAME@latest`` from the server in a new interpreter without any AWS credentials."""
+def predict_in_fresh_process(mlflow: MlflowServer, registry_name: str, bands: int, folder: Path) -> dict:
+    """Load ``models:/NAME@latest`` from the server into ``folder`` in a new interpreter without any AWS credentials."""
     result = subprocess.run(
-        [sys.executable, "-c", PREDICT_IN_FRESH_PROCESS, registry_name, str(bands)],
+        [sys.executable, "-c", PREDICT_IN_FRESH_PROCESS, registry_name, str(bands), str(folder)],
         env=service_environment({"MLFLOW_TRACKING_URI": mlflow.url}),
         capture_output=True,
         text=True,
@@ -152,7 +152,8 @@ def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow
         status, body = http_get(f"{head.dashboard_url}/api/jobs/{submission_id}", head.auth_header())
         assert status == 200 and json.loads(body)["status"] == "SUCCEEDED"
 
-        found = predict_in_fresh_process(mlflow, config.registry_name(), config.data.s2_bands)
+        (tmp_path / "model").mkdir()
+        found = predict_in_fresh_process(mlflow, config.registry_name(), config.data.s2_bands, tmp_path / "model")
         artifact_files = [path for path in mlflow.artifacts_dir.rglob("*") if path.is_file()]
 
     classes = config.model.classes

@@ -18,7 +18,9 @@ from cromss_ray.train.evaluate import evaluate_model
 from cromss_ray.train.finetune import FinetuneResult
 
 
-def test_evaluation_reproduces_the_runs_test_scores(frozen_run: FinetuneResult, store: str, dw_shards: Shards):
+def test_evaluation_reproduces_the_runs_test_scores(
+    frozen_run: FinetuneResult, store: str, dw_shards: Shards, tmp_path: Path
+):
     """The run trained and validated on 32 px crops but scored its 64 px test tiles whole, as
     ``cromss evaluate`` does: the same confusion matrix, so the same registered scores."""
     uri = f"models:/{frozen_run.registry_name}/{frozen_run.version}"
@@ -26,7 +28,9 @@ def test_evaluation_reproduces_the_runs_test_scores(frozen_run: FinetuneResult, 
     assert result.tiles == 3 and result.class_names == DW_CLASSES
     assert result.labelled_pixels > 3 * TILE * TILE, "whole 64 px tiles, not 32 px crops"
     client = MlflowClient(store, registry_uri=store)
-    logged = json.loads(Path(client.download_artifacts(frozen_run.run_id, "confusion/test/s2.json")).read_text())
+    logged = json.loads(
+        Path(client.download_artifacts(frozen_run.run_id, "confusion/test/s2.json", str(tmp_path))).read_text()
+    )
     assert logged["matrix"] == result.scores["matrix"].tolist()
     tags = client.get_model_version(frozen_run.registry_name, str(frozen_run.version)).tags
     for key, value in result.metrics().items():

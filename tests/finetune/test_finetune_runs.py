@@ -61,7 +61,9 @@ def test_frozen_run_takes_encoder_and_bands_from_the_source(frozen_run: Finetune
     assert frozen_run.registry_name == "cromss-ft-dw-unet"
 
 
-def test_frozen_run_logs_validation_per_epoch_and_test_at_the_end(frozen_run: FinetuneResult, store: str):
+def test_frozen_run_logs_validation_per_epoch_and_test_at_the_end(
+    frozen_run: FinetuneResult, store: str, tmp_path: Path
+):
     client = MlflowClient(store)
     history = client.get_metric_history(frozen_run.run_id, "val/s2/miou")
     assert [point.step for point in history] == [1, 2]
@@ -74,7 +76,9 @@ def test_frozen_run_logs_validation_per_epoch_and_test_at_the_end(frozen_run: Fi
     assert per_class and {key.rsplit("/", 1)[1] for key in per_class} <= {metric_slug(name) for name in DW_CLASSES}
     artifacts = {item.path for item in client.list_artifacts(frozen_run.run_id, "confusion/test")}
     assert {"confusion/test/s2.json", "confusion/test/s2.png"} <= artifacts
-    stored = json.loads(Path(client.download_artifacts(frozen_run.run_id, "confusion/test/s2.json")).read_text())
+    stored = json.loads(
+        Path(client.download_artifacts(frozen_run.run_id, "confusion/test/s2.json", str(tmp_path))).read_text()
+    )
     assert stored["class_names"] == list(DW_CLASSES)
     assert stored["miou"] == pytest.approx(metrics["test/s2/miou"])
 
@@ -167,11 +171,11 @@ def test_paper_checkpoint_initialises_the_encoder(tmp_path: Path):
 
 
 def test_registered_model_loads_as_an_mlflow_pyfunc(
-    frozen_run: FinetuneResult, store: str, monkeypatch: pytest.MonkeyPatch
+    frozen_run: FinetuneResult, store: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", store)
-    model = mlflow.pyfunc.load_model(f"models:/{frozen_run.registry_name}/{frozen_run.version}")
+    model = mlflow.pyfunc.load_model(f"models:/{frozen_run.registry_name}/{frozen_run.version}", dst_path=str(tmp_path))
     images = np.random.default_rng(0).uniform(0, 0.3, size=(2, PRETRAINED_BANDS, 40, 70)).astype(np.float32)
     outputs = model.predict({"s2": images}, params={"tile": 64, "overlap": 16})
     assert outputs["classes"].shape == (2, 40, 70) and outputs["probabilities"].shape == (2, len(DW_CLASSES), 40, 70)

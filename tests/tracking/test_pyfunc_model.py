@@ -193,7 +193,7 @@ FRESH_PROCESS = textwrap.dedent(
     import mlflow
     import numpy as np
 
-    model = mlflow.pyfunc.load_model(sys.argv[1])
+    model = mlflow.pyfunc.load_model(sys.argv[1], dst_path=sys.argv[2])
     report = {}
     for index in range(2):
         inputs = np.load(f"{sys.argv[2]}/input_{index}.npz")

@@ -50,7 +50,7 @@ import json, sys
 import mlflow
 import numpy as np
 
-model = mlflow.pyfunc.load_model(f"models:/{sys.argv[1]}@latest")
+model = mlflow.pyfunc.load_model(f"models:/{sys.argv[1]}@latest", dst_path=sys.argv[3])
 rng = np.random.default_rng(0)
 out = model.predict({
     "s1": rng.random((2, 2, 40, 36), dtype=np.float32),
@@ -105,7 +105,7 @@ def test_every_epoch_is_reported_and_logged_with_its_epoch(first_run, tracking_u
     assert outcome.metrics["train/selection/ratio"] < 1.0, "the 2-epoch ramp must have started selecting"
 
 
-def test_final_confusion_matrices_cover_every_held_out_pixel_once(first_run, tracking_uri: str) -> None:
+def test_final_confusion_matrices_cover_every_held_out_pixel_once(first_run, tracking_uri: str, tmp_path: Path) -> None:
     config, outcome = first_run
     client = MlflowClient(tracking_uri)
     paths = artifact_paths(client, outcome.run_id)
@@ -113,7 +113,7 @@ def test_final_confusion_matrices_cover_every_held_out_pixel_once(first_run, tra
         for branch in ("s1", "s2", "fused"):
             assert {f"confusion/{kind}/{branch}.json", f"confusion/{kind}/{branch}.png"} <= paths
     assert {"config.yaml", "samples/epoch_0002/sample_00.png", "samples/epoch_0002/sample_01.png"} <= paths
-    local = Path(client.download_artifacts(outcome.run_id, "confusion/val/s2.json"))
+    local = Path(client.download_artifacts(outcome.run_id, "confusion/val/s2.json", str(tmp_path)))
     result = json.loads(local.read_text())
     # Two workers score their shares of the held-out locations; summed, each 64 x 64 crop counts once.
     assert torch.tensor(result["matrix"]).sum().item() == held_out_locations(config) * 64 * 64
@@ -144,13 +144,13 @@ def test_the_last_checkpoint_holds_model_optimiser_config_and_meta(first_run) ->
     assert optim["scheduler"]["patience"] == config.optim.plateau_patience
 
 
-def test_the_registered_model_predicts_in_a_fresh_process(first_run, tracking_uri: str) -> None:
+def test_the_registered_model_predicts_in_a_fresh_process(first_run, tracking_uri: str, tmp_path: Path) -> None:
     config, outcome = first_run
     assert outcome.version == 1
     client = MlflowClient(tracking_uri)
     assert client.get_model_version_by_alias(RUN_NAME, "latest").run_id == outcome.run_id
     done = subprocess.run(
-        [sys.executable, "-c", PREDICT_IN_FRESH_PROCESS, RUN_NAME, str(config.data.s2_bands)],
+        [sys.executable, "-c", PREDICT_IN_FRESH_PROCESS, RUN_NAME, str(config.data.s2_bands), str(tmp_path)],
         env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
         capture_output=True,
         text=True,

@@ -19,7 +19,9 @@ the data pipeline of the trials that follow.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,14 +108,17 @@ class Sweep:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_cluster, sweep_locations, tracking_uri, tmp_path_factory) -> Sweep:
+def sweep(ray_cluster, sweep_locations, tracking_uri, tmp_path_factory, request) -> Iterator[Sweep]:
+    """An interrupted sweep and its restart; their checkpoints (~1 GB) are removed after the module's tests pass."""
     storage = tmp_path_factory.mktemp("sweeps")
     config = sweep_config(sweep_locations, tracking_uri, storage, "consistency")
     marker = storage / "interrupted"
     first = run_sweep(config, callbacks=[InterruptAfterFirstTrial(marker)])
     status = registry_client(tracking_uri).get_run(first.parent_run_id).info.status
     second = run_sweep(config)
-    return Sweep(config, first, status, second, marker.read_text())
+    yield Sweep(config, first, status, second, marker.read_text())
+    if request.session.testsfailed == 0:
+        shutil.rmtree(storage)
 
 
 def test_interrupted_sweep_stops_after_the_first_trial(sweep):
