@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--locations", type=int, default=32, help="training locations (default 32)")
     parser.add_argument("--heldout", type=int, default=8, help="validation locations (default 8)")
     parser.add_argument("--size", type=int, default=64, help="crop side in px, a multiple of 32 (default 64)")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per run, the first one a warm-up (default 4)")
+    parser.add_argument(
+        "--epochs", type=int, default=8, help="epochs per run, the first one a warm-up (default 8: a median of 7)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="samples per step and worker (default 8)")
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (the plain loop is one process)")

@@ -191,17 +191,30 @@ def read_shard_set(shards: ShardSet, *, shuffle_seed: int | None = None) -> ray.
 
     With ``shuffle_seed``, the file order is shuffled anew (and reproducibly) at every
     execution, i.e. every epoch.
+
+    The read goes through Ray Data's first Parquet datasource, which reads the files'
+    metadata once, here. The newer one (``DataContext.use_datasource_v2``, on by default
+    in Ray 2.6x) lists the files and starts footer-reading actors at every execution:
+    about 1 s before each epoch's first batch on a 2-CPU node, against 0.2-0.3 s
+    (docs/benchmarks.md, section 2). The shards' footers were already checked by
+    :func:`scan_shards`.
     """
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    return ray.data.read_parquet(
-        list(shards.files),
-        filesystem=shards.filesystem,
-        include_paths=True,
-        partitioning=None,
-        shuffle=shuffle,
-    )
+    context = ray.data.DataContext.get_current()
+    default = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(
+            list(shards.files),
+            filesystem=shards.filesystem,
+            include_paths=True,
+            partitioning=None,
+            shuffle=shuffle,
+        )
+    finally:
+        context.use_datasource_v2 = default
 
 
 def open_shards(uri: str, s3_endpoint: str | None = None) -> tuple[ray.data.Dataset, ShardMetadata]:

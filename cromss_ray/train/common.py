@@ -179,9 +179,9 @@ class ExactValidationDataConfig(ray.train.DataConfig):
 
     Validation samples are cut without augmentation, the same in every epoch, so they are
     cut once and kept in the object store: a streaming split would start a new Ray Data
-    execution every epoch, about 2 s before its first batch (docs/benchmarks.md,
-    section 2). The cost is the held-out samples' size in object-store memory (1 % of
-    NoLDO-S12 at 256 px: about 1.2 GB for the whole cluster).
+    execution and cut them again every epoch (docs/benchmarks.md, section 2). The cost
+    is the held-out samples' size in object-store memory (1 % of NoLDO-S12 at 256 px:
+    about 1.2 GB for the whole cluster).
     """
 
     def configure(

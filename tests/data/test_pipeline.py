@@ -26,6 +26,7 @@ from cromss_ray.data.pipeline import (
 )
 from cromss_ray.data.schema import NODATA, S2_BAND_NAMES, S2_BAND_SUBSETS, ModalitySpec, ShardMetadata
 from cromss_ray.data.shards import ShardWriter, iter_rows
+from cromss_ray.data.storage import scan_shards
 from cromss_ray.data.transforms import HashSplit, stable_hash
 from cromss_ray.method.smoothing import smoothing_prior
 
@@ -300,3 +301,18 @@ def test_bad_row_bytes_fail_naming_file_and_row(ray_cluster: None, pretrain_shar
     bad_id = table.column("id")[2].as_py()
     with pytest.raises(ray.exceptions.RayError, match=rf"bad/part-00000.parquet: row '{bad_id}', field 'label'"):
         samples(data.train)
+
+
+def test_shards_are_not_listed_again_every_epoch(
+    ray_cluster: None, pretrain_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Data's V2 Parquet reader lists the files and reads their footers at every execution
+    (about 1 s before each epoch's first batch); the shards are read by the V1 reader, whose
+    metadata is read once, and the caller's DataContext is left as it was."""
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "use_datasource_v2", True)
+    dataset, _ = open_shards(str(pretrain_shards))
+    assert context.use_datasource_v2 is True
+    assert dataset.count() == scan_shards(str(pretrain_shards)).num_rows
+    stats = dataset.materialize().stats()
+    assert "ReadParquet" in stats and "ListFiles" not in stats
