@@ -254,14 +254,16 @@ def build_trainer(
     parent_run_id: str | None = None,
     callbacks: Sequence[ray.train.UserCallback] = (),
     tags: Mapping[str, str] | None = None,
+    initialisation: Initialisation | None = None,
 ) -> PreparedRun:
     """The TorchTrainer of one transfer run and what it was built from (driver side; Ray must be initialised).
 
     The effective config has the source's encoder and bands. ``parent_run_id`` nests the
     MLflow run, ``callbacks`` receive every report, ``tags`` go on the MLflow run.
+    ``initialisation`` is ``resolve_init(config)`` when the caller resolved it already.
     """
     check_finetune_config(config)
-    initialisation = resolve_init(config)
+    initialisation = initialisation or resolve_init(config)
     config = effective_config(config, initialisation.source)
     checkpoint = latest_checkpoint(config)
     if checkpoint is not None:
@@ -302,14 +304,18 @@ def run_finetune(
     parent_run_id: str | None = None,
     callbacks: Sequence[ray.train.UserCallback] = (),
     tags: Mapping[str, str] | None = None,
+    initialisation: Initialisation | None = None,
 ) -> FinetuneResult:
     """Train (or resume) one transfer run to ``optim.epochs`` epochs, test it and register its model.
 
     Raises ConfigError for a config the source, the data or an existing checkpoint
     contradicts, ``ModelNotFoundError`` for a missing source model and
     ``ray.train.TrainingFailedError`` when the workers fail more than ``run.max_failures`` times.
+    ``initialisation`` is ``resolve_init(config)`` when the caller resolved it already.
     """
-    prepared = build_trainer(config, parent_run_id=parent_run_id, callbacks=callbacks, tags=tags)
+    prepared = build_trainer(
+        config, parent_run_id=parent_run_id, callbacks=callbacks, tags=tags, initialisation=initialisation
+    )
     result = prepared.trainer.fit()
     summary = result.return_value
     return FinetuneResult(

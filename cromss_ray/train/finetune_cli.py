@@ -117,13 +117,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from cromss_ray.tracking.registry import ModelNotFoundError
     from cromss_ray.train.common import init_ray
-    from cromss_ray.train.finetune import run_finetune
+    from cromss_ray.train.finetune import resolve_init, run_finetune
 
-    init_ray()
     try:
-        outcome = run_finetune(config)
+        initialisation = resolve_init(config)
     except ModelNotFoundError as exc:
         return _fail("finetune", exc)
+    init_ray()
+    outcome = run_finetune(config, initialisation=initialisation)
     print(f"MLflow run {outcome.run_id} ({config.tracking.experiment}), initialised from {outcome.source.label}")
     keys = [f"test/{config.model.branch}/{name}" for name in ("oa", "miou", "mf1")]
     print("  ".join(f"{key} {outcome.test_metrics[key]:.4f}" for key in keys if key in outcome.test_metrics))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +134,15 @@ def test_command_line_errors(ray_cluster, store: str, dw_shards: Shards, capsys:
     assert "model.encoder_mode" in capsys.readouterr().err
     assert main([*common, "--init", "models:/cromss-nope@best"]) == 1
     assert "no registered model 'cromss-nope'" in capsys.readouterr().err
+
+
+def test_a_missing_source_model_fails_before_ray_starts(store: str, dw_shards: Shards):
+    """The source model is resolved before a Ray cluster is started or joined: a wrong
+    ``--init`` fails in seconds instead of after Ray's start-up."""
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "cromss_ray.cli", "finetune", "--config", str(TINY_CONFIG)]
+    command += ["--data", str(dw_shards.train), "--tracking-uri", store, "--init", "models:/cromss-nope@best"]
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "no registered model 'cromss-nope'" in done.stderr
+    assert "Ray instance" not in done.stdout + done.stderr
