@@ -4,12 +4,12 @@
 
     shards (dir / s3://)  --read_parquet (streaming, footers checked first)-->  rows
       --map_batches(CutSamples): season, band subset, crop / flip / rotation-->  uint8 batches
-      --streaming_split / iter_torch_batches-->  to_device: scale, prior on the device
+      --streaming_split / iter_torch_batches-->  to_device: network input, prior on the device
 
 :func:`pretrain_datasets` and :func:`downstream_datasets` build the training, validation
 (and test) datasets from a config; :func:`to_device` turns a batch of tensors into the
 model's inputs and targets. Batches stay in the stored dtype (uint8 for the released
-data) until :func:`to_device` scales them on the device.
+data) until :func:`to_device` makes them network inputs on the device (spec 9).
 
 Determinism. A training sample's augmentation (season, crop corner, flips, rotation) is a
 pure function of ``(seed, location id, epoch)``; the validation split and the
@@ -38,13 +38,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import ray.data
 import torch
 from ray.data.expressions import col
 
 from cromss_ray.config import DataConfig, DownstreamDataConfig
-from cromss_ray.data.schema import ModalitySpec, ShardMetadata, network_affine
+from cromss_ray.data.scaling import V8_MAX, input_rule
+from cromss_ray.data.schema import ModalitySpec, ShardMetadata, s2_subset_names
 from cromss_ray.data.storage import ShardSet, TileSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
 from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw
 from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
@@ -55,6 +57,7 @@ __all__ = [
     "EpochClock",
     "PretrainDatasets",
     "downstream_datasets",
+    "network_input_tensor",
     "open_shards",
     "pretrain_datasets",
     "resolve_filesystem",
@@ -272,7 +275,7 @@ def downstream_datasets(
 
 @dataclass
 class DeviceBatch:
-    """A batch on the device: scaled images, integer targets, the prior when there is one."""
+    """A batch on the device: network inputs, integer targets, the prior when there is one."""
 
     x1: torch.Tensor
     x2: torch.Tensor
@@ -281,15 +284,26 @@ class DeviceBatch:
     clean_y: torch.Tensor | None = None
 
 
-def _scaled(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
-    """Network inputs as float32, dB mapped onto [0, 1] (spec 9; :func:`network_affine`)."""
-    scale, offset = network_affine(spec)
+def network_input_tensor(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
+    """:func:`~cromss_ray.data.scaling.network_input` on ``stored``'s device: the same float32 steps, the same bits.
+
+    Every constant is a float32 tensor on the device (no Python scalar operand, which a
+    GPU division may turn into a multiplication by its reciprocal).
+    """
+    rule = input_rule(spec)
+    device = stored.device
+
+    def per_band(constants: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(constants, np.float32)).to(device).reshape(-1, 1, 1)
+
+    full_scale = per_band(np.array([V8_MAX]))
     values = stored.to(torch.float32)
-    if scale != 1.0:
-        values = values * scale
-    if offset != 0.0:
-        values = values + offset
-    return values
+    if not rule.v8:
+        if not rule.identity:
+            values = values * per_band(np.array([rule.gain])) + per_band(np.array([rule.bias]))
+        scaled = (values - per_band(rule.low)) / per_band(rule.span) * full_scale
+        values = torch.floor(torch.clamp(torch.nan_to_num(scaled, nan=0.0), 0, V8_MAX))
+    return values / full_scale
 
 
 def to_device(
@@ -301,7 +315,11 @@ def to_device(
     sigma: float = 3.0,
     classes: int | None = None,
 ) -> DeviceBatch:
-    """Move a pipeline batch to ``device``, scale it and, on the fast path, compute the prior.
+    """Move a pipeline batch to ``device``, make the network inputs and, on the fast path, compute the prior.
+
+    Images become the reference's input representation (spec 9,
+    :func:`network_input_tensor`); the batch's S2 bands are the subset of its band count,
+    as :class:`~cromss_ray.data.transforms.CutSamples` cuts them.
 
     The prior is the batch's own ``prior`` (CPU path), or is computed here from
     ``labels_all`` and ``season`` after the crop (fast path, spec 2): it equals the
@@ -320,9 +338,10 @@ def to_device(
         smoothing = move("prior").to(torch.float32)
     elif prior != "none" and "labels_all" in batch:
         smoothing = smoothing_prior(move("labels_all"), move("season"), prior, classes or meta.num_classes, sigma)
+    s2 = move("s2")
     return DeviceBatch(
-        x1=_scaled(move("s1"), meta.s1),
-        x2=_scaled(move("s2"), meta.s2),
+        x1=network_input_tensor(move("s1"), meta.s1),
+        x2=network_input_tensor(s2, meta.s2.with_bands(s2_subset_names(s2.shape[-3]))),
         y=move("label").long(),
         prior=smoothing,
         clean_y=move("clean_label").long() if "clean_label" in batch else None,

@@ -188,6 +188,18 @@ def resolve_filesystem(
     return pafs.FileSystem.from_uri(text)
 
 
+def parquet_writer(sink: pa.NativeFile, schema: pa.Schema) -> pq.ParquetWriter:
+    """The Parquet writer of every shard file: its compression, dictionary, checksums and statistics."""
+    return pq.ParquetWriter(
+        sink,
+        schema,
+        compression="lz4",
+        use_dictionary=["id"],
+        write_page_checksum=True,
+        write_statistics=["id", "height", "width"],
+    )
+
+
 def list_shards(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> list[str]:
     """Sorted paths of the shard files under a directory or URI (not recursive).
 
@@ -402,14 +414,7 @@ class ShardWriter:
         final_path = self.out_dir / name
         temp_path = self.out_dir / f".{name}.tmp"
         sink = pa.OSFile(str(temp_path), "wb")
-        writer = pq.ParquetWriter(
-            sink,
-            self._schema,
-            compression="lz4",
-            use_dictionary=["id"],
-            write_page_checksum=True,
-            write_statistics=["id", "height", "width"],
-        )
+        writer = parquet_writer(sink, self._schema)
         return _OpenFile(temp_path=temp_path, final_path=final_path, sink=sink, writer=writer)
 
     def _finish_file(self) -> None:

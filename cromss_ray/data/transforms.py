@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
+from cromss_ray.data.schema import S2_BAND_SUBSETS, ShardMetadata, s2_subset_names
 from cromss_ray.data.shards import RowValidationError
 from cromss_ray.method.smoothing import PriorKind, smoothing_prior
 
@@ -135,7 +135,7 @@ def centre_geometry(height: int, width: int, crop: int) -> Geometry:
 
 def band_indices(meta: ShardMetadata, s2_bands: int) -> np.ndarray | slice:
     """Positions of the S2 band subset (spec 9) among the bands the shards store."""
-    wanted = [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[s2_bands]]
+    wanted = list(s2_subset_names(s2_bands))
     missing = [name for name in wanted if name not in meta.s2.bands]
     if missing:
         raise ValueError(f"the {s2_bands}-band S2 subset needs bands {missing}, the shards store {list(meta.s2.bands)}")

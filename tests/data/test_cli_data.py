@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cromss_ray.cli import main
-from cromss_ray.data.shards import iter_rows, list_shards, read_manifest
+from cromss_ray.data.schema import SCHEMA_VERSION
+from cromss_ray.data.shards import ShardFileError, iter_rows, list_shards, open_shard, read_manifest
 
 FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "ssl4eo-s12"
 JUNE = "20200604T054639_20200604T054831_T43RCP"
@@ -108,3 +109,42 @@ def test_convert_dw_through_the_command_line(
 def test_data_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data"]) == 0
     assert "synth" in capsys.readouterr().out
+
+
+def test_migrate_declares_what_schema_1_left_open(
+    tmp_path: Path, pretrain_shards: Path, as_schema_1: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, shards)
+    rows_before = [row for path in list_shards(shards) for row in iter_rows(path)]
+    as_schema_1(shards, unit="", scale=1.0)  # uint8 S2 that may be physical values or v8 codes
+    first = list_shards(shards)[0]
+    with pytest.raises(ShardFileError, match=rf"{first}: .*s2 .*cromss data migrate DIR"):
+        open_shard(first)
+
+    files_before = {path.name: path.read_bytes() for path in shards.iterdir()}
+    assert main(["data", "migrate", str(shards)]) == 1
+    assert "no file was changed" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in shards.iterdir()} == files_before
+
+    assert main(["data", "migrate", str(shards), "--s2", "v8"]) == 0
+    assert capsys.readouterr().out.strip().endswith("rewrote the metadata of 2 files in " f"{shards} (0 already current)")
+    assert sorted(path.name for path in shards.iterdir()) == sorted(files_before)
+    meta = open_shard(first)[1]
+    assert (meta.schema_version, meta.s1.representation, meta.s2.representation) == (SCHEMA_VERSION, "physical", "v8")
+    manifest = read_manifest(shards)
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.metadata == meta
+    assert [entry.bytes for entry in manifest.files] == [Path(path).stat().st_size for path in list_shards(shards)]
+    rows_after = [row for path in list_shards(shards) for row in iter_rows(path)]
+    for before, after in zip(rows_before, rows_after, strict=True):
+        for name in ("s1", "s2", "label", "clean_label"):
+            np.testing.assert_array_equal(before[name], after[name])
+    assert main(["data", "check", str(shards)]) == 0
+
+    assert main(["data", "migrate", str(shards)]) == 0
+    assert capsys.readouterr().out.strip().endswith("rewrote the metadata of 0 files in " f"{shards} (2 already current)")
+
+
+def test_migrate_refuses_a_remote_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "migrate", "s3://bucket/shards"]) == 1
+    assert "local shard directories only" in capsys.readouterr().err

@@ -58,6 +58,7 @@ def test_dw_labels_are_mapped_and_tiles_cut_into_padded_patches(tmp_path: Path, 
     assert rows[0]["s1"].dtype == np.float32 and rows[0]["s2"].dtype == np.uint16
     manifest = read_manifest(tmp_path / "out")
     assert manifest.metadata.kind == "dw" and manifest.metadata.seasons == 1
+    assert manifest.metadata.s1.representation == manifest.metadata.s2.representation == "physical"
     assert manifest.class_histogram == np.bincount(expected[expected != NODATA], minlength=9).tolist()
     assert summary.skipped == []
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import rasterio
 
+from cromss_ray.cli import main
+from cromss_ray.data import network_input
 from cromss_ray.data.convert.common import SourceError
 from cromss_ray.data.convert.ssl4eo import convert_ssl4eo, read_season_table
-from cromss_ray.data.schema import NODATA, S2_BAND_NAMES
-from cromss_ray.data.shards import iter_rows, list_shards, read_manifest
+from cromss_ray.data.schema import METADATA_KEY, NODATA, S2_BAND_NAMES, SCHEMA_VERSION
+from cromss_ray.data.shards import iter_rows, list_shards, open_shard, read_manifest
 
 FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "ssl4eo-s12"
 JUNE = "20200604T054639_20200604T054831_T43RCP"
@@ -145,3 +149,30 @@ def test_declared_label_nodata_becomes_no_data(
 def test_bad_csv_lines_are_named(tmp_path: Path, lines: list[str], message: str) -> None:
     with pytest.raises(SourceError, match=message):
         read_season_table(_csv(tmp_path / "ids.csv", lines))
+
+
+def test_converted_shards_are_raw_and_schema_1_ones_migrate_in_place(
+    tmp_path: Path, labels_root: Path, as_schema_1: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = _csv(tmp_path / "ids.csv", ["ids,sub1,sub2,sub3,sub4", f"200,{','.join(SEASONS)}"])
+    out = tmp_path / "out"
+    convert_ssl4eo(FIXTURE, labels_root, ids, out)
+    meta = read_manifest(out).metadata
+    assert (meta.s1.representation, meta.s2.representation) == ("physical", "physical")
+    [path] = list_shards(out)
+    [row] = list(iter_rows(path))
+    network = network_input(row["s2"], meta.s2)
+    assert network.shape == (4, 13, 264, 264) and 0 <= network.min() and network.max() <= 1
+
+    as_schema_1(out)
+    assert json.loads(pq.read_schema(path).metadata[METADATA_KEY])["schema_version"] == 1
+    assert open_shard(path)[1] == meta, "schema-1 dB and reflectance are certainly raw: read as they are"
+    assert main(["data", "migrate", str(out)]) == 0
+    assert "rewrote the metadata of 1 files" in capsys.readouterr().out
+    footer = json.loads(pq.read_schema(path).metadata[METADATA_KEY])
+    assert footer["schema_version"] == SCHEMA_VERSION and footer["s2"]["representation"] == "physical"
+    assert read_manifest(out).metadata == meta and read_manifest(out).files[0].bytes == Path(path).stat().st_size
+    [migrated] = list(iter_rows(path))
+    np.testing.assert_array_equal(migrated["s2"], row["s2"])
+    np.testing.assert_array_equal(migrated["s1"], row["s1"])
+    assert main(["data", "check", str(out)]) == 0

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from cromss_ray.config import DataConfig, DownstreamDataConfig
+from cromss_ray.data import network_input
 from cromss_ray.data.pipeline import (
     EpochClock,
     downstream_datasets,
@@ -44,8 +45,8 @@ def coordinate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         kind="pretrain",
         classes=tuple(f"c{i}" for i in range(CLASSES)),
         seasons=4,
-        s1=ModalitySpec(dtype="float32", bands=("VV", "VH")),
-        s2=ModalitySpec(dtype="float32", bands=S2_BAND_NAMES),
+        s1=ModalitySpec(dtype="float32", bands=("VV", "VH"), unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="float32", bands=S2_BAND_NAMES, unit="reflectance", representation="physical"),
         has_clean_label=True,
     )
     size = 40
@@ -124,7 +125,7 @@ def test_pretrain_round_trip_shapes_dtypes_ranges(ray_cluster: None, pretrain_sh
         assert set(batch["label"].unique().tolist()) <= set(range(CLASSES)) | {NODATA}
         device = to_device(batch, data.meta, "cpu")
         assert device.x1.dtype == device.x2.dtype == torch.float32
-        assert 0.0 <= device.x1.min() and device.x1.max() <= 1.0 + 1e-6, "dB from -30 .. 5 onto [0, 1]"
+        assert 0.0 <= device.x1.min() and device.x1.max() <= 1.0, "the rule of spec 9 clips to [0, 1]"
         assert 0.0 <= device.x2.min() and device.x2.max() <= 1.0
         assert device.prior.shape == (n, CLASSES, 32, 32) and bool((device.prior >= 0).all())
         torch.testing.assert_close(device.prior.sum(1), torch.ones(n, 32, 32))
@@ -225,8 +226,10 @@ def test_downstream_round_trip(ray_cluster: None, dw_shards: Path) -> None:
         assert batch["s2"].shape == (n, 3, 32, 32) and batch["s2"].dtype == torch.uint16
         assert set(batch) == {"s1", "s2", "label", "key"}
         device = to_device(batch, data.meta, "cpu")
-        assert device.prior is None and device.x2.max() <= 6.5536
-        torch.testing.assert_close(device.x2, batch["s2"].to(torch.float32) * 1e-4)
+        assert device.prior is None and device.x2.max() <= 1.0
+        rgb = data.meta.s2.with_bands(("B4", "B3", "B2"))
+        expected = network_input(batch["s2"].numpy(), rgb)
+        np.testing.assert_array_equal(device.x2.numpy().view(np.uint32), expected.view(np.uint32))
     stored = stored_rows(dw_shards)
     test = samples(data.test)
     assert set(test) == set(stored)

@@ -26,16 +26,16 @@ from cromss_ray.data.shards import (
 PRETRAIN = ShardMetadata(
     kind="pretrain",
     classes=CLASS_SCHEMES["pretrain"],
-    s1=ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255),
-    s2=ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255),
+    s1=ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255, unit="normalized", representation="v8"),
+    s2=ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="normalized", representation="v8"),
     has_clean_label=True,
 )
 DOWNSTREAM = ShardMetadata(
     kind="dfc2020",
     classes=CLASS_SCHEMES["dfc2020"],
     seasons=1,
-    s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-    s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"),
+    s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+    s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
 )
 
 
@@ -237,8 +237,8 @@ def test_encode_decode_is_lossless(seasons: int, height: int, width: int, dtype:
         kind="custom",
         classes=("a", "b", "c"),
         seasons=seasons,
-        s1=ModalitySpec(dtype=dtype, bands=S1_BAND_NAMES),
-        s2=ModalitySpec(dtype=dtype, bands=S2_BAND_NAMES),
+        s1=ModalitySpec(dtype=dtype, bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype=dtype, bands=S2_BAND_NAMES, unit="reflectance", representation="physical"),
     )
     rng = np.random.default_rng(seed)
     row = {

@@ -76,8 +76,8 @@ def downstream_metadata(kind: DownstreamKind) -> ShardMetadata:
         kind=kind,
         classes=CLASS_SCHEMES[kind],
         seasons=1,
-        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"),
+        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
     )
 
 

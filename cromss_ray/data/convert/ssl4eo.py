@@ -53,8 +53,8 @@ def ssl4eo_metadata(seasons: int) -> ShardMetadata:
         kind="pretrain",
         classes=CLASS_SCHEMES["pretrain"],
         seasons=seasons,
-        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"),
+        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
     )
 
 
