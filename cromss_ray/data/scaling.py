@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cromss_ray.data.schema import PHYSICAL_UNITS, S1_BAND_NAMES, S2_BAND_NAMES, ModalitySpec
+from cromss_ray.data.schema import MODALITY_BANDS, PHYSICAL_UNITS, S1_BAND_NAMES, S2_BAND_NAMES, ModalitySpec
 
 S1_MEAN = (-12.54847273, -20.19237134)
 S1_STD = (5.25697717, 5.91150917)
@@ -40,7 +40,6 @@ BAND_STATISTICS: dict[str, tuple[float, float]] = {
 }
 """``(mu, sigma)`` per band name; a band subset takes the statistics of the bands it keeps."""
 
-MODALITY_BANDS = {"s1": S1_BAND_NAMES, "s2": S2_BAND_NAMES}
 TO_RULE_UNIT = {"s1": 1.0, "s2": 1e4}
 """Factor from each modality's physical unit onto the rule's: dB stays, reflectance -> L1C digital numbers."""
 
@@ -111,19 +110,23 @@ def v8_codes(stored: np.ndarray, spec: ModalitySpec) -> np.ndarray:
     if rule.v8:
         raise ValueError("the modality already holds v8 codes")
     _check_bands(stored, spec)
-    values = np.asarray(stored).astype(np.float32)
-    if not rule.identity:
-        values = values * rule.gain + rule.bias
-    scaled = (values - _band_axis(rule.low)) / _band_axis(rule.span) * np.float32(V8_MAX)
-    return np.floor(np.clip(np.nan_to_num(scaled, nan=0.0), 0, V8_MAX)).astype(np.uint8)
+    return _codes(stored, rule)
 
 
 def network_input(stored: np.ndarray, spec: ModalitySpec) -> np.ndarray:
     """float32 network input (spec 9) of one modality's stored array, same shape, bands on axis -3."""
     rule = input_rule(spec)
     _check_bands(stored, spec)
-    codes = np.asarray(stored) if rule.v8 else v8_codes(stored, spec)
+    codes = np.asarray(stored) if rule.v8 else _codes(stored, rule)
     return codes.astype(np.float32) / np.float32(V8_MAX)
+
+
+def _codes(stored: np.ndarray, rule: InputRule) -> np.ndarray:
+    values = np.asarray(stored).astype(np.float32)
+    if not rule.identity:
+        values = values * rule.gain + rule.bias
+    scaled = (values - _band_axis(rule.low)) / _band_axis(rule.span) * np.float32(V8_MAX)
+    return np.floor(np.clip(np.nan_to_num(scaled, nan=0.0), 0, V8_MAX)).astype(np.uint8)
 
 
 def _check_bands(stored: np.ndarray, spec: ModalitySpec) -> None:

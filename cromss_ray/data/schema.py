@@ -26,6 +26,7 @@ NODATA = 255
 
 S2_BAND_NAMES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 S1_BAND_NAMES = ("VV", "VH")
+MODALITY_BANDS = {"s1": S1_BAND_NAMES, "s2": S2_BAND_NAMES}
 PHYSICAL_UNITS = {"s1": "dB", "s2": "reflectance"}
 """Unit of each modality's physical values (reflectance = L1C digital number x 1e-4)."""
 
@@ -158,7 +159,7 @@ class ShardMetadata(BaseModel):
     @model_validator(mode="after")
     def _declared_modalities(self) -> ShardMetadata:
         """Each modality says which representation it holds and stores only S1 / S2 bands (spec 9)."""
-        for modality, names in (("s1", S1_BAND_NAMES), ("s2", S2_BAND_NAMES)):
+        for modality, names in MODALITY_BANDS.items():
             spec = getattr(self, modality)
             if spec.representation is None:
                 raise ValueError(

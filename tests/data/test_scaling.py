@@ -97,11 +97,21 @@ def test_the_band_axis_must_hold_the_bands() -> None:
         v8_codes(np.zeros((13, 1, 1), np.uint8), S2_V8)
 
 
-def _same_bits(stored: np.ndarray, spec: ModalitySpec) -> None:
+def _same_bits(stored: np.ndarray, spec: ModalitySpec, device: str = "cpu") -> None:
     expected = network_input(stored, spec)
-    tensor = torch.from_numpy(stored.astype(np.int32) if stored.dtype == np.uint16 else stored)
-    on_device = network_input_tensor(tensor, spec).numpy()
+    tensor = torch.from_numpy(stored.astype(np.int32) if stored.dtype == np.uint16 else stored).to(device)
+    on_device = network_input_tensor(tensor, spec).cpu().numpy()
     np.testing.assert_array_equal(on_device.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_numpy_bits() -> None:
+    """Training runs on GPUs: their division and rounding must give the same codes."""
+    rng = np.random.default_rng(5)
+    _same_bits(rng.integers(0, 2**16, (4, 13, 64, 64)).astype(np.uint16), S2_RAW, "cuda")
+    _same_bits(rng.normal(-15, 10, (4, 2, 64, 64)).astype(np.float32), S1_RAW, "cuda")
+    _same_bits(rng.integers(0, 256, (4, 2, 64, 64)).astype(np.uint8), S1_SYNTH, "cuda")
+    _same_bits(rng.integers(0, 256, (4, 13, 64, 64)).astype(np.uint8), S2_V8, "cuda")
 
 
 @settings(max_examples=60, deadline=None)
