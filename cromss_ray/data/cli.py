@@ -149,12 +149,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from cromss_ray.data.migrate import migrate_shards
+    from cromss_ray.data.migrate import MigrationError, migrate_shards
 
     command = "cromss data migrate"
     declared = {modality: getattr(args, modality) for modality in ("s1", "s2") if getattr(args, modality)}
     try:
         report = migrate_shards(args.dir, declared)
+    except MigrationError as exc:
+        return _fail(command, str(exc))
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         return _fail(command, str(exc), "no file was changed")
     print(

@@ -40,11 +40,18 @@ class MigrationReport:
     current: list[str]
 
 
+class MigrationError(RuntimeError):
+    """A file could not be rewritten: the files before it are migrated, it and those after it are not."""
+
+
 def _upgraded(raw: bytes | None, declared: dict[str, Representation], where: str) -> ShardMetadata | None:
     """The file's metadata as the current schema, None when it already is."""
-    if raw is None:
-        raise ValueError(f"{where}: no '{METADATA_KEY.decode()}' metadata: not a cromss shard")
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: no readable '{METADATA_KEY.decode()}' metadata: not a cromss shard set")
     if data.get("schema_version") == SCHEMA_VERSION:
         return None
     try:
@@ -106,11 +113,21 @@ def migrate_shards(directory: str | os.PathLike[str], declared: dict[str, Repres
     manifest_path = Path(text) / MANIFEST_NAME
     manifest_meta = None
     if manifest_path.exists():
-        manifest_raw = json.dumps(json.loads(manifest_path.read_text()).get("metadata")).encode()
+        try:
+            manifest_raw = json.dumps(json.loads(manifest_path.read_text()).get("metadata")).encode()
+        except (ValueError, AttributeError):
+            raise ValueError(f"{manifest_path}: not a readable manifest") from None
         manifest_meta = _upgraded(manifest_raw, declared, str(manifest_path))
     for path, meta in plans.items():
-        if meta is not None:
+        if meta is None:
+            continue
+        try:
             _rewrite(path, meta)
+        except (OSError, pa.ArrowException) as exc:
+            raise MigrationError(
+                f"{path}: rewriting failed ({exc}); the files before it are migrated, it and the rest are unchanged: "
+                "run the command again once the cause is fixed"
+            ) from None
     if manifest_meta is not None:
         _rewrite_manifest(Path(text), manifest_meta)
     return MigrationReport(

@@ -45,6 +45,7 @@ def s2_subset_names(count: int) -> tuple[str, ...]:
         raise ValueError(f"no {count}-band S2 subset: the subsets have {sorted(S2_BAND_SUBSETS)} bands")
     return tuple(S2_BAND_NAMES[index] for index in S2_BAND_SUBSETS[count])
 
+
 DW_CLASSES = (
     "water",
     "trees",

@@ -148,3 +148,54 @@ def test_migrate_declares_what_schema_1_left_open(
 def test_migrate_refuses_a_remote_uri(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "migrate", "s3://bucket/shards"]) == 1
     assert "local shard directories only" in capsys.readouterr().err
+
+
+def test_migrate_names_an_unreadable_file_and_changes_nothing(
+    tmp_path: Path, pretrain_shards: Path, as_schema_1: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, shards)
+    as_schema_1(shards)
+    (shards / "part-00002.parquet").write_bytes(b"garbage")
+    files_before = {path.name: path.read_bytes() for path in shards.iterdir()}
+    assert main(["data", "migrate", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert f"{shards / 'part-00002.parquet'}: not a readable Parquet file" in err and "no file was changed" in err
+    assert {path.name: path.read_bytes() for path in shards.iterdir()} == files_before
+
+
+def test_an_interrupted_migration_can_be_run_again(
+    tmp_path: Path,
+    pretrain_shards: Path,
+    as_schema_1: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import cromss_ray.data.migrate as migrate
+
+    shards = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, shards)
+    as_schema_1(shards)
+    first, second = list_shards(shards)
+    second_before = Path(second).read_bytes()
+    real_writer = migrate.parquet_writer
+    calls = []
+
+    def failing_second(sink: object, schema: object) -> object:
+        calls.append(sink)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_writer(sink, schema)
+
+    monkeypatch.setattr(migrate, "parquet_writer", failing_second)
+    assert main(["data", "migrate", str(shards)]) == 1
+    assert f"{second}: rewriting failed (disk full)" in capsys.readouterr().err
+    assert open_shard(first)[1].schema_version == SCHEMA_VERSION
+    assert Path(second).read_bytes() == second_before
+    assert sorted(path.name for path in shards.iterdir()) == ["manifest.json", "part-00000.parquet", "part-00001.parquet"]
+
+    monkeypatch.setattr(migrate, "parquet_writer", real_writer)
+    assert main(["data", "migrate", str(shards)]) == 0
+    assert capsys.readouterr().out.strip().endswith("rewrote the metadata of 1 files in " f"{shards} (1 already current)")
+    assert read_manifest(shards).schema_version == SCHEMA_VERSION
+    assert main(["data", "check", str(shards)]) == 0
