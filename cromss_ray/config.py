@@ -32,7 +32,7 @@ class ShardReadChecks(Section):
 
     on_bad_row: Literal["raise", "skip"] = Field(
         default="raise",
-        description="A row with labels outside the classes or non-finite imagery: stop naming it, or skip and count it.",
+        description="Rows with out-of-class labels or non-finite imagery: raise naming the row, or skip and count them.",
     )
     allow_incomplete: bool = Field(
         default=False,

@@ -160,7 +160,8 @@ def _check_manifest(report: CheckReport, fs: pafs.FileSystem, root: str, rows_pe
     except ValueError as exc:
         report.problems.append(Problem(manifest_path, str(exc).removeprefix(f"{root}/{MANIFEST_NAME}: ")))
         return
-    report.problems.extend(Problem(manifest_path, message) for message in manifest_disagreements(manifest, rows_per_file))
+    disagreements = manifest_disagreements(manifest, rows_per_file)
+    report.problems.extend(Problem(manifest_path, message) for message in disagreements)
     if report.metadata is not None and manifest.metadata != report.metadata:
         report.problems.append(Problem(manifest_path, "metadata differs from the shards' metadata"))
     if not manifest.complete:

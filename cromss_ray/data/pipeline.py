@@ -43,6 +43,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import ray
 import ray.data
@@ -93,27 +94,39 @@ class _EpochCounter:
 
 
 @dataclass(frozen=True)
-class EpochClock:
-    """The epoch a pipeline's augmentation uses: a named Ray actor, read once per batch.
-
-    Picklable (it travels inside the UDF and through ``train_loop_config``); ``name``
-    finds it again from any process of the cluster (:meth:`named`).
-    """
+class _NamedActor:
+    """A handle on a named Ray actor of a pipeline: picklable (it travels inside the UDF and
+    through ``train_loop_config``); ``name`` finds it again from any process (:meth:`named`)."""
 
     name: str
     actor: ray.actor.ActorHandle
+    actor_class: ClassVar[Any]
+    prefix: ClassVar[str]
+    described_as: ClassVar[str]
 
     @classmethod
-    def create(cls) -> EpochClock:
-        name = f"cromss-epoch-{uuid.uuid4().hex[:12]}"
-        return cls(name, _EpochCounter.options(name=name, namespace=CLOCK_NAMESPACE).remote())
+    def create(cls: type[ActorT]) -> ActorT:
+        name = f"cromss-{cls.prefix}-{uuid.uuid4().hex[:12]}"
+        return cls(name, cls.actor_class.options(name=name, namespace=CLOCK_NAMESPACE).remote())
 
     @classmethod
-    def named(cls, name: str) -> EpochClock:
+    def named(cls: type[ActorT], name: str) -> ActorT:
         try:
             return cls(name, ray.get_actor(name, namespace=CLOCK_NAMESPACE))
         except ValueError:
-            raise ValueError(f"no epoch clock named {name!r} in this Ray cluster") from None
+            raise ValueError(f"no {cls.described_as} named {name!r} in this Ray cluster") from None
+
+
+ActorT = TypeVar("ActorT", bound=_NamedActor)
+
+
+@dataclass(frozen=True)
+class EpochClock(_NamedActor):
+    """The epoch a pipeline's augmentation uses: a named Ray actor, read once per batch."""
+
+    actor_class = _EpochCounter
+    prefix = "epoch"
+    described_as = "epoch clock"
 
     def set(self, epoch: int) -> None:
         if epoch < 0:
@@ -144,27 +157,16 @@ class _SkipCounter:
 
 
 @dataclass(frozen=True)
-class SkippedRows:
+class SkippedRows(_NamedActor):
     """The bad rows a pipeline left out (``data.on_bad_row=skip``): a named Ray actor.
 
     Callable with a list of messages (one per skipped row read, naming file and location
-    id), which the readers do; picklable, and found again by ``name`` from any process.
+    id), which the readers do.
     """
 
-    name: str
-    actor: ray.actor.ActorHandle
-
-    @classmethod
-    def create(cls) -> SkippedRows:
-        name = f"cromss-skipped-{uuid.uuid4().hex[:12]}"
-        return cls(name, _SkipCounter.options(name=name, namespace=CLOCK_NAMESPACE).remote())
-
-    @classmethod
-    def named(cls, name: str) -> SkippedRows:
-        try:
-            return cls(name, ray.get_actor(name, namespace=CLOCK_NAMESPACE))
-        except ValueError:
-            raise ValueError(f"no skipped-row counter named {name!r} in this Ray cluster") from None
+    actor_class = _SkipCounter
+    prefix = "skipped"
+    described_as = "skipped-row counter"
 
     def __call__(self, messages: list[str]) -> None:
         ray.get(self.actor.add.remote(messages))

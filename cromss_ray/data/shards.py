@@ -230,7 +230,8 @@ def list_leftovers(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSyst
     """Names of the temporary files that killed writes left in a shard directory."""
     fs, base = resolve_filesystem(uri_or_dir, filesystem)
     entries = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-    return sorted(entry.base_name for entry in entries if entry.type == pafs.FileType.File and is_leftover(entry.base_name))
+    names = (entry.base_name for entry in entries if entry.type == pafs.FileType.File)
+    return sorted(name for name in names if is_leftover(name))
 
 
 def manifest_disagreements(manifest: Manifest, rows_per_file: Mapping[str, int]) -> list[str]:
