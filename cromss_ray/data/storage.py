@@ -153,9 +153,10 @@ class TileSet:
         return self.shards.meta
 
     def rows(self, part: int = 0, parts: int = 1) -> Iterator[dict[str, Any]]:
-        """The decoded, checked rows (:func:`~cromss_ray.data.shards.iter_rows`) of files ``part``, ``part + parts``, ...:
-        worker ``part`` of ``parts`` reads its share of the files, all of them together read every row once.
-        A bad row raises, or with ``on_bad_row="skip"`` goes to ``skipped`` and is left out."""
+        """The decoded, checked rows (:func:`~cromss_ray.data.shards.iter_rows`) of files ``part``,
+        ``part + parts``, ...: worker ``part`` of ``parts`` reads its share of the files, all of them
+        together read every row once. A bad row raises, or with ``on_bad_row="skip"`` goes to
+        ``skipped`` and is left out."""
         if not 0 <= part < parts:
             raise ValueError(f"part must lie in 0 .. {parts - 1}, got {part}")
         skip = self.skipped if self.on_bad_row == "skip" else None

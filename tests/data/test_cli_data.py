@@ -79,7 +79,8 @@ def test_check_exits_non_zero_naming_every_bad_file_and_row(
 def test_convert_ssl4eo_reports_skipped_ids(
     tmp_path: Path, write_tif: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_tif(tmp_path / "labels" / "0000200" / JUNE / "label.tif", np.ones((66, 66), np.uint8), pixel_size=40.0)
+    reference = FIXTURE / "s2c" / "0000200" / JUNE / "B2.tif"
+    write_tif(tmp_path / "labels" / "0000200" / JUNE / "label.tif", np.ones((66, 66), np.uint8), like=reference)
     (tmp_path / "ids.csv").write_text(f"ids,sub1\n200,{JUNE}\n7,{JUNE}\n")
     base = ["data", "convert", "ssl4eo", "--images", str(FIXTURE), "--labels", str(tmp_path / "labels")]
     args = [*base, "--ids", str(tmp_path / "ids.csv"), "--out", str(tmp_path / "out")]
