@@ -31,7 +31,7 @@ from cromss_ray.data.schema import MANIFEST_NAME, ShardMetadata, read_metadata
 from cromss_ray.data.shards import (
     PARQUET_SUFFIX,
     BadRowPolicy,
-    iter_rows, 
+    iter_rows,
     list_shards,
     manifest_disagreements,
     read_manifest,
