@@ -378,11 +378,11 @@ class ShardWriter:
         self._open: _OpenFile | None = None
         self._finished: list[_OpenFile] = []
         self._totals = {name: np.zeros(256, dtype=np.int64) for name in row_fields(meta) if name in LABEL_FIELDS}
-        self.removed_leftovers = self._remove_leftovers()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self._previous = self._existing_set(overwrite)
+        self.removed_leftovers = self._remove_leftovers()
 
     def _remove_leftovers(self) -> list[str]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         leftovers = sorted(path for path in self.out_dir.iterdir() if path.is_file() and is_leftover(path.name))
         for path in leftovers:
             path.unlink()
