@@ -119,7 +119,8 @@ def _convert(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
             )
     except SourceError as exc:
-        return _fail(command, str(exc), "rows written before it are kept; --skip-bad skips bad samples")
+        kept = "the previous shards are kept unchanged" if args.overwrite else "rows written before it are kept"
+        return _fail(command, str(exc), f"{kept}; --skip-bad skips bad samples")
     except (ValueError, FileExistsError) as exc:
         return _fail(command, str(exc))
     for message in summary.skipped:

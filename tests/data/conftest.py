@@ -46,12 +46,19 @@ def _write_raw_shard(
     return path
 
 
-def _write_tif(path: Path, pixels: np.ndarray, *, nodata: float | None = None, pixel_size: float = 10.0) -> Path:
-    """Write a (bands, H, W) or (H, W) array as a GeoTIFF on a UTM grid."""
+def _write_tif(
+    path: Path, pixels: np.ndarray, *, nodata: float | None = None, pixel_size: float = 10.0, like: Path | None = None
+) -> Path:
+    """Write a (bands, H, W) or (H, W) array as a GeoTIFF on a UTM grid, or with ``like`` on the
+    CRS and footprint of that raster (at the array's own resolution)."""
     import rasterio
-    from rasterio.transform import Affine
+    from rasterio.transform import Affine, from_bounds
 
     array = pixels if pixels.ndim == 3 else pixels[None]
+    crs, transform = "EPSG:32632", Affine(pixel_size, 0.0, 500000.0, 0.0, -pixel_size, 5300000.0)
+    if like is not None:
+        with rasterio.open(like) as reference:
+            crs, transform = reference.crs, from_bounds(*reference.bounds, array.shape[2], array.shape[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(
         path,
@@ -61,8 +68,8 @@ def _write_tif(path: Path, pixels: np.ndarray, *, nodata: float | None = None, p
         width=array.shape[2],
         count=array.shape[0],
         dtype=array.dtype,
-        crs="EPSG:32632",
-        transform=Affine(pixel_size, 0.0, 500000.0, 0.0, -pixel_size, 5300000.0),
+        crs=crs,
+        transform=transform,
         nodata=nodata,
     ) as dataset:
         dataset.write(array)
@@ -102,5 +109,5 @@ def write_raw_shard() -> Callable[..., Path]:
 
 @pytest.fixture
 def write_tif() -> Callable[..., Path]:
-    """``write_tif(path, pixels, nodata=None, pixel_size=10.0)``: a GeoTIFF on a UTM grid."""
+    """``write_tif(path, pixels, nodata=None, pixel_size=10.0, like=None)``: a GeoTIFF (see ``_write_tif``)."""
     return _write_tif

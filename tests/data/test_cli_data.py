@@ -80,7 +80,8 @@ def test_check_exits_non_zero_naming_every_bad_file_and_row(
 def test_convert_ssl4eo_reports_skipped_ids(
     tmp_path: Path, write_tif: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_tif(tmp_path / "labels" / "0000200" / JUNE / "label.tif", np.ones((66, 66), np.uint8), pixel_size=40.0)
+    reference = FIXTURE / "s2c" / "0000200" / JUNE / "B2.tif"
+    write_tif(tmp_path / "labels" / "0000200" / JUNE / "label.tif", np.ones((66, 66), np.uint8), like=reference)
     (tmp_path / "ids.csv").write_text(f"ids,sub1\n200,{JUNE}\n7,{JUNE}\n")
     base = ["data", "convert", "ssl4eo", "--images", str(FIXTURE), "--labels", str(tmp_path / "labels")]
     args = [*base, "--ids", str(tmp_path / "ids.csv"), "--out", str(tmp_path / "out")]
@@ -199,3 +200,34 @@ def test_an_interrupted_migration_can_be_run_again(
     assert capsys.readouterr().out.strip().endswith("rewrote the metadata of 1 files in " f"{shards} (1 already current)")
     assert read_manifest(shards).schema_version == SCHEMA_VERSION
     assert main(["data", "check", str(shards)]) == 0
+
+
+def test_a_conversion_that_fails_half_way_with_overwrite_keeps_the_previous_set(
+    tmp_path: Path, write_tif: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = tmp_path / "dw_test"
+    for name in ("a", "b", "c"):
+        write_tif(split / "image_s1" / f"s1_{name}.tif", np.zeros((2, 16, 16), np.float32))
+        write_tif(split / "image_s2" / f"s2_{name}.tif", np.zeros((13, 16, 16), np.uint16))
+        write_tif(split / "label_dw" / f"dw_{name}.tif", np.full((16, 16), 3, np.uint8))
+    out = tmp_path / "out"
+    args = ["data", "convert", "dw", "--root", str(tmp_path), "--split", "test", "--out", str(out), "--patch-size", "8"]
+    assert main(args) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    write_tif(split / "label_dw" / "dw_b.tif", np.full((16, 16), 77, np.uint8))
+    assert main([*args, "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "dw_b.tif: label values [77]" in err and "the previous shards are kept unchanged" in err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert main(["data", "check", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("12 rows, 12 valid, 0 bad rows, 0 bad files: OK")
+
+
+def test_check_reports_the_leftover_of_a_killed_write(
+    tmp_path: Path, dw_shards: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(dw_shards, shards)
+    (shards / ".part-00001.parquet.tmp").write_bytes(b"half a file")
+    assert main(["data", "check", str(shards)]) == 0
+    assert f"warning: {shards}/.part-00001.parquet.tmp: left by an interrupted write" in capsys.readouterr().err

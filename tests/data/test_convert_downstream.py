@@ -152,3 +152,12 @@ def test_fully_ignored_patches_are_dropped() -> None:
     label[:4, :4] = 1
     patches = cut_patches({"s2": np.zeros((13, 8, 8), np.uint16), "label": label}, 4)
     assert [position for position, _ in patches] == [(0, 0)]
+
+
+def test_a_label_on_another_footprint_names_the_tile_files(tmp_path: Path, write_tif: WriteTif) -> None:
+    split = tmp_path / "dw_train"
+    _ssl4eo_tile(split, "dw", "a", _labels([1]), write_tif)
+    write_tif(split / "label_dw" / "dw_a.tif", _labels([1]), pixel_size=20.0)
+    message = r"dw_a\.tif: footprint .* is off that of .*s2_a\.tif .* by 100\.0% of the tile"
+    with pytest.raises(SourceError, match=message):
+        convert_downstream("dw", tmp_path, "train", tmp_path / "out")
