@@ -183,6 +183,8 @@ def test_converted_shards_are_raw_and_schema_1_ones_migrate_in_place(
     np.testing.assert_array_equal(migrated["s2"], row["s2"])
     np.testing.assert_array_equal(migrated["s1"], row["s1"])
     assert main(["data", "check", str(out)]) == 0
+
+
 def _altered_copy(tmp_path: Path, relative: str, change: Callable[[rasterio.io.DatasetWriter], None]) -> Path:
     """A copy of the fixture's images in which the raster at ``relative`` has ``change`` applied."""
     images = tmp_path / "images"
