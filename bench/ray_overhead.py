@@ -26,7 +26,9 @@ range, so one lucky or unlucky run cannot carry a claim. Every run also records 
 load average when it starts and the CPU seconds of the Ray run's processes (sampled
 from ``/proc`` while it runs), split into the training worker, Ray's other workers
 (Ray Data tasks, the Train controller) and Ray's daemons, to show who shares the cores
-with the worker. The JSON report lists every run's epochs. Run from the repository root::
+with the worker; ``cpu_overhead_pct`` compares the CPU seconds per epoch of all the Ray
+run's processes with the plain loop's, a figure that other load on the machine moves far
+less than the wall-clock one. The JSON report lists every run's epochs. Run from the repository root::
 
     python -m bench.ray_overhead                     # CPU: 32 locations of 64 px, resnet18
     python -m bench.ray_overhead --locations 512 --size 256 --encoder resnet50 --batch 32
@@ -275,6 +277,17 @@ class Run:
     def overhead_pct(self) -> float:
         return 100 * (self.ray_median - self.plain_median) / self.plain_median
 
+    @property
+    def ray_epoch_cpu_s(self) -> float:
+        """CPU seconds of all the Ray run's processes per timed epoch (worker, data tasks, daemons)."""
+        return sum(self.ray_timed_epochs_cpu_s.values()) / len(self.ray_gaps_s)
+
+    @property
+    def cpu_overhead_pct(self) -> float:
+        """The overhead in CPU time per epoch: unlike wall time, it does not depend on who else shares the cores."""
+        plain = statistics.median(self.plain_cpu_s)
+        return 100 * (self.ray_epoch_cpu_s - plain) / plain
+
 
 def compare_once(args: argparse.Namespace, train: str, heldout: str, root: Path, device: torch.device) -> Run:
     """One run of the comparison, with a fresh Ray cluster unless the caller already started one."""
@@ -328,7 +341,8 @@ def comparison_section(runs: Sequence[Run], samples: int) -> Section:
 
 def cpu_section(runs: Sequence[Run]) -> Section:
     """Medians over runs: CPU seconds of the Ray run's processes per group, over the whole run and per timed
-    epoch (between the first and the last epoch's end), and the cores the run kept busy on average."""
+    epoch (between the first and the last epoch's end), the cores the run kept busy on average, and the
+    overhead in CPU seconds per epoch against the plain loop's."""
     rows: Section = {}
     for group in (*PROCESS_GROUPS, "driver"):
         seconds = [run.driver_cpu_s if group == "driver" else run.ray_process_cpu_s[group] for run in runs]
@@ -341,13 +355,18 @@ def cpu_section(runs: Sequence[Run]) -> Section:
         (sum(run.ray_process_cpu_s.values()) + run.driver_cpu_s) / run.ray_wall_s for run in runs
     )
     rows["plain_epoch_cpu_s"] = statistics.median(s for run in runs for s in run.plain_cpu_s)
+    rows["ray_epoch_cpu_s"] = statistics.median(run.ray_epoch_cpu_s for run in runs)
+    rows["cpu_overhead_pct"] = statistics.median(run.cpu_overhead_pct for run in runs)
+    rows["cpu_overhead_pct_range"] = value_range([run.cpu_overhead_pct for run in runs], " %", "runs")
     rows["load_average_1min_at_starts"] = ", ".join(f"{run.load_average_1min:.2f}" for run in runs)
     return rows
 
 
 def run_details(runs: Sequence[Run], complete: bool) -> dict[str, object]:
     """The JSON report's record of every run, and whether all asked-for runs finished."""
-    return {"complete": complete, "runs": [{**asdict(run), "overhead_pct": run.overhead_pct} for run in runs]}
+    derived = ("overhead_pct", "ray_epoch_cpu_s", "cpu_overhead_pct")
+    records = [{**asdict(run), **{key: getattr(run, key) for key in derived}} for run in runs]
+    return {"complete": complete, "runs": records}
 
 
 def write_runs(path: Path, runs: Sequence[Run], complete: bool) -> None:

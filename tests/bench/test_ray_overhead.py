@@ -33,6 +33,9 @@ CPU_ROWS = {
     *(f"{group}_cpu_s_per_timed_epoch" for group in ray_overhead.PROCESS_GROUPS),
     "ray_run_cores_busy",
     "plain_epoch_cpu_s",
+    "ray_epoch_cpu_s",
+    "cpu_overhead_pct",
+    "cpu_overhead_pct_range",
     "load_average_1min_at_starts",
 }
 
