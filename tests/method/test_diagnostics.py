@@ -185,3 +185,21 @@ def test_the_loss_exposes_the_trust_and_weights_it_used_without_changing_the_los
         assert torch.equal(trust, expected)
     for weights, expected in zip(maps.weights, criterion.selection_maps(z1, z2, y, epoch=2)):
         assert torch.equal(weights, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_update_on_cuda_waits_for_nothing_and_matches_the_cpu():
+    generator = torch.Generator().manual_seed(3)
+    noisy, clean = torch.randint(0, 4, (2, 2, 64, 64), generator=generator).unbind(0)
+    weights, trust = torch.rand(2, 2, 64, 64, generator=generator).unbind(0)
+    on_cpu, on_cuda = NoiseDiagnostics(3, NODATA), NoiseDiagnostics(3, NODATA, device="cuda")
+    on_cpu.update(noisy, clean, weights, trust)
+    inputs = [tensor.cuda() for tensor in (noisy, clean, weights, trust)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_cuda.update(*inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(on_cuda.trust_histogram.cpu(), on_cpu.trust_histogram)
+    assert on_cuda.compute()["noise_auroc"] == on_cpu.compute()["noise_auroc"]
