@@ -13,7 +13,9 @@ part of the cost; torch runs on one thread), then:
 
 "Per core" is samples per second of process CPU time (all threads), which depends far
 less on other load of the machine than wall time; ``speedup_per_core_x`` is the ratio to
-the reference-style pipeline (target >= 8x). Run from the repository root::
+the reference-style pipeline (target >= 8x). The whole measurement (every pipeline in
+turn) repeats ``--runs`` times (default 3); the report gives the median over runs and
+their range, with the load average at the start of each run. Run from the repository root::
 
     python -m bench.data_pipeline                     # 24 synthetic 264 x 264 locations
     python -m bench.data_pipeline --data DIR --recompress lz4 --json out.json
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -115,7 +118,7 @@ def reference_pass(files: list[str], meta: ShardMetadata, bands: list[int], crop
     return count
 
 
-def measure(run: Callable[[], int], repeats: int) -> Section:
+def measure(run: Callable[[], int], repeats: int) -> dict[str, float]:
     """Median samples per CPU-second (all threads of this process) and per wall second of
     ``repeats`` passes, after a warm-up pass that fills the page cache."""
     run()
@@ -130,6 +133,26 @@ def measure(run: Callable[[], int], repeats: int) -> Section:
         "samples_per_cpu_s": samples / figures.cpu_median,
         "samples_per_wall_s": samples / figures.median,
     }
+
+
+def summarise_runs(runs: Sequence[dict[str, dict[str, float]]], reference: str) -> dict[str, Section]:
+    """One section per pipeline: medians over runs, the range of samples per CPU-second and,
+    for every pipeline but ``reference``, the per-run ratio of samples per CPU-second to it."""
+    sections: dict[str, Section] = {}
+    for name in runs[0]:
+        per_core = [run[name]["samples_per_cpu_s"] for run in runs]
+        rows: Section = {
+            "samples_per_pass": runs[0][name]["samples_per_pass"],
+            "samples_per_cpu_s": statistics.median(per_core),
+            "samples_per_cpu_s_range": f"{min(per_core):.4g} .. {max(per_core):.4g} over {len(runs)} runs",
+            "samples_per_wall_s": statistics.median(run[name]["samples_per_wall_s"] for run in runs),
+        }
+        if name != reference:
+            ratios = [run[name]["samples_per_cpu_s"] / run[reference]["samples_per_cpu_s"] for run in runs]
+            rows["speedup_per_core_x"] = statistics.median(ratios)
+            rows["speedup_per_core_x_range"] = f"{min(ratios):.4g} .. {max(ratios):.4g} over {len(runs)} runs"
+        sections[name] = rows
+    return sections
 
 
 def ray_pass(data: str, crop: int, bands: int, cpus: int) -> Section:
@@ -180,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=264, help="tile side to synthesize in px (default 264)")
     parser.add_argument("--crop", type=int, default=256, help="crop side in px (default 256)")
     parser.add_argument("--bands", type=int, default=13, choices=sorted(S2_BAND_SUBSETS), help="S2 band subset")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline and run (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="repeats of the whole measurement (default 3)")
     parser.add_argument("--recompress", help="rewrite the shards with this Parquet codec first (lz4, snappy, none)")
     parser.add_argument("--ray-cpus", type=int, default=0, help="also time Ray Data with N CPUs (wall clock)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
@@ -189,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.runs < 1 or args.repeats < 1:
+        raise SystemExit(f"--runs {args.runs} and --repeats {args.repeats}: both must be at least 1")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data
@@ -214,21 +240,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_prior = CutSamples(meta, args.bands, args.crop, draw, cpu_prior="ts")
         unchecked = UncheckedCutSamples(meta, args.bands, args.crop, draw, labels_all=True)
         bands = list(S2_BAND_SUBSETS[args.bands])
-        reference = measure(lambda: reference_pass(files, meta, bands, args.crop), args.repeats)
+        pipelines: dict[str, Callable[[], int]] = {
+            "reference_style": lambda: reference_pass(files, meta, bands, args.crop),
+            "cromss_prior_on_device": lambda: cromss_pass(files, device_prior),
+            "cromss_prior_on_cpu": lambda: cromss_pass(files, cpu_prior),
+            "cromss_checksums_only_prior_on_device": lambda: cromss_pass(files, unchecked),
+            "cromss_unchecked_prior_on_device": lambda: cromss_pass(files, unchecked, False),
+        }
+        loads, runs = [], []
+        for _ in range(args.runs):
+            loads.append(os.getloadavg()[0])
+            runs.append({name: measure(run, args.repeats) for name, run in pipelines.items()})
+        repeats: Section = {
+            "runs": args.runs,
+            "timed_passes_per_run": args.repeats,
+            "load_average_1min_at_starts": ", ".join(f"{load:.2f}" for load in loads),
+        }
         sections = {
             "machine": machine_section(CPU),
             "shards": shards,
-            "reference_style": reference,
-            "cromss_prior_on_device": measure(lambda: cromss_pass(files, device_prior), args.repeats),
-            "cromss_prior_on_cpu": measure(lambda: cromss_pass(files, cpu_prior), args.repeats),
-            "cromss_checksums_only_prior_on_device": measure(lambda: cromss_pass(files, unchecked), args.repeats),
-            "cromss_unchecked_prior_on_device": measure(lambda: cromss_pass(files, unchecked, False), args.repeats),
+            "repeats": repeats,
+            **summarise_runs(runs, "reference_style"),
         }
         baseline = sections["cromss_unchecked_prior_on_device"]["samples_per_cpu_s"]
         for name, cost in (("cromss_prior_on_device", "read_checks"), ("cromss_checksums_only_prior_on_device", "checksums")):
             sections[name][f"{cost}_cost_pct"] = 100 * (baseline / sections[name]["samples_per_cpu_s"] - 1)
-        for name in ("cromss_prior_on_device", "cromss_prior_on_cpu"):
-            sections[name]["speedup_per_core_x"] = sections[name]["samples_per_cpu_s"] / reference["samples_per_cpu_s"]
         if args.ray_cpus:
             shard_dir = os.path.dirname(files[0])
             sections["ray_data_prior_on_device"] = ray_pass(shard_dir, args.crop, args.bands, args.ray_cpus)

@@ -10,7 +10,11 @@ back to back on the same batch:
 * ``objective``: the prior plus the objective's forward and backward from detached
   logits, i.e. everything in the step that is CromSS rather than the network;
 * ``prior`` and ``weights`` (confidences, entangling, selection and consistency
-  weights) alone, to split the objective.
+  weights) alone, to split the objective;
+* ``noise_diagnostics``: one batch's update of both branches'
+  :class:`~cromss_ray.method.NoiseDiagnostics` from the step's trust and weight maps and
+  the clean labels, what a training loop adds per step to score the selection against
+  known clean labels (``noise_diagnostics_share_pct`` of the step).
 
 The network's time is ``step - objective``. Figures are medians over ``--repeats``
 after ``--warmup`` untimed rounds. On a CPU the process CPU time of the step and of
@@ -42,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import Repeats, Section, machine_section, publish, resolve_device, timed
 from cromss_ray.method import (
     CromSSLoss,
+    NoiseDiagnostics,
     build_model,
     consistency_weights,
     entangle,
@@ -72,12 +77,16 @@ class StepBatch:
     labels_all: torch.Tensor
     season: torch.Tensor
     y: torch.Tensor
+    clean: torch.Tensor
 
 
 def synthetic_batch(
     batch: int, size: int, s2_bands: int, classes: int, device: torch.device, channels_last: bool, seed: int = 0
 ) -> StepBatch:
-    """Random images in [0, 1] and patchy four-season label maps (the cost of a step does not depend on content)."""
+    """Random images in [0, 1] and patchy four-season label maps (the cost of a step does not depend on content).
+
+    The clean label map is the patches' base class; the seasonal changes make the noisy label differ from it.
+    """
     generator = torch.Generator().manual_seed(seed)
     cells = size // LABEL_PATCH
     base = torch.randint(classes, (batch, 1, cells, cells), generator=generator)
@@ -95,6 +104,7 @@ def synthetic_batch(
         labels_all=labels_all.to(device, torch.uint8),
         season=season.to(device),
         y=y.to(device),
+        clean=base[:, 0].repeat_interleave(LABEL_PATCH, dim=-2).repeat_interleave(LABEL_PATCH, dim=-1).to(device),
     )
 
 
@@ -118,6 +128,9 @@ class StepBench:
         with torch.no_grad(), self.autocast():
             z1, z2 = model(batch.x1, batch.x2)
         self.logits = (z1.detach().requires_grad_(), z2.detach().requires_grad_())
+        _, _, self.maps = criterion.forward_with_selection(z1, z2, batch.y, epoch=epoch)
+        classes, ignore = criterion.classes, criterion.ignore_index
+        self.noise = [NoiseDiagnostics(classes, ignore, batch.y.device) for _ in self.maps.trust]
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -157,6 +170,11 @@ class StepBench:
             selection_weights(confidence, y, ratio, criterion.classes, criterion.class_balanced)
         for confidence in prediction:
             consistency_weights(confidence, self.epoch, criterion.ramp_length, criterion.ramp)
+
+    def noise_diagnostics(self) -> None:
+        """Both branches' noise-diagnostics update for the batch (per step; their compute runs once per epoch)."""
+        for diagnostics, trust, weights in zip(self.noise, self.maps.trust, self.maps.weights):
+            diagnostics.update(self.batch.y, self.batch.clean, weights, trust)
 
     def model_flops(self) -> int:
         """FLOPs of the network's forward and backward on the batch (the optimiser and objective left out)."""
@@ -202,14 +220,11 @@ def bench_fusion(fusion: str, args: argparse.Namespace, device: torch.device) ->
         bench.criterion = torch.compile(criterion)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timings = measure(
-        {"step": bench.step, "objective": bench.objective, "prior": bench.prior, "weights": bench.weights},
-        device,
-        args.warmup,
-        args.repeats,
-    )
+    pieces = {"step": bench.step, "objective": bench.objective, "prior": bench.prior, "weights": bench.weights}
+    timings = measure({**pieces, "noise_diagnostics": bench.noise_diagnostics}, device, args.warmup, args.repeats)
     step, objective = timings["step"].median, timings["objective"].median
     prior, weights = timings["prior"].median, timings["weights"].median
+    noise = timings["noise_diagnostics"].median
     achieved = flops / step / 1e12
     rows: Section = {
         "images_per_s": args.batch / step,
@@ -221,6 +236,8 @@ def bench_fusion(fusion: str, args: argparse.Namespace, device: torch.device) ->
         "prior_ms": prior * 1e3,
         "weights_ms": weights * 1e3,
         "loss_terms_ms": (objective - prior - weights) * 1e3,
+        "noise_diagnostics_ms": noise * 1e3,
+        "noise_diagnostics_share_pct": 100 * noise / step,
         "model_gflop_per_step": flops / 1e9,
         "model_gflop_per_image": flops / args.batch / 1e9,
         "achieved_tflop_per_s": achieved,
@@ -230,6 +247,7 @@ def bench_fusion(fusion: str, args: argparse.Namespace, device: torch.device) ->
         rows["step_cpu_s"] = step_cpu
         rows["images_per_cpu_s"] = args.batch / step_cpu
         rows["objective_share_cpu_pct"] = 100 * timings["objective"].cpu_median / step_cpu
+        rows["noise_diagnostics_share_cpu_pct"] = 100 * timings["noise_diagnostics"].cpu_median / step_cpu
     if args.peak_tflops is not None:
         rows["mfu_pct"] = 100 * achieved / args.peak_tflops
     if device.type == "cuda":

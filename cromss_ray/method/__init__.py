@@ -1,4 +1,4 @@
-"""The CromSS method in pure PyTorch: networks, smoothing, confidences, selection, losses, metrics.
+"""The CromSS method in pure PyTorch: networks, smoothing, confidences, selection, losses, metrics, noise diagnostics.
 
 Section numbers in docstrings refer to ``docs/cromss-method.md``. This package imports
 only torch, segmentation-models-pytorch, numpy and scipy.
@@ -6,8 +6,10 @@ only torch, segmentation-models-pytorch, numpy and scipy.
 
 from cromss_ray.method.checkpoints import encoder_state_dict, load_encoder_state, load_reference_checkpoint
 from cromss_ray.method.confidence import entangle, label_confidence, prediction_confidence
+from cromss_ray.method.diagnostics import NoiseDiagnostics
 from cromss_ray.method.losses import (
     CromSSLoss,
+    SelectionMaps,
     consistency_loss,
     weighted_cross_entropy,
     weighted_dice,
@@ -32,6 +34,8 @@ __all__ = [
     "CromSSNet",
     "LateFusionNet",
     "MidFusionNet",
+    "NoiseDiagnostics",
+    "SelectionMaps",
     "build_model",
     "build_segmentation_model",
     "consistency_loss",

@@ -9,7 +9,7 @@ weights are 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,15 @@ CONSISTENCY_KINDS: tuple[str, ...] = ("ce", "kl", "mse", "none")
 LOSS_TERM_NAMES: dict[str, str] = {"c": "ce", "d": "dice", "f": "focal"}
 DICE_EPS = 1e-7
 MODALITIES: tuple[str, str] = ("s1", "s2")
+
+
+class SelectionMaps(NamedTuple):
+    """Per-pixel maps ``(N, H, W)`` of one step, per modality (s1, s2): the entangled label
+    confidences ``c^_lbl`` (spec 4), i.e. the trust in each noisy label, and the segmentation
+    weights ``w`` computed from them (spec 6; 1 everywhere labelled when selection is off)."""
+
+    trust: tuple[torch.Tensor, torch.Tensor]
+    weights: tuple[torch.Tensor, torch.Tensor]
 
 
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -134,8 +143,10 @@ class CromSSLoss(nn.Module):
     selection is off); per modality ``<m>/selected_share`` (share of labelled pixels at
     full segmentation weight), ``<m>/weight_mean`` (mean segmentation weight),
     ``<m>/confidence_pred`` and ``<m>/confidence_label`` (mean raw, not entangled,
-    confidences over labelled pixels). :meth:`evaluate` gives the validation loss and
-    :meth:`selection_maps` the per-pixel weight maps for figures.
+    confidences over labelled pixels). :meth:`forward_with_selection` also returns the
+    step's per-pixel trust and weight maps (for :class:`~cromss_ray.method.diagnostics.NoiseDiagnostics`),
+    :meth:`evaluate` gives the validation loss and :meth:`selection_maps` the per-pixel
+    weight maps for figures.
     """
 
     def __init__(
@@ -196,8 +207,8 @@ class CromSSLoss(nn.Module):
     @torch.no_grad()
     def _weights(
         self, logits: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, labelled: torch.Tensor, epoch: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Segmentation weights w_m, consistency weights v_m and their diagnostics (spec 3-7)."""
+    ) -> tuple[SelectionMaps, list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Trust and segmentation weights w_m, consistency weights v_m and their diagnostics (spec 3-7)."""
         pred_conf = [prediction_confidence(z, self.confidence) for z in logits]
         label_conf = [label_confidence(z, y) for z in logits]
         mask = labelled.float()
@@ -206,17 +217,18 @@ class CromSSLoss(nn.Module):
         for name, pred, lbl in zip(MODALITIES, pred_conf, label_conf):
             diagnostics[f"{name}/confidence_pred"] = (pred * mask).sum() / count
             diagnostics[f"{name}/confidence_label"] = (lbl * mask).sum() / count
+        trust = entangle(*label_conf)
         if self.selection:
             ratio = selection_ratio(epoch, self.ramp_length, self.final_ratio, self.ramp)
-            seg = [selection_weights(c, y, ratio, self.classes, self.class_balanced) for c in entangle(*label_conf)]
+            s1, s2 = (selection_weights(c, y, ratio, self.classes, self.class_balanced) for c in trust)
             con = [consistency_weights(c, epoch, self.ramp_length, self.ramp) * mask for c in entangle(*pred_conf)]
         else:
-            ratio, seg, con = 1.0, [mask, mask], [mask, mask]
+            ratio, (s1, s2), con = 1.0, (mask, mask), [mask, mask]
         diagnostics["selection/ratio"] = mask.new_tensor(ratio)
-        for name, weights in zip(MODALITIES, seg):
+        for name, weights in zip(MODALITIES, (s1, s2)):
             diagnostics[f"{name}/selected_share"] = ((weights >= 1.0) & labelled).sum() / count
             diagnostics[f"{name}/weight_mean"] = weights.sum() / count
-        return seg, con, diagnostics
+        return SelectionMaps(trust, (s1, s2)), con, diagnostics
 
     def _objective(
         self,
@@ -258,12 +270,19 @@ class CromSSLoss(nn.Module):
         ``prior`` ``(N, C, H, W)`` is the smoothing prior (None: uniform, prior
         type 'none'); ``epoch`` is the zero-based epoch of the schedules (spec 5-8).
         """
+        loss, diagnostics, _ = self.forward_with_selection(z1, z2, y, prior, epoch)
+        return loss, diagnostics
+
+    def forward_with_selection(
+        self, z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None = None, epoch: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelectionMaps]:
+        """:meth:`forward` and the trust and weight maps it computed on the way (no extra work)."""
         logits = (z1.float(), z2.float())
         y, labelled = self._clean_labels(y)
-        seg, con, diagnostics = self._weights(logits, y, labelled, epoch)
+        maps, con, diagnostics = self._weights(logits, y, labelled, epoch)
         targets = smoothed_target(y, prior, self.smoothing_factors, self.classes)
-        loss, terms = self._objective(logits, targets, seg, con)
-        return loss, {**terms, **diagnostics}
+        loss, terms = self._objective(logits, targets, maps.weights, con)
+        return loss, {**terms, **diagnostics}, maps
 
     def evaluate(
         self, z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor
@@ -287,5 +306,5 @@ class CromSSLoss(nn.Module):
         """
         logits = (z1.float(), z2.float())
         y, labelled = self._clean_labels(y)
-        seg, _, _ = self._weights(logits, y, labelled, epoch)
-        return seg[0], seg[1]
+        maps, _, _ = self._weights(logits, y, labelled, epoch)
+        return maps.weights

@@ -19,6 +19,8 @@ FUSION_ROWS = {
     "prior_ms",
     "weights_ms",
     "loss_terms_ms",
+    "noise_diagnostics_ms",
+    "noise_diagnostics_share_pct",
     "model_gflop_per_step",
     "model_gflop_per_image",
     "achieved_tflop_per_s",
@@ -26,6 +28,7 @@ FUSION_ROWS = {
     "step_cpu_s",
     "images_per_cpu_s",
     "objective_share_cpu_pct",
+    "noise_diagnostics_share_cpu_pct",
 }
 
 
