@@ -14,7 +14,7 @@ After each epoch the validation split is scored from one confusion matrix summed
 the workers (spec 11: ``val/<branch>/oa``, ``miou``, ``mf1``, per-class IoU and F1), on
 the centre crops of ``data.crop`` pixels the pipeline cuts. After the last epoch the test
 split (``data.test_uri``, else the validation rows) is scored on whole tiles with the
-scoring of ``cromss evaluate`` (:func:`cromss_ray.train.evaluate.score_tiles`; each
+scoring of ``cromss evaluate`` (:func:`cromss_ray.models.scoring.score_tiles`; each
 worker its share of the shard files, the confusion matrices summed): the registered
 ``test/<branch>/...`` scores are what ``cromss evaluate`` prints for the model and data.
 
@@ -52,14 +52,14 @@ from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, se
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import TileSet
 from cromss_ray.method import ConfusionMatrix, encoder_state_dict, load_encoder_state, load_reference_checkpoint
-from cromss_ray.predict import output_stride, pad_to_multiple
+from cromss_ray.models.scoring import score_tiles
+from cromss_ray.models.segmenter import output_stride, pad_to_multiple
+from cromss_ray.models.stored import transfer_network, transfer_segmenter
 from cromss_ray.tracking.finetuned import (
     TransferSource,
     default_registry_name,
     log_finetuned_model,
     run_tags,
-    transfer_network,
-    transfer_segmenter,
 )
 from cromss_ray.tracking.registry import load_pretrained
 from cromss_ray.tracking.runs import RunTracker
@@ -88,7 +88,6 @@ from cromss_ray.train.common import (
     step_scheduler,
     unwrap,
 )
-from cromss_ray.train.evaluate import score_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -478,7 +477,7 @@ def evaluate_split(context: WorkerContext, network: nn.Module, shard: ray.data.D
 
 @torch.no_grad()
 def evaluate_tiles(context: WorkerContext, network: nn.Module, tiles: TileSet, split: str) -> Evaluation:
-    """Score whole tiles as ``cromss evaluate`` does (:func:`~cromss_ray.train.evaluate.score_tiles`).
+    """Score whole tiles as ``cromss evaluate`` does (:func:`~cromss_ray.models.scoring.score_tiles`).
 
     Each rank predicts its share of the shard files with the unwrapped network, in fp32
     and tiled above 512 px like the registered model; loss and confusion matrix are

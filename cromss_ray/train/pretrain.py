@@ -39,7 +39,7 @@ from cromss_ray.config import ConfigError, PretrainConfig
 from cromss_ray.data.pipeline import DeviceBatch, pretrain_datasets, set_epoch, to_device
 from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
 from cromss_ray.method import ConfusionMatrix, CromSSLoss, build_model, fused_probabilities
-from cromss_ray.tracking.models import log_pretrained_model
+from cromss_ray.tracking.pyfunc import log_pretrained_model
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri
 from cromss_ray.train.common import (

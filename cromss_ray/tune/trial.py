@@ -25,7 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from cromss_ray.config import PretrainConfig
 from cromss_ray.train.pretrain import latest_checkpoint, run_pretrain
-from cromss_ray.tune.runs import SWEEP_TAG, TRIAL_TAG, delete_trial_runs
+from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, delete_trial_runs
 from cromss_ray.tune.space import apply_sample
 
 TRAIN_RUNS_DIR = "train"
