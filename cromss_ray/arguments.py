@@ -7,7 +7,9 @@ package's ``cli.py`` can use it without importing another package's command line
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 TRACKING_HELP = "MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
@@ -43,3 +45,16 @@ def fail(command: str, message: object) -> int:
     """Print ``cromss COMMAND: message`` to stderr; exit code 1."""
     print(f"cromss {command}: {message}", file=sys.stderr)
     return 1
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A subcommand ``name`` run by ``handler``, documented by the handler's docstring: its first
+    paragraph (without its full stop) is the line in ``cromss --help``, the rest the command's own description."""
+    summary, _, description = inspect.cleandoc(handler.__doc__ or "").partition("\n\n")
+    parser = subparsers.add_parser(
+        name, help=" ".join(summary.split()).rstrip("."), description=" ".join(description.split()) or None
+    )
+    parser.set_defaults(handler=handler)
+    return parser

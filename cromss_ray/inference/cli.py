@@ -11,7 +11,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from cromss_ray.arguments import MODEL_HELP, TRACKING_HELP, fail
+from cromss_ray.arguments import add_command, MODEL_HELP, TRACKING_HELP, fail
 from cromss_ray.models import MODEL_TILE
 
 BRANCH_HELP = "for a pretrained CromSS model: predict from 's1' or 's2' alone (default: fused)"
@@ -19,27 +19,12 @@ BRANCH_HELP = "for a pretrained CromSS model: predict from 's1' or 's2' alone (d
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` and ``predict`` subcommands."""
-    evaluate = subparsers.add_parser(
-        "evaluate",
-        help="score a registered model on a downstream test split",
-        description="Predict every tile of a downstream shard set and print OA, mIoU, mF1 and per-class scores "
-        "from one confusion matrix (spec 11).",
-    )
+    evaluate = add_command(subparsers, "evaluate", _evaluate)
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", required=True, metavar="URI", help="downstream shards (directory or s3://...)")
     evaluate.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store")
-    evaluate.set_defaults(handler=_evaluate)
 
-    predict = subparsers.add_parser(
-        "predict",
-        help="predict a class-map GeoTIFF from Sentinel-1/2 GeoTIFFs",
-        description=(
-            "Predict a class map on the grid and CRS of the input GeoTIFFs (any size), tiled with overlap and "
-            "blended so there are no seams. Input values are scaled as the model's training shards were "
-            "(fine-tuned models) or as raw products, S1 in dB and S2 L1C digital numbers (pretrained models), "
-            "unless --s1-scale ... say otherwise."
-        ),
-    )
+    predict = add_command(subparsers, "predict", _predict)
     _add_model_arguments(predict)
     predict.add_argument("--s1", type=Path, metavar="S1.tif", help="Sentinel-1 GeoTIFF (VV, VH)")
     predict.add_argument(
@@ -51,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             predict.add_argument(
                 f"--{modality}-{part}", type=float, help=f"model input = stored * scale + offset for {modality.upper()}"
             )
-    predict.set_defaults(handler=_predict)
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, its branch, the windows and the store: what ``evaluate`` and ``predict`` share."""
@@ -63,7 +47,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help=TRACKING_HELP)
 
 
+def _windows(args: argparse.Namespace) -> dict[str, int | None]:
+    """The window arguments of ``_add_model_arguments`` as keyword arguments of the prediction."""
+    return {"tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size}
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    """score a registered model on a downstream test split.
+
+    Predict every tile of a downstream shard set and print OA, mIoU, mF1 and per-class scores
+    from one confusion matrix (spec 11).
+    """
     from cromss_ray.tracking.registry import ModelNotFoundError
     from cromss_ray.inference.evaluate import evaluate_model, format_evaluation
 
@@ -74,9 +68,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             branch=args.branch,
             tracking_uri=args.tracking_uri,
             s3_endpoint=args.s3_endpoint,
-            tile=args.tile,
-            overlap=args.overlap,
-            batch_size=args.batch_size,
+            **_windows(args),
         )
     except (ModelNotFoundError, ValueError, FileNotFoundError) as exc:
         return fail("evaluate", exc)
@@ -85,6 +77,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """predict a class-map GeoTIFF from Sentinel-1/2 GeoTIFFs.
+
+    Predict a class map on the grid and CRS of the input GeoTIFFs (any size), tiled with overlap
+    and blended so there are no seams. Input values are scaled as the model's training shards
+    were (fine-tuned models) or as raw products, S1 in dB and S2 L1C digital numbers (pretrained
+    models), unless --s1-scale ... say otherwise.
+    """
     import torch
 
     from cromss_ray.models.geotiff import predict_geotiff
@@ -107,9 +106,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.out,
             s1=args.s1,
             s2=args.s2,
-            tile=args.tile,
-            overlap=args.overlap,
-            batch_size=args.batch_size,
+            **_windows(args),
             tags={"model": args.model, "branch": segmenter.branch},
         )
     except (ModelNotFoundError, ValueError) as exc:

@@ -14,7 +14,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from cromss_ray.arguments import MODEL_HELP, TRACKING_HELP, fail
+from cromss_ray.arguments import add_command, MODEL_HELP, TRACKING_HELP, fail
 
 SOURCE_TAG = "paper-checkpoint"
 PRETRAIN_EXPERIMENT = "cromss-pretrain"
@@ -23,24 +23,13 @@ HASH_CHUNK_BYTES = 1 << 20
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export``, ``import-checkpoint`` and ``compare`` subcommands."""
-    export = subparsers.add_parser(
-        "export",
-        help="write a pretrained model's S1 or S2 encoder as a plain state dict",
-        description="Write one branch's encoder of a registered pretrained model as a torch state dict "
-        "that smp (Unet(...).encoder) and timm ResNets with the same input channels load.",
-    )
+    export = add_command(subparsers, "export", export_encoder)
     export.add_argument("--model", required=True, help=MODEL_HELP)
     export.add_argument("--branch", required=True, choices=("s1", "s2"), help="which modality's encoder")
     export.add_argument("--out", required=True, type=Path, help="output file (torch.save)")
     export.add_argument("--tracking-uri", help=TRACKING_HELP)
-    export.set_defaults(handler=export_encoder)
 
-    importer = subparsers.add_parser(
-        "import-checkpoint",
-        help="register one of the paper's released checkpoints as a pretrained model",
-        description="Load a CromSS Lightning checkpoint (net.encoder1. / net.model1. ... keys), log it in a run "
-        "of the pretraining experiment and register it as a pyfunc model.",
-    )
+    importer = add_command(subparsers, "import-checkpoint", import_checkpoint)
     importer.add_argument("path", type=Path, help="the checkpoint file (.ckpt)")
     importer.add_argument("--fusion", required=True, choices=("mid", "late"), help="fusion of the checkpoint")
     importer.add_argument("--register", required=True, metavar="NAME", help="registered model name")
@@ -53,23 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     importer.add_argument(
         "--trusted", action="store_true", help="unpickle the whole checkpoint (only for files you trust)"
     )
-    importer.set_defaults(handler=import_checkpoint)
 
-    compare = subparsers.add_parser(
-        "compare",
-        help="tabulate test mIoU / OA of the transfer runs of an experiment",
-        description="Group the transfer runs of an MLflow experiment by initialisation, decoder and encoder mode "
-        "and print their mean test mIoU / OA as in the paper's tables; the CSV goes to --out, else into a "
-        "new run of the experiment.",
-    )
+    compare = add_command(subparsers, "compare", _compare)
     compare.add_argument("experiment", help="MLflow experiment, e.g. cromss-finetune")
     compare.add_argument("--out", type=Path, metavar="CSV", help="write the CSV here instead of logging a run")
     compare.add_argument("--tracking-uri", help=TRACKING_HELP)
-    compare.set_defaults(handler=_compare)
 
 
 def export_encoder(args: argparse.Namespace) -> int:
-    """Save ``encoder_state_dict(model, branch)`` of ``--model`` to ``--out``."""
+    """write a pretrained model's S1 or S2 encoder as a plain state dict.
+
+    Write one branch's encoder of a registered pretrained model as a torch state dict that smp
+    (Unet(...).encoder) and timm ResNets with the same input channels load.
+    """
     import torch
 
     from cromss_ray.method import encoder_state_dict
@@ -99,7 +84,11 @@ def _sha256(path: Path) -> str:
 
 
 def import_checkpoint(args: argparse.Namespace) -> int:
-    """Load a paper checkpoint, log it in a run of its own and register it (spec 12)."""
+    """register one of the paper's released checkpoints as a pretrained model.
+
+    Load a CromSS Lightning checkpoint (net.encoder1. / net.model1. ... keys), log it in a run
+    of the pretraining experiment and register it as a pyfunc model.
+    """
     from cromss_ray.config import PretrainConfig, build_config
     from cromss_ray.method import load_reference_checkpoint
     from cromss_ray.models.stored import check_matches_config
@@ -147,6 +136,12 @@ def import_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    """tabulate test mIoU / OA of the transfer runs of an experiment.
+
+    Group the transfer runs of an MLflow experiment by initialisation, decoder and encoder mode
+    and print their mean test mIoU / OA as in the paper's tables; the CSV goes to --out, else
+    into a new run of the experiment.
+    """
     from cromss_ray.tracking.compare import compare_experiment
 
     try:

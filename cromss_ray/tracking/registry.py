@@ -108,51 +108,42 @@ def register_model_version(
     return int(version.version)
 
 
-def _not_found(exc: MlflowException) -> bool:
-    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+@contextmanager
+def _missing_as(message: str) -> Iterator[None]:
+    """MLflow's "does not exist" inside the block becomes a :class:`ModelNotFoundError` saying ``message``."""
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise ModelNotFoundError(message) from None
+        raise
 
 
 def _registered_version(client: MlflowClient, name: str, alias: str | None, version: str | None) -> ModelVersion:
     """The version ``models:/name@alias`` or ``models:/name/version`` names; errors say what is missing."""
-    try:
+    with _missing_as(f"no registered model '{name}' in {redact_uri(client.tracking_uri)}"):
         registered = client.get_registered_model(name)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"no registered model '{name}' in {redact_uri(client.tracking_uri)}") from None
-        raise
     if alias is not None and alias.lower() != LATEST_ALIAS and alias not in registered.aliases:
         known = ", ".join(f"@{key}" for key in sorted(registered.aliases)) or "none besides @latest"
         raise ModelNotFoundError(f"registered model '{name}' has no alias '@{alias}' (its aliases: {known})")
-    try:
+    wanted = f"alias '@{alias}'" if alias is not None else f"version {version}"
+    with _missing_as(f"registered model '{name}' has no {wanted}"):
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
-    except MlflowException as exc:
-        if _not_found(exc):
-            wanted = f"alias '@{alias}'" if alias is not None else f"version {version}"
-            raise ModelNotFoundError(f"registered model '{name}' has no {wanted}") from None
-        raise
 
 
 def _logged_model_location(client: MlflowClient, model_id: str) -> tuple[str, str | None]:
     """Artifact location and source run of logged model ``model_id``."""
-    try:
+    with _missing_as(f"no logged model '{model_id}' in {redact_uri(client.tracking_uri)}"):
         logged = client.get_logged_model(model_id)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"no logged model '{model_id}' in {redact_uri(client.tracking_uri)}") from None
-        raise
     return logged.artifact_location, logged.source_run_id
 
 
 def _run_model_id(client: MlflowClient, run_id: str, name: str) -> str:
     """The model named ``name`` that run ``run_id`` logged last (highest step, then newest)."""
-    try:
+    with _missing_as(f"no run '{run_id}' in {redact_uri(client.tracking_uri)}"):
         run = client.get_run(run_id)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"no run '{run_id}' in {redact_uri(client.tracking_uri)}") from None
-        raise
     candidates = [
         (output.step, logged.creation_timestamp, logged.model_id)
         for output in (run.outputs.model_outputs if run.outputs else [])

@@ -15,46 +15,34 @@ from __future__ import annotations
 
 import argparse
 
-from cromss_ray.arguments import add_config_arguments, fail
+from cromss_ray.arguments import add_command, add_config_arguments, fail
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``pretrain`` and ``finetune`` subcommands."""
-    parser = subparsers.add_parser(
-        "pretrain",
-        help="pretrain a multimodal network with CromSS on Ray Train",
-        description=(
-            "Pretrain a middle- or late-fusion S1/S2 network with CromSS on NoLDO-S12 shards across "
-            "Ray Train workers; tracked in MLflow, the model registered under cromss-<fusion>-<bands>b."
-        ),
-    )
+    parser = add_command(subparsers, "pretrain", _pretrain)
     add_config_arguments(parser)
-    parser.set_defaults(handler=_pretrain)
 
-    finetune = subparsers.add_parser(
-        "finetune",
-        help="fine-tune a single-modality network from a pretrained encoder on Ray Train",
-        description=(
-            "Train an smp segmentation network (any decoder) on downstream shards, its S1 or S2 encoder "
-            "taken from a registered pretrained model, a paper checkpoint or random; frozen or fine-tuned. "
-            "Tracked in MLflow, registered as cromss-ft-<dataset>-<decoder>."
-        ),
-    )
+    finetune = add_command(subparsers, "finetune", _finetune)
     add_config_arguments(finetune)
     finetune.add_argument(
         "--init",
         metavar="SOURCE",
         help="models:/NAME@ALIAS, models:/NAME/VERSION, a paper checkpoint file, or 'random'; overrides model.init",
     )
-    finetune.set_defaults(handler=_finetune)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    """pretrain a multimodal network with CromSS on Ray Train.
+
+    Pretrain a middle- or late-fusion S1/S2 network with CromSS on NoLDO-S12 shards across Ray
+    Train workers; tracked in MLflow, the model registered under cromss-<fusion>-<bands>b.
+    """
     from cromss_ray.config import PretrainConfig, load_config
 
     config = load_config(PretrainConfig, args.config, args.overrides, data=args.data, tracking_uri=args.tracking_uri)
 
-    from cromss_ray.train.common import init_ray
+    from cromss_ray.train.cluster import init_ray
     from cromss_ray.train.pretrain import run_pretrain
 
     init_ray()
@@ -68,13 +56,19 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    """fine-tune a single-modality network from a pretrained encoder on Ray Train.
+
+    Train an smp segmentation network (any decoder) on downstream shards, its S1 or S2 encoder
+    taken from a registered pretrained model, a paper checkpoint or random; frozen or fine-
+    tuned. Tracked in MLflow, registered as cromss-ft-<dataset>-<decoder>.
+    """
     from cromss_ray.config import FinetuneConfig, load_config
 
     overrides = [*args.overrides, *([f"model.init={args.init}"] if args.init else [])]
     config = load_config(FinetuneConfig, args.config, overrides, data=args.data, tracking_uri=args.tracking_uri)
 
     from cromss_ray.tracking.registry import ModelNotFoundError
-    from cromss_ray.train.common import init_ray
+    from cromss_ray.train.cluster import init_ray
     from cromss_ray.train.finetune import resolve_init, run_finetune
 
     try:

@@ -1,4 +1,4 @@
-"""A Ray Tune sweep over the CromSS design space, every trial tracked in MLflow (issue 5).
+"""A Ray Tune sweep over the CromSS design space, every trial tracked in MLflow.
 
 ``run_sweep`` turns a ``TuneConfig`` into a Tuner: the search space (:mod:`.space`), a
 search algorithm (random or grid: ``BasicVariantGenerator``; Optuna TPE: ``OptunaSearch``
@@ -49,7 +49,7 @@ from cromss_ray.config import ConfigError, PretrainConfig, TrackingConfig, TuneC
 from cromss_ray.data.storage import resolve_filesystem, scan_shards
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
-from cromss_ray.train.common import absolute_storage_path, init_ray, resolve_use_gpu
+from cromss_ray.train.cluster import absolute_storage_path, init_ray, resolve_use_gpu
 from cromss_ray.tune import trial_runs
 from cromss_ray.tune.results import (
     UNFINISHED,
