@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,7 +329,7 @@ class WorkerContext:
 
     @property
     def branch(self) -> str:
-        return self.context.config.model.branch
+        return self.config.model.branch
 
     def batches(self, shard: ray.data.DataIterator, *, training: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The shard's ``(image of the branch, label)`` batches on the device, scaled (spec 9).
@@ -338,8 +338,8 @@ class WorkerContext:
         (DeepLabV3+, PSPNet) cannot train on a single sample.
         """
         for batch in shard.iter_torch_batches(
-            batch_size=self.context.config.optim.batch_size,
-            prefetch_batches=self.context.config.data.prefetch_batches,
+            batch_size=self.config.optim.batch_size,
+            prefetch_batches=self.config.data.prefetch_batches,
             drop_last=training,
         ):
             inputs = to_device(batch, self.meta, self.device, prior="none")

@@ -159,17 +159,17 @@ class WorkerContext:
         self, shard: ray.data.DataIterator, *, training: bool
     ) -> Iterator[tuple[dict[str, torch.Tensor], DeviceBatch]]:
         """The shard's batches as tensors on the device, scaled, with the prior when training (spec 2, 9)."""
-        prior = self.context.config.cromss.prior if training else "none"
+        prior = self.config.cromss.prior if training else "none"
         for batch in shard.iter_torch_batches(
-            batch_size=self.context.config.optim.batch_size, prefetch_batches=self.context.config.data.prefetch_batches
+            batch_size=self.config.optim.batch_size, prefetch_batches=self.config.data.prefetch_batches
         ):
             inputs = to_device(
                 batch,
                 self.meta,
                 self.device,
                 prior=prior,
-                sigma=self.context.config.cromss.prior_sigma,
-                classes=self.context.config.model.classes,
+                sigma=self.config.cromss.prior_sigma,
+                classes=self.config.model.classes,
             )
             yield batch, inputs
 
