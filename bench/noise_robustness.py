@@ -64,7 +64,8 @@ from cromss_ray.method import (
     weighted_dice,
 )
 from cromss_ray.train import finetune, pretrain
-from cromss_ray.train.common import Precision, TrainingState, build_optimizer, build_scheduler, step_scheduler
+from cromss_ray.train.checkpoints import TrainingState
+from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer, step_lr_scheduler
 
 TITLE = "bench.noise_robustness: CromSS vs naive noisy pretraining"
 S2_ONLY = "s2_only"
@@ -313,11 +314,11 @@ def transfer(
     precision = Precision.on(device, config.scaling.precision)
     context = finetune.WorkerContext(config, meta, device, precision)
     optimizer = build_optimizer(network.parameters(), config.optim)
-    state = TrainingState(network, optimizer, build_scheduler(optimizer, config.optim), precision.grad_scaler())
+    state = TrainingState(network, optimizer, build_lr_scheduler(optimizer, config.optim), precision.grad_scaler())
     for epoch in range(config.optim.epochs):
         clock.epoch = epoch
         metrics = finetune.train_epoch(context, state, train, epoch)
-        step_scheduler(state.scheduler, metrics["train/loss"])
+        step_lr_scheduler(state.scheduler, metrics["train/loss"])
     return float(finetune.evaluate_split(context, network, test, "test").metrics["test/s2/miou"])
 
 

@@ -61,7 +61,9 @@ from cromss_ray.data.synth import synthesize
 from cromss_ray.data.transforms import CutSamples, SampleDraw
 from cromss_ray.method import build_model
 from cromss_ray.train import pretrain
-from cromss_ray.train.common import LOCAL_HOST, Precision, TrainingState, build_optimizer
+from cromss_ray.train.checkpoints import TrainingState
+from cromss_ray.train.cluster import LOCAL_HOST
+from cromss_ray.train.optim import Precision, build_optimizer
 
 TITLE = "bench.ray_overhead: Ray Train + Ray Data vs a plain PyTorch loop"
 TILE_MARGIN = 8

@@ -19,7 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cromss_ray.data.cli",
     "cromss_ray.train.cli",
     "cromss_ray.tune.cli",
-    "cromss_ray.train.finetune_cli",
+    "cromss_ray.inference.cli",
     "cromss_ray.tracking.cli",
 )
 

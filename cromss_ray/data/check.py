@@ -31,7 +31,7 @@ from cromss_ray.data.shards import (
     manifest_disagreements,
     open_shard,
     read_manifest,
-    resolve_filesystem,
+    filesystem_and_path,
     validate_row,
 )
 
@@ -184,7 +184,7 @@ def check_shards(
     """
     root = os.fspath(uri_or_dir)
     report = CheckReport(root=root, skip_bad=skip_bad)
-    fs, _ = resolve_filesystem(root, filesystem)
+    fs, _ = filesystem_and_path(root, filesystem)
     try:
         paths = list_shards(root, fs)
     except (FileNotFoundError, NotADirectoryError) as exc:

@@ -10,6 +10,7 @@ See ``docs/data.md``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -84,6 +85,43 @@ CLASS_SCHEMES: dict[str, tuple[str, ...]] = {
 ShardKind = Literal["pretrain", "dw", "osm", "dfc2020", "custom"]
 Representation = Literal["physical", "v8"]
 REPRESENTATIONS: tuple[Representation, ...] = ("physical", "v8")
+
+DATASET_NAMES: dict[str, str] = {
+    "pretrain": "SSL4EO-S12@NoL",
+    "dw": "SSL4EO-S12@DW",
+    "osm": "SSL4EO-S12@OSM",
+    "dfc2020": "DFC2020",
+    "custom": "custom shards",
+}
+"""Display names of the shard kinds (spec 10)."""
+
+DYNAMIC_WORLD_COLORS = {
+    "water": "#419bdf",
+    "trees": "#397d49",
+    "grass": "#88b053",
+    "flooded vegetation": "#7a87c6",
+    "crops": "#e49635",
+    "shrub and scrub": "#dfc35a",
+    "built area": "#c4281b",
+    "bare ground": "#a59b8f",
+    "snow and ice": "#b39fe1",
+}
+"""The Dynamic World legend, so pretraining labels look as they do in Earth Engine."""
+
+
+def class_colors(class_names: Sequence[str]) -> list[tuple[float, float, float]]:
+    """One RGB colour per class: the Dynamic World colour where the name has one, else tab20.
+
+    matplotlib is imported here, on use, so reading a schema does not load it.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgb
+
+    fallback = colormaps["tab20"]
+    return [
+        to_rgb(DYNAMIC_WORLD_COLORS.get(name.lower(), fallback(index % fallback.N)))
+        for index, name in enumerate(class_names)
+    ]
 
 
 class ModalitySpec(BaseModel):

@@ -179,7 +179,7 @@ def decode_row(row: Mapping[str, Any], meta: ShardMetadata) -> dict[str, np.ndar
     return arrays
 
 
-def resolve_filesystem(
+def filesystem_and_path(
     uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
 ) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path within it for a local directory or a URI.
@@ -215,7 +215,7 @@ def list_shards(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem 
     are absolute. Hidden and temporary files (``.name``, ``_name``) are not shards.
     """
     text = os.fspath(uri_or_dir)
-    fs, base = resolve_filesystem(text, filesystem)
+    fs, base = filesystem_and_path(text, filesystem)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{text}: no such directory")
@@ -262,7 +262,7 @@ def manifest_disagreements(manifest: Manifest, rows_per_file: Mapping[str, int])
 def read_manifest(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> Manifest:
     """The ``manifest.json`` of a shard directory or URI."""
     text = os.fspath(uri_or_dir)
-    fs, base = resolve_filesystem(text, filesystem)
+    fs, base = filesystem_and_path(text, filesystem)
     path = f"{base.rstrip('/')}/{MANIFEST_NAME}"
     try:
         with fs.open_input_stream(path) as stream:
@@ -277,7 +277,7 @@ def read_manifest(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSyste
 
 def open_shard(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pq.ParquetFile, ShardMetadata]:
     """Open one shard file and read its metadata; raises :class:`ShardFileError` naming the file."""
-    fs, inner = resolve_filesystem(path, filesystem)
+    fs, inner = filesystem_and_path(path, filesystem)
     try:
         parquet = pq.ParquetFile(fs.open_input_file(inner), page_checksum_verification=True)
     except (OSError, pa.ArrowException) as exc:

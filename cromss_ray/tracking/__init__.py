@@ -1,4 +1,4 @@
-"""MLflow tracking for cromss-ray: runs, figures, the pyfunc model and the registry.
+"""MLflow tracking for cromss-ray: runs, figures, the pyfunc models and the registry.
 
 This is the only package that imports MLflow. The URI helpers load eagerly; everything
 else loads on first access (``from cromss_ray.tracking import RunTracker``), so that the
@@ -14,11 +14,9 @@ from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
 
 _LAZY_EXPORTS = {
     "RunTracker": "cromss_ray.tracking.runs",
-    "CromSSPyfunc": "cromss_ray.tracking.models",
-    "log_pretrained_model": "cromss_ray.tracking.models",
-    "predict_maps": "cromss_ray.tracking.models",
+    "CromSSPyfunc": "cromss_ray.tracking.pyfunc",
+    "log_pretrained_model": "cromss_ray.tracking.pyfunc",
     "ModelNotFoundError": "cromss_ray.tracking.registry",
-    "PretrainedModel": "cromss_ray.tracking.registry",
     "load_pretrained": "cromss_ray.tracking.registry",
     "set_alias": "cromss_ray.tracking.registry",
 }

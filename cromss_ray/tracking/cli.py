@@ -1,44 +1,35 @@
-"""``cromss export`` and ``cromss import-checkpoint``: encoders out of, paper weights into, the registry.
+"""``cromss export``, ``cromss import-checkpoint`` and ``cromss compare``: the registry and the runs, from the shell.
 
 ``export`` writes one branch's encoder as a plain state dict that an smp ``Unet``
 encoder and a timm ResNet with the same input channels load (spec 11).
 ``import-checkpoint`` registers one of the paper's Lightning checkpoints (spec 12) as
 a pretrained model, logged in a run of its own tagged ``source=paper-checkpoint``.
+``compare`` tabulates the test scores of the transfer runs of an experiment, as in the
+paper's tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 from pathlib import Path
+
+from cromss_ray.arguments import add_command, MODEL_HELP, TRACKING_HELP, fail
 
 SOURCE_TAG = "paper-checkpoint"
 PRETRAIN_EXPERIMENT = "cromss-pretrain"
 HASH_CHUNK_BYTES = 1 << 20
-TRACKING_URI_HELP = "MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``export`` and ``import-checkpoint`` subcommands."""
-    export = subparsers.add_parser(
-        "export",
-        help="write a pretrained model's S1 or S2 encoder as a plain state dict",
-        description="Write one branch's encoder of a registered pretrained model as a torch state dict "
-        "that smp (Unet(...).encoder) and timm ResNets with the same input channels load.",
-    )
-    export.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
+    """Add the ``export``, ``import-checkpoint`` and ``compare`` subcommands."""
+    export = add_command(subparsers, "export", export_encoder)
+    export.add_argument("--model", required=True, help=MODEL_HELP)
     export.add_argument("--branch", required=True, choices=("s1", "s2"), help="which modality's encoder")
     export.add_argument("--out", required=True, type=Path, help="output file (torch.save)")
-    export.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
-    export.set_defaults(handler=export_encoder)
+    export.add_argument("--tracking-uri", help=TRACKING_HELP)
 
-    importer = subparsers.add_parser(
-        "import-checkpoint",
-        help="register one of the paper's released checkpoints as a pretrained model",
-        description="Load a CromSS Lightning checkpoint (net.encoder1. / net.model1. ... keys), log it in a run "
-        "of the pretraining experiment and register it as a pyfunc model.",
-    )
+    importer = add_command(subparsers, "import-checkpoint", import_checkpoint)
     importer.add_argument("path", type=Path, help="the checkpoint file (.ckpt)")
     importer.add_argument("--fusion", required=True, choices=("mid", "late"), help="fusion of the checkpoint")
     importer.add_argument("--register", required=True, metavar="NAME", help="registered model name")
@@ -47,20 +38,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--alias", dest="aliases", action="append", metavar="ALIAS", help="alias for the new version (repeatable)"
     )
     importer.add_argument("--experiment", default=PRETRAIN_EXPERIMENT, help="MLflow experiment of the import run")
-    importer.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
+    importer.add_argument("--tracking-uri", help=TRACKING_HELP)
     importer.add_argument(
         "--trusted", action="store_true", help="unpickle the whole checkpoint (only for files you trust)"
     )
-    importer.set_defaults(handler=import_checkpoint)
 
-
-def _fail(command: str, message: object) -> int:
-    print(f"cromss {command}: {message}", file=sys.stderr)
-    return 1
+    compare = add_command(subparsers, "compare", _compare)
+    compare.add_argument("experiment", help="MLflow experiment, e.g. cromss-finetune")
+    compare.add_argument("--out", type=Path, metavar="CSV", help="write the CSV here instead of logging a run")
+    compare.add_argument("--tracking-uri", help=TRACKING_HELP)
 
 
 def export_encoder(args: argparse.Namespace) -> int:
-    """Save ``encoder_state_dict(model, branch)`` of ``--model`` to ``--out``."""
+    """write a pretrained model's S1 or S2 encoder as a plain state dict.
+
+    Write one branch's encoder of a registered pretrained model as a torch state dict that smp
+    (Unet(...).encoder) and timm ResNets with the same input channels load.
+    """
     import torch
 
     from cromss_ray.method import encoder_state_dict
@@ -69,7 +63,7 @@ def export_encoder(args: argparse.Namespace) -> int:
     try:
         pretrained = load_pretrained(args.model, tracking_uri=args.tracking_uri)
     except (ModelNotFoundError, ValueError) as exc:
-        return _fail("export", exc)
+        return fail("export", exc)
     state = encoder_state_dict(pretrained.model, args.branch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial")
@@ -90,20 +84,24 @@ def _sha256(path: Path) -> str:
 
 
 def import_checkpoint(args: argparse.Namespace) -> int:
-    """Load a paper checkpoint, log it in a run of its own and register it (spec 12)."""
+    """register one of the paper's released checkpoints as a pretrained model.
+
+    Load a CromSS Lightning checkpoint (net.encoder1. / net.model1. ... keys), log it in a run
+    of the pretraining experiment and register it as a pyfunc model.
+    """
     from cromss_ray.config import PretrainConfig, build_config
     from cromss_ray.method import load_reference_checkpoint
-    from cromss_ray.tracking.models import log_pretrained_model
+    from cromss_ray.models.stored import check_matches_config
+    from cromss_ray.tracking.pyfunc import log_pretrained_model
     from cromss_ray.tracking.registry import store_uri
     from cromss_ray.tracking.runs import RunTracker
-    from cromss_ray.tracking.storage import check_matches_config
 
     if not args.path.is_file():
-        return _fail("import-checkpoint", f"{args.path}: no such checkpoint file")
+        return fail("import-checkpoint", f"{args.path}: no such checkpoint file")
     try:
         model = load_reference_checkpoint(args.path, args.fusion, encoder=args.encoder, trusted=args.trusted)
     except ValueError as exc:
-        return _fail("import-checkpoint", exc)
+        return fail("import-checkpoint", exc)
     aliases = args.aliases or ["latest"]
     config = build_config(
         PretrainConfig,
@@ -122,7 +120,7 @@ def import_checkpoint(args: argparse.Namespace) -> int:
     try:
         check_matches_config(model, config)
     except ValueError as exc:
-        return _fail("import-checkpoint", f"{args.path}: {exc}")
+        return fail("import-checkpoint", f"{args.path}: {exc}")
     tags = {"source": SOURCE_TAG, "checkpoint": args.path.name, "checkpoint_sha256": _sha256(args.path)}
     with RunTracker.start(
         config,
@@ -134,4 +132,23 @@ def import_checkpoint(args: argparse.Namespace) -> int:
         version = log_pretrained_model(model, config, tracker=tracker, registry_name=args.register, aliases=aliases)
     shown = ", ".join(f"models:/{args.register}@{alias}" for alias in aliases)
     print(f"registered {args.path} as models:/{args.register}/{version} ({shown}); run {tracker.run_id}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """tabulate test mIoU / OA of the transfer runs of an experiment.
+
+    Group the transfer runs of an MLflow experiment by initialisation, decoder and encoder mode
+    and print their mean test mIoU / OA as in the paper's tables; the CSV goes to --out, else
+    into a new run of the experiment.
+    """
+    from cromss_ray.tracking.compare import compare_experiment
+
+    try:
+        comparison = compare_experiment(args.experiment, tracking_uri=args.tracking_uri, out=args.out)
+    except ValueError as exc:
+        return fail("compare", exc)
+    print(comparison.table)
+    where = comparison.path if comparison.path is not None else f"MLflow run {comparison.run_id}"
+    print(f"CSV: {where}")
     return 0

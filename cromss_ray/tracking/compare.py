@@ -23,9 +23,9 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from cromss_ray.data.schema import DATASET_NAMES
 from cromss_ray.tracking.finetuned import (
     BRANCH_TAG,
-    DATASET_NAMES,
     DATASET_TAG,
     DECODER_TAG,
     ENCODER_MODE_TAG,

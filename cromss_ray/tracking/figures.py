@@ -10,38 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap, to_rgb
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-DYNAMIC_WORLD_COLORS = {
-    "water": "#419bdf",
-    "trees": "#397d49",
-    "grass": "#88b053",
-    "flooded vegetation": "#7a87c6",
-    "crops": "#e49635",
-    "shrub and scrub": "#dfc35a",
-    "built area": "#c4281b",
-    "bare ground": "#a59b8f",
-    "snow and ice": "#b39fe1",
-}
-"""The Dynamic World legend, so pretraining labels look as they do in Earth Engine."""
+from cromss_ray.data.schema import class_colors
 
 UNLABELLED_COLOR = "#d9d9d9"
 LABEL_PANELS = (("label", "noisy label"), ("clean_label", "clean label"), ("prediction", "prediction"))
 WEIGHT_PANELS = (("weights_s1", "S1 selection weight"), ("weights_s2", "S2 selection weight"))
 PANEL_INCHES = 2.6
-
-
-def class_colors(class_names: Sequence[str]) -> list[tuple[float, float, float]]:
-    """One RGB colour per class: the Dynamic World colour where the name has one, else tab20."""
-    fallback = colormaps["tab20"]
-    return [
-        to_rgb(DYNAMIC_WORLD_COLORS.get(name.lower(), fallback(index % fallback.N)))
-        for index, name in enumerate(class_names)
-    ]
 
 
 def _new_figure(width: float, height: float) -> Figure:

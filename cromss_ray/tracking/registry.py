@@ -3,16 +3,15 @@
 Model URIs: ``models:/NAME@ALIAS`` (``@latest`` is MLflow's built-in alias of the newest
 version), ``models:/NAME/VERSION``, ``models:/<logged model id>`` and
 ``runs:/<run id>/model``. What is pulled is the pyfunc's artifacts (``model.pt``,
-``config.yaml``, ...); the network is rebuilt from them (:mod:`cromss_ray.tracking.storage`,
-:mod:`cromss_ray.tracking.finetuned`).
+``config.yaml``, ...); the network is rebuilt from them by :mod:`cromss_ray.models.stored`.
 """
 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -24,9 +23,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from cromss_ray.config import PretrainConfig, TrackingConfig
-from cromss_ray.method import CromSSNet
-from cromss_ray.tracking.storage import CONFIG_ARTIFACT, MODEL_NAME, SHARDS_ARTIFACT, WEIGHTS_ARTIFACT, load_network
+from cromss_ray.config import TrackingConfig
+from cromss_ray.models.segmenter import BranchName, Segmenter
+from cromss_ray.models.stored import (
+    CONFIG_FILE,
+    SHARDS_FILE,
+    WEIGHTS_FILE,
+    FinetunedModel,
+    PretrainedModel,
+    StoredModel,
+    load_stored,
+)
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
 
 LATEST_ALIAS = "latest"
@@ -34,21 +41,18 @@ MODELS_SCHEME = "models:/"
 RUNS_SCHEME = "runs:/"
 PYFUNC_FLAVOR = "python_function"
 MLMODEL_FILE = "MLmodel"
+MODEL_NAME = "model"
+"""The name a run logs its pyfunc model under (``runs:/<run id>/model``)."""
+WEIGHTS_ARTIFACT = "weights"
+CONFIG_ARTIFACT = "config"
+SHARDS_ARTIFACT = "shard_metadata"
+"""The artifact only fine-tuned models have: their training shards' metadata."""
+ARTIFACT_FILES = {WEIGHTS_ARTIFACT: WEIGHTS_FILE, CONFIG_ARTIFACT: CONFIG_FILE, SHARDS_ARTIFACT: SHARDS_FILE}
+"""The pyfunc's artifact keys and the stored-network files they hold."""
 
 
 class ModelNotFoundError(LookupError):
     """The store has no such registered model, version, alias, logged model or run."""
-
-
-@dataclass(frozen=True)
-class PretrainedModel:
-    """A pulled pretrained network (CPU, eval mode), its config and where it came from."""
-
-    model: CromSSNet
-    config: PretrainConfig
-    name: str | None
-    version: int | None
-    run_id: str | None
 
 
 def store_uri(tracking_uri: str | None = None) -> str:
@@ -104,51 +108,42 @@ def register_model_version(
     return int(version.version)
 
 
-def _not_found(exc: MlflowException) -> bool:
-    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+@contextmanager
+def _missing_as(message: str) -> Iterator[None]:
+    """MLflow's "does not exist" inside the block becomes a :class:`ModelNotFoundError` saying ``message``."""
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise ModelNotFoundError(message) from None
+        raise
 
 
 def _registered_version(client: MlflowClient, name: str, alias: str | None, version: str | None) -> ModelVersion:
     """The version ``models:/name@alias`` or ``models:/name/version`` names; errors say what is missing."""
-    try:
+    with _missing_as(f"no registered model '{name}' in {redact_uri(client.tracking_uri)}"):
         registered = client.get_registered_model(name)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"no registered model '{name}' in {redact_uri(client.tracking_uri)}") from None
-        raise
     if alias is not None and alias.lower() != LATEST_ALIAS and alias not in registered.aliases:
         known = ", ".join(f"@{key}" for key in sorted(registered.aliases)) or "none besides @latest"
         raise ModelNotFoundError(f"registered model '{name}' has no alias '@{alias}' (its aliases: {known})")
-    try:
+    wanted = f"alias '@{alias}'" if alias is not None else f"version {version}"
+    with _missing_as(f"registered model '{name}' has no {wanted}"):
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
-    except MlflowException as exc:
-        if _not_found(exc):
-            wanted = f"alias '@{alias}'" if alias is not None else f"version {version}"
-            raise ModelNotFoundError(f"registered model '{name}' has no {wanted}") from None
-        raise
 
 
 def _logged_model_location(client: MlflowClient, model_id: str) -> tuple[str, str | None]:
     """Artifact location and source run of logged model ``model_id``."""
-    try:
+    with _missing_as(f"no logged model '{model_id}' in {redact_uri(client.tracking_uri)}"):
         logged = client.get_logged_model(model_id)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"no logged model '{model_id}' in {redact_uri(client.tracking_uri)}") from None
-        raise
     return logged.artifact_location, logged.source_run_id
 
 
 def _run_model_id(client: MlflowClient, run_id: str, name: str) -> str:
     """The model named ``name`` that run ``run_id`` logged last (highest step, then newest)."""
-    try:
+    with _missing_as(f"no run '{run_id}' in {redact_uri(client.tracking_uri)}"):
         run = client.get_run(run_id)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"no run '{run_id}' in {redact_uri(client.tracking_uri)}") from None
-        raise
     candidates = [
         (output.step, logged.creation_timestamp, logged.model_id)
         for output in (run.outputs.model_outputs if run.outputs else [])
@@ -243,23 +238,57 @@ def download_cromss_model(
     return location, files
 
 
+def stored_files(artifacts: Mapping[str, str | Path]) -> tuple[Path, Path, Path | None]:
+    """The weights, config and (fine-tuned models only) shard-metadata files of a pyfunc's artifacts."""
+    shards = artifacts.get(SHARDS_ARTIFACT)
+    return Path(artifacts[WEIGHTS_ARTIFACT]), Path(artifacts[CONFIG_ARTIFACT]), Path(shards) if shards else None
+
+
+def load_cromss_model(
+    model_uri: str, *, tracking_uri: str | None = None, kind: str = "CromSS"
+) -> StoredModel:
+    """The fine-tuned or pretrained CromSS network behind ``model_uri``, rebuilt on the CPU.
+
+    A :class:`ModelNotFoundError` names the missing model, version, alias or run; a
+    ValueError says when the URI holds no CromSS model.
+    """
+    with TemporaryDirectory() as folder:
+        location, files = download_cromss_model(model_uri, Path(folder), tracking_uri=tracking_uri, kind=kind)
+        stored = load_stored(*stored_files(files))
+    return replace(stored, name=location.name, version=location.version, run_id=location.run_id)
+
+
 def load_pretrained(model_uri: str, *, tracking_uri: str | None = None) -> PretrainedModel:
     """The pretrained network behind ``model_uri`` (module docstring), rebuilt on the CPU.
 
     Used to pull encoders for transfer (spec 11). A :class:`ModelNotFoundError` names the
     missing model, version, alias or run; a ValueError says when the URI holds no CromSS
-    pyfunc model.
+    pretrained model.
     """
-    with TemporaryDirectory() as folder:
-        location, files = download_cromss_model(
-            model_uri, Path(folder), tracking_uri=tracking_uri, kind="CromSS pretrained"
+    stored = load_cromss_model(model_uri, tracking_uri=tracking_uri, kind="CromSS pretrained")
+    if isinstance(stored, FinetunedModel):
+        raise ValueError(
+            f"{model_uri} is a fine-tuned single-modality model, not a CromSS pretrained model "
+            "(its encoder cannot initialise a transfer run or be exported)"
         )
-        if SHARDS_ARTIFACT in files:
+    return stored
+
+
+def load_segmenter(
+    model_uri: str, *, branch: BranchName | None = None, tracking_uri: str | None = None
+) -> Segmenter:
+    """The network behind ``model_uri`` as a segmenter.
+
+    A fine-tuned model predicts from its own branch (``branch``, when given, must name
+    it) and reads inputs stored like its training shards. A pretrained CromSS model
+    predicts fused (default) or from ``branch`` 's1' / 's2' and reads the raw products
+    (S1 in dB, S2 L1C digital numbers; :data:`~cromss_ray.models.segmenter.PRODUCT_SCALING`).
+    """
+    stored = load_cromss_model(model_uri, tracking_uri=tracking_uri)
+    if isinstance(stored, FinetunedModel):
+        if branch is not None and branch != stored.config.model.branch:
             raise ValueError(
-                f"{model_uri} is a fine-tuned single-modality model, not a CromSS pretrained model "
-                "(its encoder cannot initialise a transfer run or be exported)"
+                f"{model_uri} is a fine-tuned {stored.config.model.branch.upper()} model; it cannot predict '{branch}'"
             )
-        network, config = load_network(files[WEIGHTS_ARTIFACT], files[CONFIG_ARTIFACT])
-    return PretrainedModel(
-        model=network, config=config, name=location.name, version=location.version, run_id=location.run_id
-    )
+        return stored.segmenter()
+    return stored.segmenter(branch)

@@ -28,11 +28,12 @@ from pydantic import BaseModel
 
 from cromss_ray import __version__
 from cromss_ray.config import flatten, to_yaml
+from cromss_ray.models.stored import CONFIG_FILE
 from cromss_ray.tracking.figures import confusion_matrix_figure, validation_sample_figure
 from cromss_ray.tracking.uris import absolute_tracking_uri, is_local_sqlite, redact_uri, sqlite_database_path
 
 ARTIFACTS_DIR_NAME = "mlartifacts"
-CONFIG_ARTIFACT = "config.yaml"
+
 TRUNCATION_MARK = "..."
 SAMPLE_KEYS = ("s2_rgb", "label", "clean_label", "prediction", "weights_s1", "weights_s2")
 RunEndStatus = Literal["FINISHED", "FAILED", "KILLED"]
@@ -161,7 +162,7 @@ class RunTracker:
             try:
                 params = config_params(config)
                 client.log_batch(tracker.run_id, params=[Param(key, value) for key, value in params.items()])
-                client.log_text(tracker.run_id, to_yaml(redacted_config(config)), CONFIG_ARTIFACT)
+                client.log_text(tracker.run_id, to_yaml(redacted_config(config)), CONFIG_FILE)
             except Exception:
                 tracker.finish("FAILED")
                 raise

@@ -1,52 +1,48 @@
-"""``cromss pretrain``: one CromSS pretraining run on the Ray cluster (issue 4).
+"""``cromss pretrain`` and ``cromss finetune``: one training run on the Ray cluster.
 
 ``cromss pretrain --config FILE [--data URI] [--tracking-uri URI] [--set key=value ...]``
 loads and validates a :class:`~cromss_ray.config.PretrainConfig` (an unknown key or a bad
 value exits with code 2 and names the key), joins the cluster named by ``RAY_ADDRESS`` or
 starts a local one on 127.0.0.1, and trains. Running it again with the same ``run.name``
 and ``run.storage_path`` resumes from the latest checkpoint.
+
+``cromss finetune --config FILE [--init SOURCE] ...`` does the same for a
+:class:`~cromss_ray.config.FinetuneConfig`: a single-modality network from a pretrained
+encoder, registered at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--data``, ``--tracking-uri`` and repeatable ``--set`` (shared by the training commands)."""
-    parser.add_argument("--config", required=True, type=Path, metavar="FILE", help="YAML run configuration")
-    parser.add_argument("--data", metavar="URI", help="shard location (directory or s3://...); overrides data.uri")
-    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking store; overrides tracking.uri")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)",
-    )
+from cromss_ray.arguments import add_command, add_config_arguments, fail
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "pretrain",
-        help="pretrain a multimodal network with CromSS on Ray Train",
-        description=(
-            "Pretrain a middle- or late-fusion S1/S2 network with CromSS on NoLDO-S12 shards across "
-            "Ray Train workers; tracked in MLflow, the model registered under cromss-<fusion>-<bands>b."
-        ),
-    )
+    """Add the ``pretrain`` and ``finetune`` subcommands."""
+    parser = add_command(subparsers, "pretrain", _pretrain)
     add_config_arguments(parser)
-    parser.set_defaults(handler=_pretrain)
+
+    finetune = add_command(subparsers, "finetune", _finetune)
+    add_config_arguments(finetune)
+    finetune.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, a paper checkpoint file, or 'random'; overrides model.init",
+    )
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    """pretrain a multimodal network with CromSS on Ray Train.
+
+    Pretrain a middle- or late-fusion S1/S2 network with CromSS on NoLDO-S12 shards across Ray
+    Train workers; tracked in MLflow, the model registered under cromss-<fusion>-<bands>b.
+    """
     from cromss_ray.config import PretrainConfig, load_config
 
     config = load_config(PretrainConfig, args.config, args.overrides, data=args.data, tracking_uri=args.tracking_uri)
 
-    from cromss_ray.train.common import init_ray
+    from cromss_ray.train.cluster import init_ray
     from cromss_ray.train.pretrain import run_pretrain
 
     init_ray()
@@ -56,4 +52,34 @@ def _pretrain(args: argparse.Namespace) -> int:
         aliases = ", ".join(f"@{alias}" for alias in config.tracking.aliases)
         print(f"registered model {config.registry_name()} version {outcome.version} {aliases}".rstrip())
     print(f"latest checkpoint {outcome.result.checkpoint.path}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    """fine-tune a single-modality network from a pretrained encoder on Ray Train.
+
+    Train an smp segmentation network (any decoder) on downstream shards, its S1 or S2 encoder
+    taken from a registered pretrained model, a paper checkpoint or random; frozen or fine-
+    tuned. Tracked in MLflow, registered as cromss-ft-<dataset>-<decoder>.
+    """
+    from cromss_ray.config import FinetuneConfig, load_config
+
+    overrides = [*args.overrides, *([f"model.init={args.init}"] if args.init else [])]
+    config = load_config(FinetuneConfig, args.config, overrides, data=args.data, tracking_uri=args.tracking_uri)
+
+    from cromss_ray.tracking.registry import ModelNotFoundError
+    from cromss_ray.train.cluster import init_ray
+    from cromss_ray.train.finetune import resolve_init, run_finetune
+
+    try:
+        initialisation = resolve_init(config)
+    except ModelNotFoundError as exc:
+        return fail("finetune", exc)
+    init_ray()
+    outcome = run_finetune(config, initialisation=initialisation)
+    print(f"MLflow run {outcome.run_id} ({config.tracking.experiment}), initialised from {outcome.source.label}")
+    keys = [f"test/{config.model.branch}/{name}" for name in ("oa", "miou", "mf1")]
+    print("  ".join(f"{key} {outcome.test_metrics[key]:.4f}" for key in keys if key in outcome.test_metrics))
+    if outcome.version is not None:
+        print(f"registered model {outcome.registry_name} version {outcome.version}")
     return 0

@@ -1,4 +1,4 @@
-"""Transfer learning on Ray Train: a pretrained branch encoder under a fresh decoder (spec 10-11, issue 6).
+"""Transfer learning on Ray Train: a pretrained branch encoder under a fresh decoder (spec 10-11).
 
 The driver resolves the initialisation (:func:`resolve_init`): the S1 or S2 encoder of a
 registered pretrained model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), of one of
@@ -14,27 +14,25 @@ After each epoch the validation split is scored from one confusion matrix summed
 the workers (spec 11: ``val/<branch>/oa``, ``miou``, ``mf1``, per-class IoU and F1), on
 the centre crops of ``data.crop`` pixels the pipeline cuts. After the last epoch the test
 split (``data.test_uri``, else the validation rows) is scored on whole tiles with the
-scoring of ``cromss evaluate`` (:func:`cromss_ray.train.evaluate.score_tiles`; each
+scoring of ``cromss evaluate`` (:func:`cromss_ray.models.scoring.score_tiles`; each
 worker its share of the shard files, the confusion matrices summed): the registered
 ``test/<branch>/...`` scores are what ``cromss evaluate`` prints for the model and data.
 
 Rank 0 owns the MLflow run (experiment ``cromss-finetune``): the config, per-epoch
 metrics, the confusion matrices as JSON and figures, and at the end the model,
 registered as ``cromss-ft-<dataset>-<decoder>`` with tags and a description naming the
-source model and version (:mod:`cromss_ray.tracking.finetuned`). Checkpoints store the
-MLflow run id, so a resumed run (same ``run.name`` and ``run.storage_path``) continues it.
+source model and version (:mod:`cromss_ray.tracking.finetuned`). The loop, resuming and
+reporting are the skeleton's (:mod:`cromss_ray.train.loop`); this module supplies the
+fine-tuning task (:class:`FinetuneTask`) and its step functions, which run without Ray.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from functools import partial
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,47 +46,21 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from cromss_ray.config import ConfigError, FinetuneConfig, build_config
-from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, set_epoch, to_device
+from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import TileSet
 from cromss_ray.method import ConfusionMatrix, encoder_state_dict, load_encoder_state, load_reference_checkpoint
-from cromss_ray.predict import output_stride, pad_to_multiple
-from cromss_ray.tracking.finetuned import (
-    TransferSource,
-    default_registry_name,
-    log_finetuned_model,
-    run_tags,
-    transfer_network,
-    transfer_segmenter,
-)
+from cromss_ray.models.scoring import score_tiles
+from cromss_ray.models.segmenter import output_stride, pad_to_multiple
+from cromss_ray.models.stored import transfer_network, transfer_segmenter
+from cromss_ray.tracking.finetuned import TransferSource, default_registry_name, log_finetuned_model, run_tags
 from cromss_ray.tracking.registry import load_pretrained
 from cromss_ray.tracking.runs import RunTracker
-from cromss_ray.tracking.uris import absolute_tracking_uri
-from cromss_ray.train.common import (
-    TRAIN,
-    VAL,
-    ExactValidationDataConfig,
-    Precision,
-    TrainingState,
-    all_reduce_sums,
-    all_reduce_tensor,
-    check_resumable,
-    checkpoint_meta,
-    finite_metrics,
-    latest_checkpoint,
-    latest_checkpoint_directory,
-    learning_rate,
-    open_tracker,
-    prepare_training,
-    progress_line,
-    ray_run_config,
-    ray_scaling_config,
-    report_epoch,
-    restore_model,
-    step_scheduler,
-    unwrap,
-)
-from cromss_ray.train.evaluate import score_tiles
+from cromss_ray.train.checkpoints import TrainingState, finite_metrics, prepare_training, restore_model
+from cromss_ray.train.cluster import TRAIN, VAL
+from cromss_ray.train.collectives import all_reduce_sums, all_reduce_tensor, unwrap
+from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
+from cromss_ray.train.optim import Precision
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +211,16 @@ def check_network(config: FinetuneConfig, classes: int, encoder_state: Mapping[s
 
 
 @dataclass(frozen=True)
+class TransferInput:
+    """What only a transfer run's workers need: the source encoder's weights (in the object store; None
+    for 'random'), whether there is a validation split, and the test split's tiles."""
+
+    encoder_state: ray.ObjectRef | None
+    validates: bool
+    test_tiles: TileSet
+
+
+@dataclass(frozen=True)
 class PreparedRun:
     """A transfer run ready to fit: its trainer, the effective config, the source and the registry name."""
 
@@ -249,62 +231,43 @@ class PreparedRun:
 
 
 def build_trainer(
-    config: FinetuneConfig,
-    *,
-    parent_run_id: str | None = None,
-    callbacks: Sequence[ray.train.UserCallback] = (),
-    tags: Mapping[str, str] | None = None,
-    initialisation: Initialisation | None = None,
+    config: FinetuneConfig, links: RunLinks = RunLinks(), initialisation: Initialisation | None = None
 ) -> PreparedRun:
     """The TorchTrainer of one transfer run and what it was built from (driver side; Ray must be initialised).
 
-    The effective config has the source's encoder and bands. ``parent_run_id`` nests the
-    MLflow run, ``callbacks`` receive every report, ``tags`` go on the MLflow run.
-    ``initialisation`` is ``resolve_init(config)`` when the caller resolved it already.
+    The effective config has the source's encoder and bands. ``initialisation`` is
+    ``resolve_init(config)`` when the caller resolved it already.
     """
     check_finetune_config(config)
     initialisation = initialisation or resolve_init(config)
     config = effective_config(config, initialisation.source)
-    checkpoint = latest_checkpoint(config)
-    if checkpoint is not None:
-        check_resumable(config, checkpoint)
+    check_checkpoint(config)
     datasets = downstream_datasets(config.data, seed=config.run.seed)
     check_against_data(config, datasets)
     meta = datasets.meta
     check_network(config, meta.num_classes, initialisation.encoder_state)
     registry_name = default_registry_name(config, meta)
     state = initialisation.encoder_state
-    loop_config = {
-        "config": config.model_dump(mode="json"),
-        "meta": meta.model_dump(mode="json"),
-        "clock": datasets.clock.name,
-        "tracking_uri": absolute_tracking_uri(config.tracking.resolved_uri()),
-        "parent_run_id": parent_run_id,
-        "tags": {**run_tags(config, meta, initialisation.source), **(tags or {})},
-        "source": asdict(initialisation.source),
-        "encoder_state": ray.put(state) if state is not None else None,
-        "registry_name": registry_name,
-        "validates": datasets.val is not None,
-        "test_tiles": datasets.test_tiles,
-    }
-    trainer = TorchTrainer(
-        finetune_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray_scaling_config(config.scaling),
-        run_config=ray_run_config(config.run, callbacks),
-        datasets={TRAIN: datasets.train, **({VAL: datasets.val} if datasets.val is not None else {})},
-        dataset_config=ExactValidationDataConfig(),
+    inputs = worker_input(
+        config,
+        meta,
+        datasets.clock.name,
+        links,
+        tags=run_tags(config, meta, initialisation.source),
+        checkpoint_extra={"registry_name": registry_name, "source": asdict(initialisation.source)},
+        task=TransferInput(
+            encoder_state=ray.put(state) if state is not None else None,
+            validates=datasets.val is not None,
+            test_tiles=datasets.test_tiles,
+        ),
     )
+    splits = {TRAIN: datasets.train, **({VAL: datasets.val} if datasets.val is not None else {})}
+    trainer = torch_trainer(finetune_loop, config, inputs, splits, links)
     return PreparedRun(trainer, config, initialisation.source, registry_name)
 
 
 def run_finetune(
-    config: FinetuneConfig,
-    *,
-    parent_run_id: str | None = None,
-    callbacks: Sequence[ray.train.UserCallback] = (),
-    tags: Mapping[str, str] | None = None,
-    initialisation: Initialisation | None = None,
+    config: FinetuneConfig, links: RunLinks = RunLinks(), initialisation: Initialisation | None = None
 ) -> FinetuneResult:
     """Train (or resume) one transfer run to ``optim.epochs`` epochs, test it and register its model.
 
@@ -313,9 +276,7 @@ def run_finetune(
     ``ray.train.TrainingFailedError`` when the workers fail more than ``run.max_failures`` times.
     ``initialisation`` is ``resolve_init(config)`` when the caller resolved it already.
     """
-    prepared = build_trainer(
-        config, parent_run_id=parent_run_id, callbacks=callbacks, tags=tags, initialisation=initialisation
-    )
+    prepared = build_trainer(config, links, initialisation)
     result = prepared.trainer.fit()
     summary = result.return_value
     return FinetuneResult(
@@ -383,22 +344,6 @@ class WorkerContext:
         ):
             inputs = to_device(batch, self.meta, self.device, prior="none")
             yield (inputs.x1 if self.branch == "s1" else inputs.x2), inputs.y
-
-
-def _restore(
-    context: WorkerContext, checkpoint: Path | None, encoder_state: Mapping[str, torch.Tensor] | None
-) -> tuple[TrainingState, dict[str, Any] | None]:
-    """The network (DDP-wrapped), optimiser, schedule and scaler: from the checkpoint when there is
-    one, else with the source encoder loaded; frozen when the starting epoch says so."""
-    config = context.config
-    torch.manual_seed(config.run.seed)
-    network = transfer_network(config, context.meta.num_classes)
-    saved = restore_model(network, checkpoint)
-    if saved is None and encoder_state is not None:
-        load_encoder_state(network, encoder_state)
-    if encoder_frozen(config, int(saved["epoch"]) if saved else 0):
-        freeze_encoder(network)
-    return prepare_training(network, config.optim, context.precision, checkpoint), saved
 
 
 def unfreeze_if_due(context: WorkerContext, state: TrainingState, epoch: int) -> bool:
@@ -478,7 +423,7 @@ def evaluate_split(context: WorkerContext, network: nn.Module, shard: ray.data.D
 
 @torch.no_grad()
 def evaluate_tiles(context: WorkerContext, network: nn.Module, tiles: TileSet, split: str) -> Evaluation:
-    """Score whole tiles as ``cromss evaluate`` does (:func:`~cromss_ray.train.evaluate.score_tiles`).
+    """Score whole tiles as ``cromss evaluate`` does (:func:`~cromss_ray.models.scoring.score_tiles`).
 
     Each rank predicts its share of the shard files with the unwrapped network, in fp32
     and tiled above 512 px like the registered model; loss and confusion matrix are
@@ -517,109 +462,95 @@ def _summed_evaluation(
     return Evaluation(metrics, result, example)
 
 
-def _finish(
-    context: WorkerContext,
-    loop_config: Mapping[str, Any],
-    tracker: RunTracker,
-    network: nn.Module,
-    evaluations: Mapping[str, Evaluation],
-    epochs: int,
-) -> int | None:
-    """Rank 0 at the end: test metrics, confusion matrices, the model logged and registered."""
-    config, branch = context.config, context.branch
-    test = evaluations[TEST]
-    example = test.example if test.example is not None else getattr(evaluations.get(VAL), "example", None)
-    tracker.log_metrics(test.metrics, epochs)
-    for split, evaluation in evaluations.items():
-        tracker.log_confusion_matrix(f"{split}/{branch}", evaluation.confusion, list(context.meta.classes))
-    if not config.tracking.log_model:
-        return None
-    return log_finetuned_model(
-        network,
-        config,
-        context.meta,
-        TransferSource(**loop_config["source"]),
-        tracker=tracker,
-        registry_name=loop_config["registry_name"],
-        aliases=config.tracking.aliases,
-        input_example=example,
-        epoch=epochs,
-        version_tags={
-            "epoch": str(epochs),
-            **{key: f"{value:.6g}" for key, value in finite_metrics(test.metrics).items()},
-        },
-    )
+@dataclass
+class FinetuneTask:
+    """Fine-tuning as a :class:`~cromss_ray.train.loop.Task`: the single-modality network from the source
+    encoder (frozen while the config says so), cross-entropy, validation of its branch, and at the end
+    the test split scored on whole tiles and the model registered."""
+
+    context: WorkerContext
+    inputs: WorkerInput
+    name: str = "finetune"
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    shards: dict[str, ray.data.DataIterator] = field(default_factory=dict)
+
+    @property
+    def progress_keys(self) -> tuple[str, ...]:
+        branch = self.context.branch
+        return ("train/loss", "val/loss", f"val/{branch}/oa", f"val/{branch}/miou", "train/lr")
+
+    def describe(self) -> str:
+        return f"{self.context.config.model.decoder} on {self.context.branch.upper()}, "
+
+    def restore(self, checkpoint: Path | None) -> tuple[TrainingState, dict[str, Any] | None]:
+        """From the checkpoint when there is one, else with the source encoder loaded; frozen when the
+        starting epoch says so."""
+        transfer: TransferInput = self.inputs.task
+        self.shards = {TRAIN: ray.train.get_dataset_shard(TRAIN)}
+        if transfer.validates:
+            self.shards[VAL] = ray.train.get_dataset_shard(VAL)
+        config = self.context.config
+        torch.manual_seed(config.run.seed)
+        network = transfer_network(config, self.context.meta.num_classes)
+        saved = restore_model(network, checkpoint)
+        if saved is None and transfer.encoder_state is not None:
+            load_encoder_state(network, ray.get(transfer.encoder_state))
+        if encoder_frozen(config, int(saved["epoch"]) if saved else 0):
+            freeze_encoder(network)
+        return prepare_training(network, config.optim, self.context.precision, checkpoint), saved
+
+    def before_epoch(self, state: TrainingState, epoch: int, tracker: RunTracker | None) -> None:
+        if unfreeze_if_due(self.context, state, epoch) and tracker is not None:
+            logger.info("[cromss finetune] epoch %d: encoder unfrozen", epoch + 1)
+
+    def train_epoch(self, state: TrainingState, epoch: int) -> dict[str, float]:
+        return train_epoch(self.context, state, self.shards[TRAIN], epoch)
+
+    def validate_epoch(self, state: TrainingState, epoch: int) -> dict[str, float]:
+        if VAL not in self.shards:
+            return {}
+        self.evaluations[VAL] = evaluate_split(self.context, unwrap(state.model), self.shards[VAL], VAL)
+        return self.evaluations[VAL].metrics
+
+    def finish(
+        self, state: TrainingState, tracker: RunTracker | None, metrics: Mapping[str, float]
+    ) -> dict[str, Any] | None:
+        """The test split scored on every rank; rank 0 logs it, the confusion matrices and the model."""
+        network = unwrap(state.model)
+        test = self.evaluations[TEST] = evaluate_tiles(self.context, network, self.inputs.task.test_tiles, TEST)
+        if tracker is None:
+            return None
+        config, branch, epochs = self.context.config, self.context.branch, self.context.config.optim.epochs
+        summary: dict[str, Any] = {"test_metrics": finite_metrics(test.metrics), "model_version": None}
+        example = test.example if test.example is not None else getattr(self.evaluations.get(VAL), "example", None)
+        tracker.log_metrics(test.metrics, epochs)
+        for split, evaluation in self.evaluations.items():
+            tracker.log_confusion_matrix(f"{split}/{branch}", evaluation.confusion, list(self.context.meta.classes))
+        if not config.tracking.log_model:
+            return summary
+        summary["model_version"] = log_finetuned_model(
+            network,
+            config,
+            self.context.meta,
+            TransferSource(**self.inputs.checkpoint_extra["source"]),
+            tracker=tracker,
+            registry_name=self.inputs.checkpoint_extra["registry_name"],
+            aliases=config.tracking.aliases,
+            input_example=example,
+            epoch=epochs,
+            version_tags={
+                "epoch": str(epochs),
+                **{key: f"{value:.6g}" for key, value in finite_metrics(test.metrics).items()},
+            },
+        )
+        return summary
 
 
 def finetune_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The per-worker transfer loop (Ray Train ``train_loop_per_worker``); rank 0 returns the run summary."""
-    config = FinetuneConfig.model_validate(loop_config["config"])
-    meta = ShardMetadata.model_validate(loop_config["meta"])
-    train_context = ray.train.get_context()
-    rank = train_context.get_world_rank()
+    inputs: WorkerInput = loop_config[INPUT_KEY]
+    config = FinetuneConfig.model_validate(inputs.config)
+    meta = ShardMetadata.model_validate(inputs.meta)
     device = ray.train.torch.get_device()
     context = WorkerContext(config, meta, device, Precision.on(device, config.scaling.precision))
-    encoder_state = loop_config["encoder_state"]
-    with latest_checkpoint_directory() as checkpoint:
-        state, saved = _restore(context, checkpoint, ray.get(encoder_state) if encoder_state is not None else None)
-    start_epoch = int(saved["epoch"]) if saved else 0
-    epochs = config.optim.epochs
-    train_shard = ray.train.get_dataset_shard(TRAIN)
-    val_shard = ray.train.get_dataset_shard(VAL) if loop_config["validates"] else None
-    tracker = open_tracker(config, loop_config, saved) if rank == 0 else None
-    if tracker is not None:
-        logger.info(
-            "[cromss finetune] run %s: %s on %s, epochs %d..%d on %d worker(s), %s, %s; MLflow run %s",
-            config.run.name,
-            config.model.decoder,
-            context.branch.upper(),
-            start_epoch + 1,
-            epochs,
-            train_context.get_world_size(),
-            device,
-            context.precision.name,
-            tracker.run_id,
-        )
-    evaluations: dict[str, Evaluation] = {}
-    metrics: dict[str, float] = dict(saved["metrics"]) if saved else {}
-    progress_keys = ("train/loss", "val/loss", f"val/{context.branch}/oa", f"val/{context.branch}/miou", "train/lr")
-    with tracker or contextlib.nullcontext():
-        for epoch in range(start_epoch, epochs):
-            started = time.perf_counter()
-            if rank == 0:
-                set_epoch(loop_config["clock"], epoch)
-            if unfreeze_if_due(context, state, epoch) and tracker is not None:
-                logger.info("[cromss finetune] epoch %d: encoder unfrozen", epoch + 1)
-            lr = learning_rate(state.optimizer)
-            metrics = {**train_epoch(context, state, train_shard, epoch), f"{TRAIN}/lr": lr}
-            if val_shard is not None:
-                evaluations[VAL] = evaluate_split(context, unwrap(state.model), val_shard, VAL)
-                metrics.update(evaluations[VAL].metrics)
-            step_scheduler(state.scheduler, metrics.get(f"{VAL}/loss", math.nan))
-            completed = epoch + 1
-            write = None
-            if tracker is not None:
-                tracker.log_metrics(metrics, completed)
-                seconds = time.perf_counter() - started
-                logger.info(progress_line("finetune", completed, epochs, metrics, progress_keys, seconds))
-                if completed % config.run.checkpoint_frequency == 0 or completed == epochs:
-                    checkpoint_info = checkpoint_meta(
-                        tracker,
-                        completed,
-                        metrics,
-                        registry_name=loop_config["registry_name"],
-                        source=loop_config["source"],
-                    )
-                    write = partial(state.save, config=config, meta=checkpoint_info)
-            report_epoch(metrics, epoch=completed, write_checkpoint=write)
-        evaluations[TEST] = evaluate_tiles(context, unwrap(state.model), loop_config["test_tiles"], TEST)
-        if tracker is None:
-            return None
-        version = _finish(context, loop_config, tracker, unwrap(state.model), evaluations, epochs)
-    return {
-        "mlflow_run_id": tracker.run_id,
-        "model_version": version,
-        "metrics": finite_metrics(metrics),
-        "test_metrics": finite_metrics(evaluations[TEST].metrics),
-        "start_epoch": start_epoch,
-    }
+    return run_worker(FinetuneTask(context, inputs), inputs)

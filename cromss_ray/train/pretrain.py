@@ -1,4 +1,4 @@
-"""CromSS pretraining on Ray Train: the per-worker loop and the TorchTrainer around it (spec 8-9, issue 4).
+"""CromSS pretraining on Ray Train: the pretraining task of the training-loop skeleton (spec 8-9).
 
 Every worker builds the two-branch network (spec 1), wraps it in DDP and trains on its
 share of the training locations with the CromSS objective (spec 2-8); after each epoch
@@ -11,19 +11,15 @@ trial drives the run, with a checkpoint every ``run.checkpoint_frequency`` epoch
 
 Rank 0 owns the MLflow run: the config as params, the metrics per epoch, and at the end
 the confusion matrices, a few validation figures and the model, registered under
-``cromss-<fusion>-<bands>b``. The checkpoint stores the MLflow run id, so a run resumed
-from it (the same ``run.name`` and ``run.storage_path`` again, or a worker group Ray
-Train restarts after a failure) keeps writing to the same MLflow run.
+``cromss-<fusion>-<bands>b``. Resuming, reporting and checkpointing are the skeleton's
+(:mod:`cromss_ray.train.loop`); the step functions (:func:`train_epoch`,
+:func:`validate`) take a :class:`WorkerContext` and run without Ray on one worker.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +32,19 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from cromss_ray.config import ConfigError, PretrainConfig
-from cromss_ray.data.pipeline import DeviceBatch, pretrain_datasets, set_epoch, to_device
+from cromss_ray.data.pipeline import DeviceBatch, pretrain_datasets, to_device
 from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
-from cromss_ray.method import ConfusionMatrix, CromSSLoss, build_model, fused_probabilities
-from cromss_ray.tracking.models import log_pretrained_model
+from cromss_ray.method import ConfusionMatrix, CromSSLoss, fused_probabilities
+from cromss_ray.models.segmenter import BRANCHES
+from cromss_ray.models.stored import network_from_config
+from cromss_ray.tracking.pyfunc import log_pretrained_model
 from cromss_ray.tracking.runs import RunTracker
-from cromss_ray.tracking.uris import absolute_tracking_uri
-from cromss_ray.train.common import (
-    TRAIN,
-    VAL,
-    ExactValidationDataConfig,
-    Precision,
-    TrainingState,
-    all_gather_objects,
-    all_reduce_sums,
-    all_reduce_tensor,
-    check_resumable,
-    checkpoint_meta,
-    finite_metrics,
-    latest_checkpoint,
-    latest_checkpoint_directory,
-    learning_rate,
-    open_tracker,
-    prepare_training,
-    progress_line,
-    ray_run_config,
-    ray_scaling_config,
-    report_epoch,
-    restore_model,
-    step_scheduler,
-    unwrap,
-)
+from cromss_ray.train.checkpoints import TrainingState, prepare_training, restore_model
+from cromss_ray.train.cluster import TRAIN, VAL
+from cromss_ray.train.collectives import all_gather_objects, all_reduce_sums, all_reduce_tensor, unwrap
+from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
+from cromss_ray.train.optim import Precision
 
-logger = logging.getLogger(__name__)
-
-BRANCHES = ("s1", "s2", "fused")
 RGB_BANDS = ("B4", "B3", "B2")
 RGB_STRETCH = (0.02, 0.98)
 """Quantiles mapped to 0 and 1 in the S2 true-colour panels."""
@@ -102,21 +76,9 @@ class PretrainResult:
     start_epoch: int
 
 
-def build_trainer(
-    config: PretrainConfig,
-    *,
-    parent_run_id: str | None = None,
-    callbacks: Sequence[ray.train.UserCallback] = (),
-    tags: Mapping[str, str] | None = None,
-) -> TorchTrainer:
-    """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised).
-
-    ``parent_run_id`` nests the MLflow run (a Tune trial under its sweep), ``callbacks``
-    receive every report (Tune's ``TuneReportCallback``), ``tags`` go on the MLflow run.
-    """
-    checkpoint = latest_checkpoint(config)
-    if checkpoint is not None:
-        check_resumable(config, checkpoint)
+def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> TorchTrainer:
+    """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised)."""
+    check_checkpoint(config)
     datasets = pretrain_datasets(
         config.data, seed=config.run.seed, prior=config.cromss.prior, sigma=config.cromss.prior_sigma
     )
@@ -135,38 +97,25 @@ def build_trainer(
             f"model.classes: {config.model.classes}, but the shards in {config.data.uri} have "
             f"{datasets.meta.num_classes} classes ({', '.join(datasets.meta.classes)})"
         )
-    loop_config = {
-        "config": config.model_dump(mode="json"),
-        "meta": datasets.meta.model_dump(mode="json"),
-        "clock": datasets.clock.name,
-        "tracking_uri": absolute_tracking_uri(config.tracking.resolved_uri()),
-        "parent_run_id": parent_run_id,
-        "tags": dict(tags or {}),
-    }
-    return TorchTrainer(
-        pretrain_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray_scaling_config(config.scaling),
-        run_config=ray_run_config(config.run, callbacks),
-        datasets={TRAIN: datasets.train, VAL: datasets.val},
-        dataset_config=ExactValidationDataConfig(),
+    inputs = worker_input(
+        config,
+        datasets.meta,
+        datasets.clock.name,
+        links,
+        tags={},
+        checkpoint_extra={"registry_name": config.registry_name()},
     )
+    return torch_trainer(pretrain_loop, config, inputs, {TRAIN: datasets.train, VAL: datasets.val}, links)
 
 
-def run_pretrain(
-    config: PretrainConfig,
-    *,
-    parent_run_id: str | None = None,
-    callbacks: Sequence[ray.train.UserCallback] = (),
-    tags: Mapping[str, str] | None = None,
-) -> PretrainResult:
+def run_pretrain(config: PretrainConfig, links: RunLinks = RunLinks()) -> PretrainResult:
     """Train (or resume) one pretraining run to ``optim.epochs`` epochs and register its model.
 
     Raises ``ray.train.TrainingFailedError`` when the workers fail more than
     ``run.max_failures`` times, ConfigError for a config the data or an existing
     checkpoint contradicts.
     """
-    result = build_trainer(config, parent_run_id=parent_run_id, callbacks=callbacks, tags=tags).fit()
+    result = build_trainer(config, links).fit()
     summary = result.return_value
     return PretrainResult(
         result=result,
@@ -223,21 +172,6 @@ class WorkerContext:
                 classes=self.config.model.classes,
             )
             yield batch, inputs
-
-
-def _restore(context: WorkerContext, checkpoint: Path | None) -> tuple[TrainingState, dict[str, Any] | None]:
-    """The network (DDP-wrapped), optimiser, schedule and scaler, from the checkpoint when there is one."""
-    config = context.config
-    torch.manual_seed(config.run.seed)
-    network = build_model(
-        config.model.fusion,
-        config.model.encoder,
-        s1_bands=len(context.meta.s1.bands),
-        s2_bands=config.data.s2_bands,
-        classes=config.model.classes,
-    )
-    saved = restore_model(network, checkpoint)
-    return prepare_training(network, config.optim, context.precision, checkpoint), saved
 
 
 def train_epoch(
@@ -374,115 +308,82 @@ def _figure_samples(
     return samples
 
 
-def _finish(
-    context: WorkerContext,
-    tracker: RunTracker,
-    state: TrainingState,
-    validation: Validation,
-    epoch: int,
-) -> int | None:
-    """Rank 0 at the end: confusion matrices, validation figures, the model logged and registered."""
-    config = context.config
-    class_names = list(context.meta.classes)
-    for name, result in validation.confusion.items():
-        tracker.log_confusion_matrix(name, result, class_names)
-    if validation.samples:
-        tracker.log_validation_samples(validation.samples, class_names, epoch)
-    if not config.tracking.log_model:
+@dataclass
+class PretrainTask:
+    """Pretraining as a :class:`~cromss_ray.train.loop.Task`: the two-branch network, the CromSS
+    objective, validation of both branches and the fused prediction, the model registered at the end."""
+
+    context: WorkerContext
+    name: str = "pretrain"
+    progress_keys: Sequence[str] = PROGRESS_KEYS
+    validation: Validation | None = None
+    shards: dict[str, ray.data.DataIterator] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return ""
+
+    def restore(self, checkpoint: Path | None) -> tuple[TrainingState, dict[str, Any] | None]:
+        self.shards = {split: ray.train.get_dataset_shard(split) for split in (TRAIN, VAL)}
+        torch.manual_seed(self.context.config.run.seed)
+        network = network_from_config(self.context.config)
+        saved = restore_model(network, checkpoint)
+        return prepare_training(network, self.context.config.optim, self.context.precision, checkpoint), saved
+
+    def before_epoch(self, state: TrainingState, epoch: int, tracker: RunTracker | None) -> None:
         return None
-    version_tags = {key: f"{value:.6g}" for key, value in validation.metrics.items()}
-    return log_pretrained_model(
-        unwrap(state.model),
-        config,
-        tracker=tracker,
-        registry_name=config.registry_name(),
-        aliases=config.tracking.aliases,
-        input_example=validation.example,
-        epoch=epoch,
-        version_tags={"epoch": str(epoch), **version_tags},
-    )
 
+    def train_epoch(self, state: TrainingState, epoch: int) -> dict[str, float]:
+        return train_epoch(self.context, state, self.shards[TRAIN], epoch)
 
-def run_epoch(
-    context: WorkerContext,
-    state: TrainingState,
-    shards: tuple[ray.data.DataIterator, ray.data.DataIterator],
-    tracker: RunTracker | None,
-    epoch: int,
-) -> tuple[dict[str, float], Validation]:
-    """Train and validate zero-based ``epoch``, step the schedule, log it (rank 0) and report it.
+    def validate_epoch(self, state: TrainingState, epoch: int) -> dict[str, float]:
+        """Validation; the last epoch's also keeps the figure samples."""
+        last = epoch + 1 == self.context.config.optim.epochs
+        figures = self.context.config.run.validation_figures if last else 0
+        self.validation = validate(self.context, unwrap(state.model), self.shards[VAL], epoch, figures)
+        return self.validation.metrics
 
-    The report carries a checkpoint every ``run.checkpoint_frequency`` epochs and after
-    the last one; the last epoch's validation also keeps the figure samples.
-    """
-    config = context.config
-    started = time.perf_counter()
-    lr = learning_rate(state.optimizer)
-    train_metrics = train_epoch(context, state, shards[0], epoch)
-    completed = epoch + 1
-    last = completed == config.optim.epochs
-    figures = config.run.validation_figures if last else 0
-    validation = validate(context, unwrap(state.model), shards[1], epoch, figures)
-    step_scheduler(state.scheduler, validation.metrics[f"{VAL}/loss"])
-    metrics = {**train_metrics, f"{TRAIN}/lr": lr, **validation.metrics}
-    write = None
-    if tracker is not None:
-        tracker.log_metrics(metrics, completed)
-        seconds = time.perf_counter() - started
-        logger.info(progress_line("pretrain", completed, config.optim.epochs, metrics, PROGRESS_KEYS, seconds))
-        if completed % config.run.checkpoint_frequency == 0 or last:
-            meta = checkpoint_meta(tracker, completed, metrics, registry_name=config.registry_name())
-            write = partial(state.save, config=config, meta=meta)
-    report_epoch(metrics, epoch=completed, write_checkpoint=write)
-    return metrics, validation
+    def finish(
+        self, state: TrainingState, tracker: RunTracker | None, metrics: Mapping[str, float]
+    ) -> dict[str, Any] | None:
+        """Rank 0: confusion matrices, validation figures, the model logged and registered.
+
+        A resumed run with no epoch left validates once more (on every rank) for them.
+        """
+        config = self.context.config
+        if self.validation is None:
+            final_epoch = config.optim.epochs - 1
+            figures = config.run.validation_figures
+            self.validation = validate(self.context, unwrap(state.model), self.shards[VAL], final_epoch, figures)
+        if tracker is None:
+            return None
+        validation, epoch = self.validation, config.optim.epochs
+        class_names = list(self.context.meta.classes)
+        for name, result in validation.confusion.items():
+            tracker.log_confusion_matrix(name, result, class_names)
+        if validation.samples:
+            tracker.log_validation_samples(validation.samples, class_names, epoch)
+        if not config.tracking.log_model:
+            return {"model_version": None}
+        version_tags = {key: f"{value:.6g}" for key, value in validation.metrics.items()}
+        version = log_pretrained_model(
+            unwrap(state.model),
+            config,
+            tracker=tracker,
+            registry_name=config.registry_name(),
+            aliases=config.tracking.aliases,
+            input_example=validation.example,
+            epoch=epoch,
+            version_tags={"epoch": str(epoch), **version_tags},
+        )
+        return {"model_version": version}
 
 
 def pretrain_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The per-worker pretraining loop (Ray Train ``train_loop_per_worker``); rank 0 returns the run summary.
-
-    Resumes from the checkpoint Ray Train hands the worker group (a re-run of the same
-    run, or a restart after a failure), trains the remaining epochs, and ends with the
-    final artifacts and the registered model (rank 0).
-    """
-    config = PretrainConfig.model_validate(loop_config["config"])
-    meta = ShardMetadata.model_validate(loop_config["meta"])
-    train_context = ray.train.get_context()
+    """The per-worker pretraining loop (Ray Train ``train_loop_per_worker``); rank 0 returns the run summary."""
+    inputs: WorkerInput = loop_config[INPUT_KEY]
+    config = PretrainConfig.model_validate(inputs.config)
+    meta = ShardMetadata.model_validate(inputs.meta)
     device = ray.train.torch.get_device()
     precision = Precision.on(device, config.scaling.precision)
     context = WorkerContext(config, meta, device, precision, build_criterion(config, meta.nodata))
-    with latest_checkpoint_directory() as checkpoint:
-        state, saved = _restore(context, checkpoint)
-    start_epoch = int(saved["epoch"]) if saved else 0
-    shards = (ray.train.get_dataset_shard(TRAIN), ray.train.get_dataset_shard(VAL))
-    is_rank_zero = train_context.get_world_rank() == 0
-    tracker = open_tracker(config, loop_config, saved) if is_rank_zero else None
-    if tracker is not None:
-        logger.info(
-            "[cromss pretrain] run %s: epochs %d..%d on %d worker(s), %s, %s; MLflow run %s",
-            config.run.name,
-            start_epoch + 1,
-            config.optim.epochs,
-            train_context.get_world_size(),
-            device,
-            precision.name,
-            tracker.run_id,
-        )
-    metrics: dict[str, float] = dict(saved["metrics"]) if saved else {}
-    validation = None
-    with tracker or contextlib.nullcontext():
-        for epoch in range(start_epoch, config.optim.epochs):
-            if is_rank_zero:
-                set_epoch(loop_config["clock"], epoch)
-            metrics, validation = run_epoch(context, state, shards, tracker, epoch)
-        if validation is None:
-            final_epoch = config.optim.epochs - 1
-            validation = validate(context, unwrap(state.model), shards[1], final_epoch, config.run.validation_figures)
-        if tracker is None:
-            return None
-        version = _finish(context, tracker, state, validation, config.optim.epochs)
-    return {
-        "mlflow_run_id": tracker.run_id,
-        "model_version": version,
-        "metrics": finite_metrics(metrics),
-        "start_epoch": start_epoch,
-    }
+    return run_worker(PretrainTask(context), inputs)

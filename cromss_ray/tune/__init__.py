@@ -1,1 +1,1 @@
-"""Ray Tune sweeps of CromSS pretraining: one Ray Train run and one MLflow child run per trial (issue 5)."""
+"""Ray Tune sweeps of CromSS pretraining: one Ray Train run and one MLflow child run per trial."""

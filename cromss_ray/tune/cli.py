@@ -1,4 +1,4 @@
-"""``cromss tune``: a Ray Tune sweep of pretraining runs, and ``cromss tune report NAME`` (issue 5).
+"""``cromss tune``: a Ray Tune sweep of pretraining runs, and ``cromss tune report NAME``.
 
 ``cromss tune --config FILE [--data URI] [--tracking-uri URI] [--set key=value ...]`` loads
 a :class:`~cromss_ray.config.TuneConfig`, runs (or, when ``<run.storage_path>/<run.name>``
@@ -11,33 +11,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from cromss_ray.arguments import add_command, add_config_arguments
 
 INTERRUPTED_EXIT = 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "tune",
-        help="sweep CromSS pretraining settings with Ray Tune (ASHA, random/grid/Optuna)",
-        description=(
-            "Run a Ray Tune sweep of pretraining runs over the config's tune.search_space: one Ray Train "
-            "run per trial, one MLflow child run per trial under the sweep's parent run, the best model "
-            "registered with alias @best. Running the same command again resumes an interrupted sweep."
-        ),
+    parser = add_command(subparsers, "tune", _tune)
+    add_config_arguments(
+        parser,
+        config_help="YAML sweep configuration (a TuneConfig)",
+        config_required=False,
+        example="tune.num_samples=8",
     )
-    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML sweep configuration (a TuneConfig)")
-    parser.add_argument("--data", metavar="URI", help="shard location (directory or s3://...); overrides data.uri")
-    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking store; overrides tracking.uri")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set tune.num_samples=8 (repeatable)",
-    )
-    parser.set_defaults(handler=_tune, tune_parser=parser)
+    parser.set_defaults(tune_parser=parser)
     actions = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
     report = actions.add_parser(
         "report",
@@ -59,6 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    """sweep CromSS pretraining settings with Ray Tune (ASHA, random/grid/Optuna).
+
+    Run a Ray Tune sweep of pretraining runs over the config's tune.search_space: one Ray Train
+    run per trial, one MLflow child run per trial under the sweep's parent run, the best model
+    registered with alias @best. Running the same command again resumes an interrupted sweep.
+    """
     if args.config is None:
         args.tune_parser.error("--config is required to run a sweep (or use: cromss tune report NAME)")
 

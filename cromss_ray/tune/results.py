@@ -1,4 +1,4 @@
-"""The results of a sweep: one row per trial, as a printed table, a CSV file and a plot (issue 5).
+"""The results of a sweep: one row per trial, as a printed table, a CSV file and a plot.
 
 Rows are built from the sweep's Tune experiment state (``ExperimentAnalysis``), so the same
 code serves the end of a sweep and ``cromss tune report NAME`` on a finished, running or

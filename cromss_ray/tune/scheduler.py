@@ -1,4 +1,4 @@
-"""ASHA whose rung records survive a resumed sweep (issue 5: "an interrupted sweep resumes").
+"""ASHA whose rung records survive a resumed sweep (an interrupted sweep resumes where it stopped).
 
 Ray Tune restores an interrupted experiment's trials and search algorithm, but not its
 scheduler: the restored ASHA starts with empty rungs, so the trials that run after a

@@ -6,7 +6,7 @@ A sweep searches ``PretrainConfig`` leaves named by dotted keys (``optim.lr``,
 dotted names, so a trial's config, the results table and the MLflow params all use the
 names of the YAML file.
 
-Semantics per search algorithm (issue 5):
+Semantics per search algorithm:
 
 - ``random``: ``choice``/``uniform``/``loguniform``/``randint`` are sampled, ``grid`` values
   are all enumerated; Tune runs ``num_samples`` samples of every grid point.

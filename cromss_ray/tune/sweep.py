@@ -1,4 +1,4 @@
-"""A Ray Tune sweep over the CromSS design space, every trial tracked in MLflow (issue 5).
+"""A Ray Tune sweep over the CromSS design space, every trial tracked in MLflow.
 
 ``run_sweep`` turns a ``TuneConfig`` into a Tuner: the search space (:mod:`.space`), a
 search algorithm (random or grid: ``BasicVariantGenerator``; Optuna TPE: ``OptunaSearch``
@@ -49,8 +49,8 @@ from cromss_ray.config import ConfigError, PretrainConfig, TrackingConfig, TuneC
 from cromss_ray.data.storage import resolve_filesystem, scan_shards
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
-from cromss_ray.train.common import absolute_storage_path, init_ray, resolve_use_gpu
-from cromss_ray.tune import runs
+from cromss_ray.train.cluster import absolute_storage_path, init_ray, resolve_use_gpu
+from cromss_ray.tune import trial_runs
 from cromss_ray.tune.results import (
     UNFINISHED,
     TrialRow,
@@ -64,7 +64,7 @@ from cromss_ray.tune.results import (
     table_records,
     to_csv,
 )
-from cromss_ray.tune.runs import SWEEP_TAG
+from cromss_ray.tune.trial_runs import SWEEP_TAG
 from cromss_ray.tune.scheduler import ResumableASHA
 from cromss_ray.tune.space import check_space, expected_trials, param_space
 from cromss_ray.tune.trial import TRAIN_RUNS_DIR, TrialContext, run_trial, trial_dirname
@@ -313,7 +313,7 @@ def _tuner(
         return ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True)
     per_trial = trial_resources(config, resolve_use_gpu(config.scaling))
     max_concurrent = config.tune.max_concurrent_trials or default_max_concurrent(per_trial, ray.cluster_resources())
-    closer = runs.TrialRunCloser(
+    closer = trial_runs.TrialRunCloser(
         tracking_uri=context.base.tracking.resolved_uri(),
         experiment=state.experiment,
         sweep_name=state.name,
@@ -404,7 +404,7 @@ def run_sweep(config: TuneConfig, *, callbacks: Sequence[ray.tune.Callback] = ()
         if interrupted:
             parent.finish("KILLED")
         elif best is not None:
-            best_model = runs.promote_trial_model(tracking_uri, state.experiment, state.name, best.trial_id, BEST_ALIAS)
+            best_model = trial_runs.promote_trial_model(tracking_uri, state.experiment, state.name, best.trial_id, BEST_ALIAS)
             parent.set_tags({"best_trial": best.trial_id, f"best {state.metric}": best.best, "best_model": best_model})
     return SweepResult(
         name=state.name,
@@ -443,11 +443,11 @@ def sweep_report(
             lines.append(f"parallel coordinates: {location.path(PLOT_PNG)}")
         return "\n".join(lines)
     uri = absolute_tracking_uri(tracking_uri or TrackingConfig().resolved_uri())
-    run = runs.find_sweep_run(uri, experiment, name)
+    run = trial_runs.find_sweep_run(uri, experiment, name)
     if run is None:
         raise LookupError(
             f"no sweep '{name}' in {location.folder} nor in MLflow experiment '{experiment}' at {redact_uri(uri)}"
         )
-    columns, records = from_csv(runs.read_artifact_text(uri, run.info.run_id, RESULTS_CSV))
+    columns, records = from_csv(trial_runs.read_artifact_text(uri, run.info.run_id, RESULTS_CSV))
     table = format_table(columns, records, marked=run.data.tags.get("best_trial"))
     return "\n".join([f"sweep {name}: MLflow run {run.info.run_id} ({experiment})", table])

@@ -1,4 +1,4 @@
-"""One sweep trial: a Ray Tune driver function that runs one pretraining Ray Train run (issue 5).
+"""One sweep trial: a Ray Tune driver function that runs one pretraining Ray Train run.
 
 This is the Train V2 pattern for Tune: the trial is a light driver process (it holds no
 CPU or GPU of its own) that builds a ``TorchTrainer`` for the sampled config and fits it.
@@ -24,8 +24,10 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cromss_ray.config import PretrainConfig
-from cromss_ray.train.pretrain import latest_checkpoint, run_pretrain
-from cromss_ray.tune.runs import SWEEP_TAG, TRIAL_TAG, delete_trial_runs
+from cromss_ray.train.checkpoints import latest_checkpoint
+from cromss_ray.train.loop import RunLinks
+from cromss_ray.train.pretrain import run_pretrain
+from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, delete_trial_runs
 from cromss_ray.tune.space import apply_sample
 
 TRAIN_RUNS_DIR = "train"
@@ -77,9 +79,9 @@ def run_trial(sample: dict[str, Any], *, context: TrialContext) -> None:
     config = trial_config(context, sample, trial_id)
     if latest_checkpoint(config) is None:
         delete_trial_runs(config.tracking.resolved_uri(), config.tracking.experiment, context.sweep_name, trial_id)
-    run_pretrain(
-        config,
+    links = RunLinks(
         parent_run_id=context.parent_run_id,
         callbacks=[TuneReportCallback()],
         tags={SWEEP_TAG: context.sweep_name, TRIAL_TAG: trial_id},
     )
+    run_pretrain(config, links)

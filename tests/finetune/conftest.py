@@ -29,7 +29,7 @@ from finetune_helpers import (
 from cromss_ray.config import PretrainConfig
 from cromss_ray.data.synth import synthesize
 from cromss_ray.method import build_model
-from cromss_ray.tracking.models import log_pretrained_model
+from cromss_ray.tracking.pyfunc import log_pretrained_model
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.finetune import FinetuneResult, run_finetune
 

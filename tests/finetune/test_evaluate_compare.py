@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from cromss_ray.cli import main
 from cromss_ray.data.schema import DW_CLASSES
 from cromss_ray.tracking.compare import ComparisonRow, TransferScore, format_table, summarise, to_csv
-from cromss_ray.train.evaluate import evaluate_model
+from cromss_ray.inference.evaluate import evaluate_model
 from cromss_ray.train.finetune import FinetuneResult
 
 

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from cromss_ray.config import ConfigError, FinetuneConfig, build_config
 from cromss_ray.train.finetune import build_trainer, run_finetune
+from cromss_ray.train.loop import RunLinks
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -43,7 +44,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(
         "optim.epochs=3",
     )
     with pytest.raises(ray.train.TrainingFailedError):
-        run_finetune(config, callbacks=[_interrupt_after_the_first_checkpoint()])
+        run_finetune(config, RunLinks(callbacks=[_interrupt_after_the_first_checkpoint()]))
     checkpoint = ray.train.Result.from_path(str(Path(config.run.storage_path) / config.run.name)).checkpoint
     assert checkpoint is not None and checkpoint.path.endswith("checkpoint_epoch_0001")
     client = MlflowClient(store, registry_uri=store)

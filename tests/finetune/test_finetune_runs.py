@@ -25,7 +25,8 @@ from cromss_ray.cli import main
 from cromss_ray.config import FinetuneConfig, build_config
 from cromss_ray.data.schema import DFC2020_CLASSES, DW_CLASSES
 from cromss_ray.method import build_model, encoder_state_dict, load_encoder_state
-from cromss_ray.tracking.finetuned import FinetunedModel, load_cromss_model, transfer_network
+from cromss_ray.models.stored import FinetunedModel, transfer_network
+from cromss_ray.tracking.registry import load_cromss_model
 from cromss_ray.train.finetune import FinetuneResult, effective_config, metric_slug, resolve_init
 
 pytestmark = pytest.mark.ray

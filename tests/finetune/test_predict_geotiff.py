@@ -1,4 +1,4 @@
-"""GeoTIFF class maps (cromss_ray.predict.predict_geotiff and ``cromss predict``): grid, CRS, scaling, no-data."""
+"""GeoTIFF class maps (cromss_ray.models.geotiff.predict_geotiff and ``cromss predict``): grid, CRS, scaling, no-data."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from rasterio.transform import Affine
 from cromss_ray.cli import build_parser, main
 from cromss_ray.data.schema import DW_CLASSES, NODATA, S2_BAND_SUBSETS
 from cromss_ray.method import build_model, build_segmentation_model
-from cromss_ray.predict import PRODUCT_SCALING, Segmenter, predict_array, predict_geotiff
-from cromss_ray.tracking.finetuned import DEFAULT_TILE
+from cromss_ray.models.geotiff import predict_geotiff
+from cromss_ray.models import MODEL_TILE
+from cromss_ray.models.segmenter import PRODUCT_SCALING, Segmenter, predict_array
 from cromss_ray.train.finetune import FinetuneResult
 
 HEIGHT, WIDTH = 70, 90
@@ -143,5 +144,5 @@ def test_evaluate_and_predict_default_to_the_registered_models_windows():
     parser = build_parser()
     predict = parser.parse_args(["predict", "--model", "m", "--out", "p.tif"])
     evaluate = parser.parse_args(["evaluate", "--model", "m", "--data", "d"])
-    assert predict.tile == evaluate.tile == DEFAULT_TILE
+    assert predict.tile == evaluate.tile == MODEL_TILE
     assert predict.overlap is evaluate.overlap is None

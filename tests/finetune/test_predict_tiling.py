@@ -1,4 +1,4 @@
-"""Tiled, blended prediction on arrays (cromss_ray.predict): coverage, weights, no seams."""
+"""Tiled, blended prediction on arrays (cromss_ray.models.segmenter): coverage, weights, no seams."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from cromss_ray.data.schema import DW_CLASSES, S2_BAND_SUBSETS
 from cromss_ray.method import build_model, build_segmentation_model, fused_probabilities
-from cromss_ray.predict import Segmenter, predict_array, taper, window_origins
+from cromss_ray.models.segmenter import Segmenter, predict_array, taper, window_origins
 
 CLASSES = ("a", "b", "c", "d")
 

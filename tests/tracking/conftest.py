@@ -17,7 +17,7 @@ from tracking_helpers import ENCODER, S2_BANDS, tiny_config, unique
 
 from cromss_ray.config import PretrainConfig
 from cromss_ray.method import CromSSNet, build_model
-from cromss_ray.tracking.models import log_pretrained_model
+from cromss_ray.tracking.pyfunc import log_pretrained_model
 from cromss_ray.tracking.runs import RunTracker
 
 

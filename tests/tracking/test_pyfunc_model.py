@@ -18,9 +18,10 @@ from tracking_helpers import ENCODER, tiny_config, unique
 from cromss_ray.config import PretrainConfig, TuneConfig
 from cromss_ray.method import build_model, fused_probabilities
 from cromss_ray.tracking import set_alias
-from cromss_ray.tracking.models import example_input, log_pretrained_model, model_signature, predict_maps
+from cromss_ray.models.segmenter import predict_maps
+from cromss_ray.tracking.pyfunc import example_input, log_pretrained_model, model_signature
 from cromss_ray.tracking.runs import RunTracker
-from cromss_ray.tracking.storage import check_matches_config, pretrain_part
+from cromss_ray.models.stored import check_matches_config, pretrain_part
 
 
 @pytest.fixture(scope="module")

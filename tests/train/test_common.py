@@ -13,21 +13,10 @@ import yaml
 from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, ReduceLROnPlateau, StepLR
 
 from cromss_ray.config import ConfigError, OptimConfig, PretrainConfig, RunConfig, ScalingConfig, build_config
-from cromss_ray.train.common import (
-    ExactValidationDataConfig,
-    Precision,
-    TrainingState,
-    absolute_storage_path,
-    all_reduce_sums,
-    build_optimizer,
-    build_scheduler,
-    check_resumable,
-    load_model_state,
-    ray_run_config,
-    ray_scaling_config,
-    read_meta,
-    step_scheduler,
-)
+from cromss_ray.train.checkpoints import TrainingState, check_resumable, load_model_state, read_meta
+from cromss_ray.train.cluster import ExactValidationDataConfig, absolute_storage_path, ray_run_config, ray_scaling_config
+from cromss_ray.train.collectives import all_reduce_sums
+from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer, step_lr_scheduler
 from cromss_ray.train.pretrain import rgb_positions, true_colour
 
 
@@ -47,17 +36,17 @@ def test_precision_autocasts_only_on_a_gpu() -> None:
 )
 def test_each_schedule_name_builds_its_scheduler(name: str, kind: type) -> None:
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(scheduler=name))
-    assert isinstance(build_scheduler(optimizer, OptimConfig(scheduler=name)), kind)
-    assert build_scheduler(optimizer, OptimConfig(scheduler="none")) is None
+    assert isinstance(build_lr_scheduler(optimizer, OptimConfig(scheduler=name)), kind)
+    assert build_lr_scheduler(optimizer, OptimConfig(scheduler="none")) is None
 
 
 def test_the_plateau_schedule_halves_the_rate_after_patience_epochs_without_a_better_val_loss() -> None:
     optim = OptimConfig(lr=1.0, plateau_factor=0.5, plateau_patience=1)
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
-    scheduler = build_scheduler(optimizer, optim)
+    scheduler = build_lr_scheduler(optimizer, optim)
     rates = []
     for val_loss in (1.0, 1.0, 1.0, 0.5, 0.5, 0.5):
-        step_scheduler(scheduler, val_loss)
+        step_lr_scheduler(scheduler, val_loss)
         rates.append(optimizer.param_groups[0]["lr"])
     # Epoch 1 sets the best loss; the 2nd bad epoch in a row exceeds patience 1; 0.5 is a new best.
     assert rates == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
@@ -98,17 +87,17 @@ def test_a_training_state_round_trips_through_a_checkpoint_directory(tmp_path: P
     model = torch.nn.Linear(3, 2)
     optimizer = build_optimizer(model.parameters(), optim)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = TrainingState(model, optimizer, build_scheduler(optimizer, optim), scaler)
+    state = TrainingState(model, optimizer, build_lr_scheduler(optimizer, optim), scaler)
     model(torch.ones(4, 3)).sum().backward()
     optimizer.step()
-    step_scheduler(state.scheduler, 1.0)
-    step_scheduler(state.scheduler, 2.0)
+    step_lr_scheduler(state.scheduler, 1.0)
+    step_lr_scheduler(state.scheduler, 2.0)
     state.save(tmp_path, PretrainConfig(), {"epoch": 2, "mlflow_run_id": "abc"})
 
     fresh_model = torch.nn.Linear(3, 2)
     fresh_model.load_state_dict(load_model_state(tmp_path))
     fresh_optimizer = build_optimizer(fresh_model.parameters(), optim)
-    fresh = TrainingState(fresh_model, fresh_optimizer, build_scheduler(fresh_optimizer, optim), scaler)
+    fresh = TrainingState(fresh_model, fresh_optimizer, build_lr_scheduler(fresh_optimizer, optim), scaler)
     fresh.load_optimisation(tmp_path, torch.device("cpu"))
     assert torch.equal(fresh_model.weight, model.weight)
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 1

@@ -25,7 +25,7 @@ from cromss_ray.tune.results import (
     to_csv,
     trial_status,
 )
-from cromss_ray.tune.runs import epochs_reported
+from cromss_ray.tune.trial_runs import epochs_reported
 from cromss_ray.tune.sweep import (
     SWEEP_STATE_FILE,
     SweepStateError,

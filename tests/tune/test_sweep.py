@@ -33,7 +33,7 @@ from cromss_ray.cli import main
 from cromss_ray.config import ConfigError, TuneConfig, build_config, load_config, to_yaml
 from cromss_ray.tracking.registry import load_pretrained, registry_client
 from cromss_ray.tune.results import COMPLETED, STOPPED_EARLY
-from cromss_ray.tune.runs import SWEEP_TAG, TRIAL_TAG
+from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG
 from cromss_ray.tune.space import param_space
 from cromss_ray.tune.sweep import (
     ASHA_STATE_FILE,

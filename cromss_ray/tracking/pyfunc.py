@@ -1,29 +1,28 @@
-"""A pretrained CromSS network as an MLflow pyfunc model, logged with its run and registered.
+"""CromSS networks as MLflow pyfunc models: one pyfunc for both kinds, logged with their run and registered.
 
-Input: a dict of two float32 arrays, already scaled the way the trainer feeds them,
+A logged model keeps the files of a stored network (:mod:`cromss_ray.models.stored`) as
+its artifacts; what kind it is, and so what it predicts, follows from those files.
 
-* ``"s1"``: ``(N, 2, H, W)``, Sentinel-1 VV and VH;
-* ``"s2"``: ``(N, B, H, W)``, the model's B Sentinel-2 bands (spec 9);
+A pretrained network takes a dict of two float32 arrays, already scaled the way the
+trainer feeds them: ``"s1"`` ``(N, 2, H, W)`` (VV, VH) and ``"s2"`` ``(N, B, H, W)``,
+the model's B Sentinel-2 bands (spec 9), any N, H and W (padded to the encoder stride,
+the outputs cropped back). Output: ``"classes"`` ``(N, H, W)`` int64 and
+``"probabilities"`` ``(N, C, H, W)`` float32 of the fused prediction (spec 1), and the
+same with ``s1_`` / ``s2_`` prefixes for each branch alone. Param ``batch_size`` (8).
 
-for any N, H and W (each image is padded to the encoder stride, 32 for ResNets, and
-the outputs cropped back). Output: a dict of arrays,
+A fine-tuned network takes its branch's image only (``{"s2": (N, B, H, W)}``), scaled
+like its training shards, tiled and blended above ``tile`` pixels
+(:func:`~cromss_ray.models.segmenter.predict_array`); output ``"classes"`` and
+``"probabilities"``. Params ``batch_size``, ``tile``, ``overlap``.
 
-* ``"classes"`` ``(N, H, W)`` int64 and ``"probabilities"`` ``(N, C, H, W)`` float32:
-  the fused prediction, the mean of the two branches' softmax outputs (spec 1);
-* ``"s1_classes"``, ``"s1_probabilities"``, ``"s2_classes"``, ``"s2_probabilities"``:
-  each branch alone.
-
-The inference param ``batch_size`` (default 8) bounds the images run at once.
-
-Nothing is pickled and nothing is downloaded at load time: the model is stored as
-source (``pyfunc_code.py``, an MLflow "model from code", with the ``cromss_ray``
-package as its code path) plus two artifacts, ``model.pt`` (the state dict) and
-``config.yaml``, from which :func:`cromss_ray.method.build_model` rebuilds the network.
+Nothing is pickled and nothing is downloaded at load time: the stateless
+:class:`CromSSPyfunc` is stored as source (``pyfunc_code.py``, an MLflow "model from
+code", with the ``cromss_ray`` package as its code path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -32,29 +31,44 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from pydantic import BaseModel
 
 import cromss_ray
-from cromss_ray.config import PretrainConfig, to_yaml
-from cromss_ray.method import CromSSNet, fused_probabilities
-from cromss_ray.tracking.registry import LATEST_ALIAS, register_model_version, set_alias, using_tracking_uri
-from cromss_ray.tracking.runs import RunTracker, config_params, redacted_config
-from cromss_ray.tracking.storage import (
-    CONFIG_ARTIFACT,
-    MODEL_NAME,
+from cromss_ray.config import PretrainConfig
+from cromss_ray.data.schema import ShardMetadata
+from cromss_ray.method import CromSSNet
+from cromss_ray.models import MODEL_TILE
+from cromss_ray.models.segmenter import (
+    DEFAULT_BATCH_SIZE,
+    MAPS_BATCH_SIZE,
     S1_BANDS,
-    WEIGHTS_ARTIFACT,
-    check_matches_config,
-    load_network,
-    pretrain_part,
+    predict_array,
+    predict_maps,
 )
+from cromss_ray.models.stored import (
+    FinetunedModel,
+    check_matches_config,
+    load_stored,
+    pretrain_part,
+    save_stored,
+)
+from cromss_ray.tracking.registry import (
+    ARTIFACT_FILES,
+    LATEST_ALIAS,
+    MODEL_NAME,
+    stored_files,
+    register_model_version,
+    set_alias,
+    using_tracking_uri,
+)
+from cromss_ray.tracking.runs import RunTracker, config_params, redacted_config
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_code.py")
-DEFAULT_BATCH_SIZE = 8
 EXAMPLE_SIZE = 32
+MODEL_OVERLAP = 128
+"""Overlap of a fine-tuned pyfunc's windows unless the caller sets ``overlap``."""
 INFERENCE_DISTRIBUTIONS = (
     "mlflow",
     "torch",
@@ -70,52 +84,8 @@ INFERENCE_DISTRIBUTIONS = (
 """What loading and running the pyfunc imports; pinned to the installed versions when logged."""
 
 
-def _padded(images: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``images`` (N, B, H, W) padded at the bottom and right (edge values repeated) to multiples of ``multiple``."""
-    height, width = images.shape[-2:]
-    return F.pad(images, (0, -width % multiple, 0, -height % multiple), mode="replicate")
-
-
-def _checked_inputs(model: CromSSNet, s1: np.ndarray, s2: np.ndarray) -> None:
-    for name, array, bands in (("s1", s1, model.s1_bands), ("s2", s2, model.s2_bands)):
-        if array.ndim != 4 or array.shape[1] != bands:
-            raise ValueError(f"input '{name}' must be (N, {bands}, H, W), got {array.shape}")
-    if s1.shape[0] != s2.shape[0] or s1.shape[2:] != s2.shape[2:]:
-        raise ValueError(f"inputs 's1' {s1.shape} and 's2' {s2.shape} differ in N, H or W")
-
-
-@torch.no_grad()
-def predict_maps(
-    model: CromSSNet, s1: np.ndarray, s2: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE
-) -> dict[str, np.ndarray]:
-    """Class maps and probabilities of the fused prediction and of each branch (module docstring).
-
-    Runs on the device of ``model``'s parameters, ``batch_size`` images at a time.
-    """
-    _checked_inputs(model, s1, s2)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
-    multiple = max(model.encoder_for(modality).output_stride for modality in ("s1", "s2"))
-    height, width = s1.shape[2:]
-    parts: dict[str, list[torch.Tensor]] = {"probabilities": [], "s1_probabilities": [], "s2_probabilities": []}
-    for start in range(0, s1.shape[0], batch_size):
-        x1 = _padded(torch.as_tensor(s1[start : start + batch_size], dtype=torch.float32, device=device), multiple)
-        x2 = _padded(torch.as_tensor(s2[start : start + batch_size], dtype=torch.float32, device=device), multiple)
-        z1, z2 = (logits[..., :height, :width] for logits in model(x1, x2))
-        parts["probabilities"].append(fused_probabilities(z1, z2).cpu())
-        parts["s1_probabilities"].append(torch.softmax(z1, dim=1).cpu())
-        parts["s2_probabilities"].append(torch.softmax(z2, dim=1).cpu())
-    outputs: dict[str, np.ndarray] = {}
-    for prefix in ("", "s1_", "s2_"):
-        probabilities = torch.cat(parts[f"{prefix}probabilities"])
-        outputs[f"{prefix}classes"] = probabilities.argmax(dim=1).numpy()
-        outputs[f"{prefix}probabilities"] = probabilities.numpy()
-    return outputs
-
-
 class CromSSPyfunc(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper of a pretrained CromSS network (input and output: module docstring)."""
+    """Pyfunc wrapper of a stored CromSS network, pretrained or fine-tuned (input and output: module docstring)."""
 
     # The input is a dict of tensors, which MLflow's type-hint validation (list[...] inputs
     # only) cannot describe: model_input carries no hint, and MLflow's nag about that is
@@ -123,10 +93,9 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Rebuild the network from the ``weights`` and ``config`` artifacts, on a GPU when present."""
-        weights, config_file = (Path(context.artifacts[key]) for key in (WEIGHTS_ARTIFACT, CONFIG_ARTIFACT))
-        network, _ = load_network(weights, config_file)
-        self.network = network.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        """Rebuild the network from its artifacts, on a GPU when present."""
+        self.stored = load_stored(*stored_files(context.artifacts))
+        self.stored.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def predict(
         self,
@@ -134,9 +103,26 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
         model_input,
         params: dict[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
-        """``{"s1": (N, 2, H, W), "s2": (N, B, H, W)}`` float32 -> class maps and probabilities."""
-        batch_size = int((params or {}).get("batch_size", DEFAULT_BATCH_SIZE))
-        return predict_maps(self.network, model_input["s1"], model_input["s2"], batch_size)
+        """Images by modality, float32 -> class maps and probabilities (module docstring)."""
+        params = params or {}
+        if not isinstance(self.stored, FinetunedModel):
+            batch_size = int(params.get("batch_size", MAPS_BATCH_SIZE))
+            return predict_maps(self.stored.model, model_input["s1"], model_input["s2"], batch_size)
+        segmenter = self.stored.segmenter()
+        predictions = [
+            predict_array(
+                segmenter,
+                **{segmenter.branch: image},
+                tile=int(params.get("tile", MODEL_TILE)),
+                overlap=int(params.get("overlap", MODEL_OVERLAP)),
+                batch_size=int(params.get("batch_size", DEFAULT_BATCH_SIZE)),
+            )
+            for image in model_input[segmenter.branch]
+        ]
+        return {
+            "classes": np.stack([prediction.classes for prediction in predictions]),
+            "probabilities": np.stack([prediction.probabilities for prediction in predictions]),
+        }
 
 
 def model_signature(s2_bands: int, classes: int) -> ModelSignature:
@@ -149,7 +135,7 @@ def model_signature(s2_bands: int, classes: int) -> ModelSignature:
     for prefix in ("", "s1_", "s2_"):
         outputs.append(TensorSpec(np.dtype(np.int64), (-1, -1, -1), f"{prefix}classes"))
         outputs.append(TensorSpec(images, (-1, classes, -1, -1), f"{prefix}probabilities"))
-    params = ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)])
+    params = ParamSchema([ParamSpec("batch_size", "long", MAPS_BATCH_SIZE)])
     return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
 
 
@@ -182,8 +168,8 @@ def log_registered_model(
     tracker: RunTracker,
     config: BaseModel,
     *,
-    python_model: str | mlflow.pyfunc.PythonModel,
-    write_artifacts: Callable[[Path], Mapping[str, Path]],
+    network: torch.nn.Module,
+    meta: ShardMetadata | None = None,
     signature: ModelSignature,
     input_example: Mapping[str, np.ndarray],
     registry_name: str,
@@ -194,11 +180,11 @@ def log_registered_model(
 ) -> int:
     """Log a CromSS pyfunc model of the tracker's run, register it, point ``aliases`` at it; the new version.
 
-    The logged model is named ``model`` and carries ``config``'s flattened params;
-    ``write_artifacts(folder)`` writes the model's files into a temporary folder and
-    returns them by artifact key. ``python_model`` is a model-from-code file or a
-    :class:`~mlflow.pyfunc.PythonModel`; the ``cromss_ray`` package is logged as its code
-    path and the inference packages are pinned (:func:`pinned_requirements`).
+    The logged model is named ``model`` and carries ``config``'s flattened params; its
+    artifacts are the stored network (``network``, ``config`` with credentials redacted,
+    and ``meta`` for a fine-tuned one, :func:`~cromss_ray.models.stored.save_stored`).
+    The pyfunc is :class:`CromSSPyfunc` from code; the ``cromss_ray`` package is logged
+    as its code path and the inference packages are pinned (:func:`pinned_requirements`).
     ``epoch`` is the step the model is logged at; the version gets ``description`` and
     ``version_tags``. ``@latest`` is MLflow's built-in alias of the newest version, so
     ``"latest"`` in ``aliases`` needs (and gets) no assignment.
@@ -207,7 +193,7 @@ def log_registered_model(
         experiment_id=tracker.experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id, params=config_params(config)
     )
     with TemporaryDirectory() as folder, using_tracking_uri(tracker.tracking_uri):
-        artifacts = write_artifacts(Path(folder))
+        files = save_stored(Path(folder), network, redacted_config(config), meta)
         Model.log(
             artifact_path=None,
             name=MODEL_NAME,
@@ -215,8 +201,8 @@ def log_registered_model(
             run_id=tracker.run_id,
             model_id=logged.model_id,
             step=epoch or 0,
-            python_model=python_model,
-            artifacts={key: str(path) for key, path in artifacts.items()},
+            python_model=str(PYFUNC_CODE),
+            artifacts={key: str(files[name]) for key, name in ARTIFACT_FILES.items() if name in files},
             code_paths=[str(Path(cromss_ray.__file__).parent)],
             signature=signature,
             input_example=input_example,
@@ -234,12 +220,6 @@ def log_registered_model(
         if alias.lower() != LATEST_ALIAS:
             set_alias(registry_name, alias, version, tracking_uri=tracker.tracking_uri)
     return version
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> Path:
-    """``model``'s state dict, detached and on the CPU, saved to ``path`` (``model.pt``)."""
-    torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, path)
-    return path
 
 
 def log_pretrained_model(
@@ -265,16 +245,10 @@ def log_pretrained_model(
     config = pretrain_part(config)
     check_matches_config(model, config)
 
-    def write_artifacts(folder: Path) -> dict[str, Path]:
-        config_file = folder / "config.yaml"
-        config_file.write_text(to_yaml(redacted_config(config)))
-        return {WEIGHTS_ARTIFACT: save_weights(model, folder / "model.pt"), CONFIG_ARTIFACT: config_file}
-
     return log_registered_model(
         tracker,
         config,
-        python_model=str(PYFUNC_CODE),
-        write_artifacts=write_artifacts,
+        network=model,
         signature=model_signature(config.data.s2_bands, config.model.classes),
         input_example=example_input(config.data.s2_bands, input_example),
         registry_name=registry_name,

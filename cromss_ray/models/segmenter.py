@@ -1,10 +1,10 @@
-"""Class maps from Sentinel-1/2 images of any size: tiled, overlapping, blended prediction (spec 1, 11).
+"""The one segmenter: class maps of images of any size, tiled, overlapping, blended (spec 1, 11).
 
 A :class:`Segmenter` wraps a network with what inference needs: a fine-tuned
 single-branch smp model, or a pretrained CromSS network used fused (the mean of the two
 softmax outputs, spec 1) or through one branch. :func:`predict_array` predicts numpy
-images, :func:`predict_geotiff` writes a GeoTIFF class map on the grid and CRS of the
-input GeoTIFFs.
+images (:func:`~cromss_ray.models.geotiff.predict_geotiff` GeoTIFFs, strip by strip);
+:func:`predict_maps` runs a pretrained network on whole images, fused and per branch.
 
 Tiling: the image is covered by ``tile`` x ``tile`` windows that overlap by ``overlap``
 pixels (a quarter of the tile unless given), the last window of each row and column aligned with the image edge. Each
@@ -22,26 +22,21 @@ soon as no later strip covers them, so memory grows with the image width, not it
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
-from rasterio.windows import Window
 from torch import nn
 
-from cromss_ray.data.schema import NODATA, S1_BAND_NAMES, S2_BAND_NAMES, S2_BAND_SUBSETS, ModalitySpec, network_affine
+from cromss_ray.data.schema import S1_BAND_NAMES, S2_BAND_NAMES, S2_BAND_SUBSETS, ModalitySpec, network_affine
 from cromss_ray.method import CromSSNet, fused_probabilities
-from cromss_ray.tracking.figures import class_colors
 
-Branch = Literal["s1", "s2", "fused"]
+BranchName = Literal["s1", "s2", "fused"]
+"""What a segmenter predicts from: one modality's branch, or both fused (spec 1)."""
 BRANCHES: tuple[str, ...] = ("s1", "s2", "fused")
 S1_BANDS = len(S1_BAND_NAMES)
 ALL_S2_BANDS = len(S2_BAND_NAMES)
@@ -100,7 +95,7 @@ class Segmenter:
     """
 
     network: nn.Module
-    branch: Branch
+    branch: BranchName
     s2_bands: int
     class_names: tuple[str, ...]
     scaling: Mapping[str, Scaling] = field(default_factory=lambda: dict(PRODUCT_SCALING))
@@ -334,129 +329,47 @@ def predict_array(
     return Prediction(classes=probabilities.argmax(axis=0), probabilities=probabilities)
 
 
-@dataclass(frozen=True)
-class _Source:
-    """An open input GeoTIFF and the 1-based band indexes the model reads from it."""
-
-    path: Path
-    dataset: rasterio.DatasetReader
-    indexes: list[int]
-    scaling: Scaling
+MAPS_BATCH_SIZE = 8
+"""Images :func:`predict_maps` runs at once unless told otherwise (the pretrained pyfunc's default)."""
 
 
-def _open_source(segmenter: Segmenter, modality: str, path: Path) -> _Source:
-    """Open ``path`` and pick its bands: S1 needs 2, S2 the model's subset or all 13."""
-    try:
-        dataset = rasterio.open(path)
-    except rasterio.errors.RasterioIOError as exc:
-        raise ValueError(f"{path}: cannot open as a GeoTIFF ({exc})") from None
-    count, wanted = dataset.count, segmenter.bands(modality)
-    if count == wanted:
-        indexes = list(range(1, count + 1))
-    elif modality == "s2" and count == ALL_S2_BANDS:
-        indexes = [index + 1 for index in S2_BAND_SUBSETS[wanted]]
-    else:
-        dataset.close()
-        expected = f"{wanted} or {ALL_S2_BANDS}" if modality == "s2" else str(wanted)
-        raise ValueError(f"{path}: has {count} bands, a {modality.upper()} input needs {expected}")
-    return _Source(path, dataset, indexes, segmenter.scaling[modality])
+def _checked_pair(network: CromSSNet, s1: np.ndarray, s2: np.ndarray) -> None:
+    for name, array, bands in (("s1", s1, network.s1_bands), ("s2", s2, network.s2_bands)):
+        if array.ndim != 4 or array.shape[1] != bands:
+            raise ValueError(f"input '{name}' must be (N, {bands}, H, W), got {array.shape}")
+    if s1.shape[0] != s2.shape[0] or s1.shape[2:] != s2.shape[2:]:
+        raise ValueError(f"inputs 's1' {s1.shape} and 's2' {s2.shape} differ in N, H or W")
 
 
-def _check_same_grid(sources: Sequence[_Source]) -> None:
-    first = sources[0]
-    for other in sources[1:]:
-        same = (
-            other.dataset.shape == first.dataset.shape
-            and other.dataset.transform == first.dataset.transform
-            and other.dataset.crs == first.dataset.crs
-        )
-        if not same:
-            raise ValueError(
-                f"{other.path} and {first.path} are not on the same grid: shapes {other.dataset.shape} / "
-                f"{first.dataset.shape}, CRS {other.dataset.crs} / {first.dataset.crs}, transforms "
-                f"{tuple(other.dataset.transform)[:6]} / {tuple(first.dataset.transform)[:6]}"
-            )
+@torch.no_grad()
+def predict_maps(
+    network: CromSSNet, s1: np.ndarray, s2: np.ndarray, batch_size: int = MAPS_BATCH_SIZE
+) -> dict[str, np.ndarray]:
+    """Class maps and probabilities of whole images (N, bands, H, W), fused (spec 1) and of each branch.
 
-
-def _invalid(sources: Sequence[_Source], first: int, stop: int, width: int) -> np.ndarray:
-    """Rows ``first:stop`` where any input is masked (its no-data value, alpha or internal mask)."""
-    window = Window(0, first, width, stop - first)
-    invalid = np.zeros((stop - first, width), dtype=bool)
-    for source in sources:
-        invalid |= source.dataset.dataset_mask(window=window) == 0
-    return invalid
-
-
-def _colormap(class_names: Sequence[str]) -> dict[int, tuple[int, int, int, int]]:
-    """The GeoTIFF palette: the class colours of the run figures (Dynamic World where the names match)."""
-    return {index: (*(round(255 * c) for c in colour), 255) for index, colour in enumerate(class_colors(class_names))}
-
-
-def predict_geotiff(
-    segmenter: Segmenter,
-    out: str | os.PathLike[str],
-    *,
-    s1: str | os.PathLike[str] | None = None,
-    s2: str | os.PathLike[str] | None = None,
-    tile: int = DEFAULT_TILE,
-    overlap: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    tags: Mapping[str, str] | None = None,
-) -> Path:
-    """Write the class map of Sentinel-1/2 GeoTIFFs to ``out``, on their grid and in their CRS.
-
-    The inputs the segmenter needs must share size, transform and CRS; stored values are
-    scaled with ``segmenter.scaling``. The output is a one-band uint8 GeoTIFF of class
-    indices with the class colours and names (tag ``classes``), ``NODATA`` (255) where an
-    input is masked. It is written under a temporary name and renamed when complete.
+    Keys ``classes`` / ``probabilities`` (fused) and ``s1_...``, ``s2_...`` (one branch
+    alone). Each image is padded to the encoders' stride and the outputs cropped back;
+    runs on the device of ``network``'s parameters, ``batch_size`` images at a time.
     """
-    paths = {"s1": s1, "s2": s2}
-    missing = [modality for modality in segmenter.modalities if paths[modality] is None]
-    if missing:
-        raise ValueError(
-            f"the {segmenter.branch} prediction needs the {' and '.join(m.upper() for m in missing)} GeoTIFF"
+    _checked_pair(network, s1, s2)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = next(network.parameters()).device
+    stride = output_stride(network)
+    height, width = s1.shape[2:]
+    parts: dict[str, list[torch.Tensor]] = {"probabilities": [], "s1_probabilities": [], "s2_probabilities": []}
+    for start in range(0, s1.shape[0], batch_size):
+        x1, x2 = (
+            pad_to_multiple(torch.as_tensor(image[start : start + batch_size], dtype=torch.float32, device=device), stride)
+            for image in (s1, s2)
         )
-    out = Path(out)
-    partial = out.with_name(f".{out.name}.partial")
-    sources: list[_Source] = []
-    try:
-        for modality in segmenter.modalities:
-            sources.append(_open_source(segmenter, modality, Path(paths[modality])))
-        _check_same_grid(sources)
-        reference = sources[0].dataset
-        height, width = reference.height, reference.width
-
-        def read_rows(first: int, stop: int) -> dict[str, np.ndarray]:
-            window = Window(0, first, width, stop - first)
-            return {
-                modality: source.scaling.apply(source.dataset.read(source.indexes, window=window))
-                for modality, source in zip(segmenter.modalities, sources, strict=True)
-            }
-
-        profile = {
-            "driver": "GTiff",
-            "dtype": "uint8",
-            "count": 1,
-            "height": height,
-            "width": width,
-            "crs": reference.crs,
-            "transform": reference.transform,
-            "nodata": NODATA,
-            "compress": "deflate",
-        }
-        with rasterio.open(partial, "w", **profile) as target:
-            target.write_colormap(1, _colormap(segmenter.class_names))
-            target.update_tags(classes=json.dumps(list(segmenter.class_names)), **dict(tags or {}))
-            for top, block in iter_probability_rows(
-                segmenter, read_rows, height, width, tile=tile, overlap=overlap, batch_size=batch_size
-            ):
-                stop = top + block.shape[1]
-                classes = block.argmax(axis=0).astype(np.uint8)
-                classes[_invalid(sources, top, stop, width)] = NODATA
-                target.write(classes, 1, window=Window(0, top, width, stop - top))
-        os.replace(partial, out)
-    finally:
-        for source in sources:
-            source.dataset.close()
-        partial.unlink(missing_ok=True)
-    return out
+        z1, z2 = (logits[..., :height, :width] for logits in network(x1, x2))
+        parts["probabilities"].append(fused_probabilities(z1, z2).cpu())
+        parts["s1_probabilities"].append(torch.softmax(z1, dim=1).cpu())
+        parts["s2_probabilities"].append(torch.softmax(z2, dim=1).cpu())
+    outputs: dict[str, np.ndarray] = {}
+    for prefix in ("", "s1_", "s2_"):
+        probabilities = torch.cat(parts[f"{prefix}probabilities"])
+        outputs[f"{prefix}classes"] = probabilities.argmax(dim=1).numpy()
+        outputs[f"{prefix}probabilities"] = probabilities.numpy()
+    return outputs

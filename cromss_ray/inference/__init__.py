@@ -1,0 +1,1 @@
+"""A registered model applied to new data: ``cromss evaluate`` (scores) and ``cromss predict`` (GeoTIFFs)."""

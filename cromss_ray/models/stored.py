@@ -1,0 +1,172 @@
+"""A stored network: its weights and config (and, for a fine-tuned one, its training shards' metadata).
+
+Both kinds are kept as the same files: ``model.pt`` (the state dict) and ``config.yaml``
+(a :class:`~cromss_ray.config.PretrainConfig` or :class:`~cromss_ray.config.FinetuneConfig`),
+plus ``shard_metadata.json`` for a fine-tuned network (the classes, ignore value and pixel
+scaling of the shards it learnt from). :func:`load_stored` rebuilds either from them with
+the one builder per kind (:func:`network_from_config`, :func:`transfer_network`), so no
+module is pickled; the MLflow pyfunc models and the registry keep and pull these files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import yaml
+from pydantic import BaseModel
+from torch import nn
+
+from cromss_ray.config import ConfigError, FinetuneConfig, PretrainConfig, build_config, to_yaml
+from cromss_ray.data.schema import CLASS_SCHEMES, ShardMetadata, network_affine
+from cromss_ray.method import CromSSNet, build_model, build_segmentation_model
+from cromss_ray.models.segmenter import PRODUCT_SCALING, S1_BANDS, BranchName, Scaling, Segmenter
+
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
+SHARDS_FILE = "shard_metadata.json"
+
+Config = TypeVar("Config", PretrainConfig, FinetuneConfig)
+
+
+def pretrain_part(config: PretrainConfig) -> PretrainConfig:
+    """The :class:`PretrainConfig` fields of ``config`` (a Tune trial's config drops its sweep)."""
+    dump = config.model_dump()
+    return PretrainConfig.model_validate({key: dump[key] for key in PretrainConfig.model_fields})
+
+
+def read_config(path: Path, kind: type[Config]) -> Config:
+    """A stored ``config.yaml`` as a ``kind`` config; errors name the file and key."""
+    try:
+        return build_config(kind, yaml.safe_load(path.read_text()) or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def network_from_config(config: PretrainConfig) -> CromSSNet:
+    """An untrained two-branch network with the architecture ``config`` describes (spec 1)."""
+    return build_model(
+        config.model.fusion,
+        encoder=config.model.encoder,
+        s1_bands=S1_BANDS,
+        s2_bands=config.data.s2_bands,
+        classes=config.model.classes,
+    )
+
+
+def input_bands(config: FinetuneConfig) -> int:
+    """Input channels of the transfer network: 2 for S1 (VV, VH), the S2 band count for S2."""
+    return S1_BANDS if config.model.branch == "s1" else config.data.s2_bands
+
+
+def transfer_network(config: FinetuneConfig, classes: int) -> nn.Module:
+    """The untrained single-modality network ``config`` describes (spec 11)."""
+    return build_segmentation_model(config.model.decoder, config.model.encoder, input_bands(config), classes)
+
+
+def scaling_of(meta: ShardMetadata) -> dict[str, Scaling]:
+    """How the training shards' stored values became model inputs, per modality (:func:`network_affine`)."""
+    return {modality: Scaling(*network_affine(spec)) for modality, spec in (("s1", meta.s1), ("s2", meta.s2))}
+
+
+def transfer_segmenter(network: nn.Module, config: FinetuneConfig, meta: ShardMetadata) -> Segmenter:
+    """A transfer network as a segmenter: its branch and bands, the shards' classes and scaling."""
+    return Segmenter(network, config.model.branch, config.data.s2_bands, tuple(meta.classes), scaling_of(meta))
+
+
+@dataclass(frozen=True)
+class PretrainedModel:
+    """A stored pretrained network (CPU, eval mode), its config and, when pulled from a registry, its origin."""
+
+    model: CromSSNet
+    config: PretrainConfig
+    name: str | None = None
+    version: int | None = None
+    run_id: str | None = None
+
+    def segmenter(self, branch: BranchName | None = None) -> Segmenter:
+        """Fused (default) or one branch's prediction of the raw products (:data:`PRODUCT_SCALING`)."""
+        classes = self.config.model.classes
+        pretrain_classes = CLASS_SCHEMES["pretrain"]
+        names = pretrain_classes if classes == len(pretrain_classes) else tuple(map(str, range(classes)))
+        return Segmenter(self.model, branch or "fused", self.config.data.s2_bands, tuple(names), dict(PRODUCT_SCALING))
+
+
+@dataclass(frozen=True)
+class FinetunedModel:
+    """A stored fine-tuned network (CPU, eval mode), its run config, training-shard metadata and origin."""
+
+    model: nn.Module
+    config: FinetuneConfig
+    meta: ShardMetadata
+    name: str | None = None
+    version: int | None = None
+    run_id: str | None = None
+
+    def segmenter(self) -> Segmenter:
+        """The network reading inputs stored like its training shards."""
+        return transfer_segmenter(self.model, self.config, self.meta)
+
+
+StoredModel = PretrainedModel | FinetunedModel
+
+
+def load_stored(weights: Path, config_file: Path, shards_file: Path | None = None) -> StoredModel:
+    """The network stored as ``model.pt`` + ``config.yaml`` (+ ``shard_metadata.json`` when fine-tuned),
+    on the CPU, in eval mode."""
+    if shards_file is None:
+        config = read_config(config_file, PretrainConfig)
+        network = network_from_config(config)
+    else:
+        config = read_config(config_file, FinetuneConfig)
+        meta = ShardMetadata.model_validate_json(shards_file.read_text())
+        network = transfer_network(config, meta.num_classes)
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    network.eval()
+    if shards_file is None:
+        return PretrainedModel(network, config)
+    return FinetunedModel(network, config, meta)
+
+
+def save_weights(network: nn.Module, path: Path) -> Path:
+    """``network``'s state dict, detached and on the CPU, saved to ``path``."""
+    torch.save({key: value.detach().cpu() for key, value in network.state_dict().items()}, path)
+    return path
+
+
+def save_stored(
+    folder: Path, network: nn.Module, config: BaseModel, meta: ShardMetadata | None = None
+) -> dict[str, Path]:
+    """Write ``model.pt``, ``config.yaml`` (and ``shard_metadata.json`` with ``meta``) into ``folder``;
+    the paths by file name. ``config`` is stored as given (redact credentials before)."""
+    files = {WEIGHTS_FILE: save_weights(network, folder / WEIGHTS_FILE), CONFIG_FILE: folder / CONFIG_FILE}
+    files[CONFIG_FILE].write_text(to_yaml(config))
+    if meta is not None:
+        files[SHARDS_FILE] = folder / SHARDS_FILE
+        files[SHARDS_FILE].write_text(meta.model_dump_json(indent=2))
+    return files
+
+
+def check_matches_config(model: CromSSNet, config: PretrainConfig) -> None:
+    """Raise a ValueError unless ``config`` rebuilds ``model``'s architecture."""
+    stored = {
+        "model.fusion": config.model.fusion,
+        "model.encoder": config.model.encoder,
+        "S1 bands": S1_BANDS,
+        "data.s2_bands": config.data.s2_bands,
+        "model.classes": config.model.classes,
+    }
+    actual = {
+        "model.fusion": model.fusion,
+        "model.encoder": model.encoder_name,
+        "S1 bands": model.s1_bands,
+        "data.s2_bands": model.s2_bands,
+        "model.classes": model.classes,
+    }
+    differing = [
+        f"{key}: config {stored[key]!r}, model {actual[key]!r}" for key in stored if stored[key] != actual[key]
+    ]
+    if differing:
+        raise ValueError("the model does not match its config: " + "; ".join(differing))
