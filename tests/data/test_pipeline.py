@@ -152,15 +152,17 @@ def _source_coordinates(s2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _orientation(ys: np.ndarray, xs: np.ndarray) -> tuple[int, int, int, int]:
-    """The dihedral element of a window: source steps along output rows and columns."""
+    """The flips of a window: source steps along output rows and columns."""
     return (int(ys[1, 0] - ys[0, 0]), int(xs[1, 0] - xs[0, 0]), int(ys[0, 1] - ys[0, 0]), int(xs[0, 1] - xs[0, 0]))
 
 
 def test_one_geometry_for_images_labels_and_priors(ray_cluster: None, coordinate_dir: Path) -> None:
+    """Crop and flips traced through Ray Data by pixels that encode their source; rotations
+    resample (no source to trace) and are checked on the UDF in test_pipeline_transforms."""
     stored = stored_rows(coordinate_dir)
     bands = list(S2_BAND_SUBSETS[9])
     cfg = DataConfig(
-        uri=str(coordinate_dir), crop=24, val_fraction=0.0, s2_bands=9, rotation_probability=1.0, prior_on_device=False
+        uri=str(coordinate_dir), crop=24, val_fraction=0.0, s2_bands=9, rotation_probability=0.0, prior_on_device=False
     )
     cpu_path = pretrain_datasets(cfg, seed=3)
     orientations = set()
@@ -179,7 +181,8 @@ def test_one_geometry_for_images_labels_and_priors(ray_cluster: None, coordinate
         expected_prior = smoothing_prior(torch.from_numpy(row["label"]), int(sample["season"])).numpy()
         np.testing.assert_allclose(sample["prior"], expected_prior[:, ys, xs], atol=1e-5)
         orientations.add(_orientation(ys, xs))
-    assert len(orientations) == 8
+    assert orientations <= {(1, 0, 0, 1), (-1, 0, 0, 1), (1, 0, 0, -1), (-1, 0, 0, -1)}
+    assert len(orientations) == 4
 
     device_path = pretrain_datasets(cfg.model_copy(update={"prior_on_device": True}), seed=3)
     for key, sample in samples(device_path.train).items():
