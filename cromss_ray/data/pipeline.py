@@ -3,7 +3,8 @@
 ::
 
     shards (dir / s3://)  --read_parquet (streaming, footers checked first)-->  rows
-      --map_batches(CutSamples): season, band subset, crop / flip / rotation-->  uint8 batches
+      --map_batches(CutSamples): season, band subset, crop / flip / rotation, order key-->  uint8 samples
+      --sort(order key), training only: a fresh i.i.d. order every epoch-->
       --streaming_split / iter_torch_batches-->  to_device: scale, prior on the device
 
 :func:`pretrain_datasets` and :func:`downstream_datasets` build the training, validation
@@ -12,9 +13,10 @@ model's inputs and targets. Batches stay in the stored dtype (uint8 for the rele
 data) until :func:`to_device` scales them on the device.
 
 Determinism. A training sample's augmentation (season, crop corner, flips, rotation) is a
-pure function of ``(seed, location id, epoch)``; the validation split and the
-validation season depend on the id alone. Row order may vary between runs (parallel
-reads), the samples do not. A Ray Data UDF cannot know the epoch, so every dataset
+pure function of ``(seed, location id, epoch)``, and so is the training order (the
+samples sorted by a hash of the three, spec 9); the validation split and the
+validation season depend on the id alone, and validation is not shuffled (its row
+order follows the parallel reads). A Ray Data UDF cannot know the epoch, so every dataset
 family carries an :class:`EpochClock`: a tiny Ray actor that the UDF reads once per
 batch (it starts at 0). The training loop announces each epoch before iterating::
 
@@ -46,7 +48,7 @@ from ray.data.expressions import col
 from cromss_ray.config import DataConfig, DownstreamDataConfig
 from cromss_ray.data.schema import ModalitySpec, ShardMetadata, network_affine
 from cromss_ray.data.storage import ShardSet, TileSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
-from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw
+from cromss_ray.data.transforms import ORDER_COLUMN, CutSamples, HashSplit, SampleDraw
 from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
 
 __all__ = [
@@ -187,14 +189,21 @@ def _check_compatible(train: ShardSet, other: ShardSet) -> None:
         raise ValueError(f"{other.uri}: shard metadata differs from {train.uri} in {', '.join(differing)}")
 
 
-def _read(
-    shards: ShardSet, udf: CutSamples, *, shuffle_seed: int | None = None, ids: list[str] | None = None
-) -> ray.data.Dataset:
-    """Stream ``shards`` through ``udf``; ``ids`` restricts the read to those rows (pushed down to the scan)."""
-    dataset = read_shard_set(shards, shuffle_seed=shuffle_seed)
+def _read(shards: ShardSet, udf: CutSamples, *, ids: list[str] | None = None) -> ray.data.Dataset:
+    """Stream ``shards`` through ``udf``; ``ids`` restricts the read to those rows (pushed down to the scan).
+
+    A UDF that outputs the epoch's order keys (training) has its samples sorted by them:
+    a fresh i.i.d. order over all rows of all files every epoch, a pure function of
+    (seed, epoch) (spec 9). The sort is Ray Data's all-to-all exchange, so an epoch's
+    first batch waits for all its samples to be cut (docs/data.md, "Order").
+    """
+    dataset = read_shard_set(shards)
     if ids is not None:
         dataset = dataset.filter(expr=col("id").is_in(ids))
-    return dataset.map_batches(udf, batch_format="pyarrow", batch_size=ROWS_PER_CALL, zero_copy_batch=True)
+    dataset = dataset.map_batches(udf, batch_format="pyarrow", batch_size=ROWS_PER_CALL, zero_copy_batch=True)
+    if udf.order_out:
+        dataset = dataset.sort(ORDER_COLUMN).drop_columns([ORDER_COLUMN])
+    return dataset
 
 
 def pretrain_datasets(
@@ -224,8 +233,9 @@ def pretrain_datasets(
         labels_all=with_prior and cfg.prior_on_device,
         cpu_prior=prior if with_prior and not cfg.prior_on_device else None,
         sigma=sigma,
+        order_out=True,
     )
-    train = _read(shards, train_udf, shuffle_seed=seed)
+    train = _read(shards, train_udf)
     val = None
     if split.val is not None:
         val_udf = CutSamples(split.val.meta, cfg.s2_bands, cfg.crop, SampleDraw(False))
@@ -253,8 +263,9 @@ def downstream_datasets(
         SampleDraw(True, seed, rotation_probability, clock.read),
         keep=split.train_keep,
         seasons_out=False,
+        order_out=True,
     )
-    train = _read(shards, train_udf, shuffle_seed=seed)
+    train = _read(shards, train_udf)
     val, tiles = None, None
     if split.val is not None:
         val_udf = CutSamples(meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False)

@@ -186,22 +186,17 @@ def scan_shards(uri: str, s3_endpoint: str | None = None) -> ShardSet:
     return ShardSet(uri, filesystem, tuple(files), tuple(rows for _, rows in footers), first_meta)
 
 
-def read_shard_set(shards: ShardSet, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
+def read_shard_set(shards: ShardSet) -> ray.data.Dataset:
     """Stream the rows of a checked shard set, with a ``path`` column naming each row's file.
-
-    With ``shuffle_seed``, the file order is shuffled anew (and reproducibly) at every
-    execution, i.e. every epoch.
 
     The read goes through Ray Data's first Parquet datasource, which reads the files'
     metadata once, here. The newer one (``DataContext.use_datasource_v2``, on by default
     in Ray 2.6x) lists the files and starts footer-reading actors at every execution:
     about 1 s before each epoch's first batch on a 2-CPU node, against 0.2-0.3 s
     (docs/benchmarks.md, section 2). The shards' footers were already checked by
-    :func:`scan_shards`.
+    :func:`scan_shards`. The training order is not the files' (spec 9): the pipeline
+    sorts the samples by an order key of (seed, epoch, id).
     """
-    shuffle = None
-    if shuffle_seed is not None:
-        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     context = ray.data.DataContext.get_current()
     default = context.use_datasource_v2
     context.use_datasource_v2 = False
@@ -211,7 +206,6 @@ def read_shard_set(shards: ShardSet, *, shuffle_seed: int | None = None) -> ray.
             filesystem=shards.filesystem,
             include_paths=True,
             partitioning=None,
-            shuffle=shuffle,
         )
     finally:
         context.use_datasource_v2 = default

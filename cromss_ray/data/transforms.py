@@ -18,6 +18,7 @@ is a pure function of those three, whatever the worker count or block boundaries
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from cromss_ray.data.shards import RowValidationError
 from cromss_ray.method.smoothing import PriorKind, smoothing_prior
 
 UINT64_MASK = (1 << 64) - 1
+ORDER_COLUMN = "order"
 
 
 def stable_hash(row_id: str, purpose: str) -> int:
@@ -47,6 +49,13 @@ def stable_unit(row_id: str, purpose: str) -> float:
 def sample_rng(seed: int, epoch: int, row_id: str) -> np.random.Generator:
     """The generator of one sample's augmentation: a pure function of seed, epoch and id."""
     return np.random.default_rng([seed & UINT64_MASK, epoch, stable_hash(row_id, "augment")])
+
+
+def order_key(seed: int, epoch: int, row_id: str) -> int:
+    """A row's place in the epoch's order (spec 9: i.i.d. every epoch): a 63-bit hash of
+    (seed, epoch, id). Sorting by it gives a uniformly random permutation of the rows that
+    is a pure function of (seed, epoch), whatever the file layout or read order."""
+    return stable_hash(f"{seed & UINT64_MASK}/{epoch}/{row_id}", "order") >> 1
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,40 @@ def rotation_sources(height: int, width: int, degrees: float) -> tuple[np.ndarra
     return source_rows, source_cols
 
 
+@dataclass(frozen=True)
+class RotationPlan:
+    """Flat source indices (reflect-101 applied) and bilinear weights of one rotation of a
+    ``height x width`` window, shared by every array a sample rotates."""
+
+    nearest: np.ndarray
+    corners: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    weights: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@functools.lru_cache(maxsize=4)
+def rotation_plan(height: int, width: int, degrees: float) -> RotationPlan:
+    """The :class:`RotationPlan` of a rotation (cached: images and labels of a sample share it)."""
+    source_rows, source_cols = rotation_sources(height, width, degrees)
+    rows = reflect_101(np.floor(source_rows + 0.5).astype(np.intp), height)
+    cols = reflect_101(np.floor(source_cols + 0.5).astype(np.intp), width)
+    row0, col0 = np.floor(source_rows), np.floor(source_cols)
+    row_weight = (source_rows - row0).astype(np.float32).ravel()
+    col_weight = (source_cols - col0).astype(np.float32).ravel()
+    row0, col0 = row0.astype(np.intp), col0.astype(np.intp)
+    top, bottom = reflect_101(row0, height) * width, reflect_101(row0 + 1, height) * width
+    left, right = reflect_101(col0, width), reflect_101(col0 + 1, width)
+    return RotationPlan(
+        (rows * width + cols).ravel(),
+        ((top + left).ravel(), (top + right).ravel(), (bottom + left).ravel(), (bottom + right).ravel()),
+        (
+            (1 - row_weight) * (1 - col_weight),
+            (1 - row_weight) * col_weight,
+            row_weight * (1 - col_weight),
+            row_weight * col_weight,
+        ),
+    )
+
+
 def rotate(window: np.ndarray, degrees: float, *, nearest: bool) -> np.ndarray:
     """``window`` (..., H, W) rotated by ``degrees`` about its centre, same shape and dtype.
 
@@ -120,25 +163,13 @@ def rotate(window: np.ndarray, degrees: float, *, nearest: bool) -> np.ndarray:
     values stay in their set); otherwise bilinear interpolation, rounded for integer dtypes.
     """
     height, width = window.shape[-2:]
-    source_rows, source_cols = rotation_sources(height, width, degrees)
+    plan = rotation_plan(height, width, float(degrees))
     flat = window.reshape(-1, height * width)
     if nearest:
-        rows = reflect_101(np.floor(source_rows + 0.5).astype(np.intp), height)
-        cols = reflect_101(np.floor(source_cols + 0.5).astype(np.intp), width)
-        return np.take(flat, (rows * width + cols).ravel(), axis=1).reshape(window.shape)
-    row0, col0 = np.floor(source_rows), np.floor(source_cols)
-    row_weight, col_weight = (source_rows - row0).astype(np.float32), (source_cols - col0).astype(np.float32)
-    row0, col0 = row0.astype(np.intp), col0.astype(np.intp)
-    top, bottom = reflect_101(row0, height) * width, reflect_101(row0 + 1, height) * width
-    left, right = reflect_101(col0, width), reflect_101(col0 + 1, width)
+        return np.take(flat, plan.nearest, axis=1).reshape(window.shape)
     values = np.zeros(flat.shape, np.float32)
-    for rows, cols, weight in (
-        (top, left, (1 - row_weight) * (1 - col_weight)),
-        (top, right, (1 - row_weight) * col_weight),
-        (bottom, left, row_weight * (1 - col_weight)),
-        (bottom, right, row_weight * col_weight),
-    ):
-        values += np.take(flat, (rows + cols).ravel(), axis=1) * weight.ravel()
+    for corner, weight in zip(plan.corners, plan.weights, strict=True):
+        values += np.take(flat, corner, axis=1) * weight
     if np.issubdtype(window.dtype, np.integer):
         values = np.rint(values)
     return values.astype(window.dtype).reshape(window.shape)
@@ -287,7 +318,8 @@ class CutSamples:
     (N, B, h, w) in their stored dtype, ``label`` uint8 (N, h, w), ``key`` int64 (a stable
     hash of the id), ``clean_label`` uint8 when the shards have it; with ``seasons_out``
     also ``season`` int64, and ``labels_all`` uint8 (N, T, h, w) and/or ``prior`` float32
-    (N, C, h, w) as asked. Rows for which ``keep`` says False are dropped.
+    (N, C, h, w) as asked; with ``order_out`` (augmenting draws only) ``order`` int64, the
+    rows' :func:`order_key` for the epoch. Rows for which ``keep`` says False are dropped.
     """
 
     meta: ShardMetadata
@@ -299,9 +331,12 @@ class CutSamples:
     labels_all: bool = False
     cpu_prior: PriorKind | None = None
     sigma: float = 3.0
+    order_out: bool = False
 
     def __post_init__(self) -> None:
         band_indices(self.meta, self.s2_bands)
+        if self.order_out and not self.draw.augment:
+            raise ValueError("an epoch order (order_out) needs augmenting draws: it depends on the epoch")
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         ids = batch.column("id").to_pylist()
@@ -325,6 +360,8 @@ class CutSamples:
         out["key"] = np.array([stable_hash(s.row_id, "key") >> 1 for s in samples], dtype=np.int64)
         if self.seasons_out:
             out["season"] = np.array([s.season for s in samples], dtype=np.int64)
+        if self.order_out:
+            out[ORDER_COLUMN] = np.array([order_key(self.draw.seed, epoch, s.row_id) for s in samples], dtype=np.int64)
         return out
 
     def _plan(self, row: int, row_id: str, height: int, width: int, epoch: int) -> _Sample:

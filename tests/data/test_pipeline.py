@@ -27,7 +27,7 @@ from cromss_ray.data.pipeline import (
 from cromss_ray.data.schema import NODATA, S2_BAND_NAMES, S2_BAND_SUBSETS, ModalitySpec, ShardMetadata
 from cromss_ray.data.shards import ShardWriter, iter_rows
 from cromss_ray.data.storage import scan_shards
-from cromss_ray.data.transforms import HashSplit, stable_hash
+from cromss_ray.data.transforms import HashSplit, order_key, stable_hash
 from cromss_ray.method.smoothing import smoothing_prior
 
 pytestmark = pytest.mark.ray
@@ -208,6 +208,40 @@ def test_augmentation_is_a_function_of_seed_id_and_epoch(ray_cluster: None, pret
     next_epoch = samples(second.train)
     changed = sum(not np.array_equal(next_epoch[key]["s2"], sample["s2"]) for key, sample in by_one_reader.items())
     assert changed >= len(by_one_reader) - 1
+
+
+def test_training_order_is_a_fresh_permutation_every_epoch(ray_cluster: None, coordinate_dir: Path) -> None:
+    """Spec 9: every epoch an i.i.d. order over all rows of all files (not file by file),
+    the same for the same (seed, epoch) whatever the dataset object or its executions."""
+    file_of, id_of = {}, {}
+    for index, shard in enumerate(sorted(coordinate_dir.glob("*.parquet"))):
+        for row in iter_rows(str(shard)):
+            key = stable_hash(row["id"], "key") >> 1
+            file_of[key], id_of[key] = index, row["id"]
+    files = len(set(file_of.values()))
+    assert files >= 4
+    cfg = DataConfig(uri=str(coordinate_dir), crop=24, val_fraction=0.0, rotation_probability=0.0)
+
+    def order(data: ray.data.Dataset) -> list[int]:
+        batches = list(data.iter_batches(batch_size=7, batch_format="numpy"))
+        assert "order" not in batches[0]
+        return [key for batch in batches for key in batch["key"].tolist()]
+
+    first, second = pretrain_datasets(cfg, seed=4), pretrain_datasets(cfg, seed=4)
+    epoch_0 = order(first.train)
+    set_epoch(first.clock, 1)
+    epoch_1 = order(first.train)
+    set_epoch(second.clock, 1)
+    assert order(second.train) == epoch_1
+    set_epoch(first.clock, 0)
+    assert order(first.train) == epoch_0
+    for epoch, keys in ((0, epoch_0), (1, epoch_1)):
+        assert sorted(keys) == sorted(file_of)
+        assert keys == sorted(file_of, key=lambda key, e=epoch: order_key(4, e, id_of[key]))
+        # read file by file, the file would change files - 1 times along the order
+        changes = sum(file_of[a] != file_of[b] for a, b in zip(keys, keys[1:], strict=False))
+        assert changes > 3 * (files - 1)
+    assert epoch_0 != epoch_1
 
 
 def test_separate_validation_location(ray_cluster: None, pretrain_shards: Path, tmp_path: Path) -> None:
