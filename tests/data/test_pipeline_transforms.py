@@ -108,8 +108,10 @@ def test_geometry_apply_by_hand() -> None:
     tile = np.arange(12).reshape(3, 4)
     # window rows 0..2, cols 1..3: [[1,2,3],[5,6,7],[9,10,11]]
     assert Geometry(0, 1, 3, 3).apply(tile, nearest=True).tolist() == [[1, 2, 3], [5, 6, 7], [9, 10, 11]]
-    assert Geometry(0, 1, 3, 3, flip_rows=True).apply(tile, nearest=True).tolist() == [[9, 10, 11], [5, 6, 7], [1, 2, 3]]
-    assert Geometry(0, 1, 3, 3, flip_cols=True).apply(tile, nearest=True).tolist() == [[3, 2, 1], [7, 6, 5], [11, 10, 9]]
+    flipped_rows = Geometry(0, 1, 3, 3, flip_rows=True).apply(tile, nearest=True)
+    assert flipped_rows.tolist() == [[9, 10, 11], [5, 6, 7], [1, 2, 3]]
+    flipped_cols = Geometry(0, 1, 3, 3, flip_cols=True).apply(tile, nearest=True)
+    assert flipped_cols.tolist() == [[3, 2, 1], [7, 6, 5], [11, 10, 9]]
     # 90 degrees counter-clockwise: the last column becomes the first row
     turned = [[3, 7, 11], [2, 6, 10], [1, 5, 9]]
     assert Geometry(0, 1, 3, 3, degrees=90.0).apply(tile, nearest=True).tolist() == turned
@@ -149,7 +151,8 @@ def test_quarter_turns_equal_rot90_and_match_scipy_mirror() -> None:
     square = rng.integers(0, 256, size=(3, 16, 16), dtype=np.uint8)
     for degrees, turns in ((90.0, 1), (-90.0, -1), (180.0, 2)):
         for nearest in (True, False):
-            np.testing.assert_array_equal(rotate(square, degrees, nearest=nearest), np.rot90(square, turns, axes=(1, 2)))
+            expected = np.rot90(square, turns, axes=(1, 2))
+            np.testing.assert_array_equal(rotate(square, degrees, nearest=nearest), expected)
     # a 6 x 10 window turned by 90 degrees: its central 6 x 6 square is np.rot90 of the input's
     wide = rng.integers(0, 9, size=(6, 10), dtype=np.uint8)
     np.testing.assert_array_equal(rotate(wide, 90.0, nearest=True)[:, 2:8], np.rot90(wide[:, 2:8]))
@@ -158,13 +161,18 @@ def test_quarter_turns_equal_rot90_and_match_scipy_mirror() -> None:
     radians = np.deg2rad(37.0)
     rows, cols = np.mgrid[0:20, 0:14].astype(np.float64)
     rows, cols = rows - 9.5, cols - 6.5
-    coordinates = [np.cos(radians) * rows + np.sin(radians) * cols + 9.5, np.cos(radians) * cols - np.sin(radians) * rows + 6.5]
+    cos, sin = np.cos(radians), np.sin(radians)
+    coordinates = [cos * rows + sin * cols + 9.5, cos * cols - sin * rows + 6.5]
     expected = ndimage.map_coordinates(image, coordinates, order=1, mode="mirror")
     np.testing.assert_allclose(rotate(image, 37.0, nearest=False), expected, atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)
-@given(degrees=st.floats(-90.0, 90.0), size=st.tuples(st.integers(1, 24), st.integers(1, 24)), seed=st.integers(0, 2**16))
+@given(
+    degrees=st.floats(-90.0, 90.0),
+    size=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    seed=st.integers(0, 2**16),
+)
 def test_rotated_labels_keep_their_class_set(degrees: float, size: tuple[int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.choice(np.array([0, 3, 7, 255], dtype=np.uint8), size=(2, *size))
@@ -188,7 +196,8 @@ def test_random_geometry_frequencies_follow_spec_9() -> None:
     assert abs(len(angles) / len(draws) - 0.2) < 0.021
     assert angles.min() >= -90.0 and angles.max() <= 90.0
     assert abs(angles.mean()) < 6.0 and (angles < -45).mean() == pytest.approx(0.25, abs=0.05)
-    assert all(g.degrees == 0.0 for g in (random_geometry(sample_rng(0, 0, str(i)), 30, 30, 24, 0.0) for i in range(200)))
+    unrotated = [random_geometry(sample_rng(0, 0, str(i)), 30, 30, 24, 0.0) for i in range(200)]
+    assert all(g.degrees == 0.0 for g in unrotated)
 
 
 @settings(max_examples=60, deadline=None)
