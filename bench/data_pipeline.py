@@ -30,6 +30,11 @@ per class entry, the largest entry difference of the prior, and the share of lab
 pixels whose prior argmax differs, over the whole window and more than 4 sigma = 12 px
 from its border.
 
+The read checks the training path makes (page checksums, labels in the class set, finite
+imagery; ``docs/reliability.md``) are timed against the same cutter without them
+(``cromss_unchecked``): ``read_checks_cost_pct`` is the extra CPU time per sample they cost,
+``checksums_cost_pct`` the part of it that verifying the page checksums alone costs.
+
 ``--recompress CODEC`` measures the same shards rewritten with another Parquet codec;
 ``--ray-cpus N`` also times the Ray Data pipeline end to end with N CPUs, in each
 training order of :data:`ORDERS` (wall clock, so only meaningful on an otherwise idle
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,7 +60,7 @@ import torch
 from scipy import ndimage
 
 from bench.common import Repeats, Section, machine_section, publish, timed
-from cromss_ray.data.schema import S2_BAND_SUBSETS, ShardMetadata, read_metadata
+from cromss_ray.data.schema import MANIFEST_NAME, S2_BAND_SUBSETS, ShardMetadata, read_metadata
 from cromss_ray.data.shards import iter_rows, list_shards
 from cromss_ray.data.synth import synthesize
 from cromss_ray.data.transforms import CutSamples, Geometry, SampleDraw, random_geometry, sample_rng
@@ -67,17 +73,25 @@ PRIOR_BORDER = 12
 """4 sigma: farther from the window border, a crop-only device prior equals the reference's."""
 
 
-def row_groups(files: list[str]) -> Iterator[pa.Table]:
-    """Every row group of the shards, with the ``path`` column Ray adds."""
+class UncheckedCutSamples(CutSamples):
+    """The sample cutter without its per-row value checks: the baseline their cost is measured against."""
+
+    def _check(self, columns: dict, row: int, row_id: str, height: int, width: int) -> None:
+        return None
+
+
+def row_groups(files: list[str], verify_checksums: bool = True) -> Iterator[pa.Table]:
+    """Every row group of the shards, with the ``path`` column Ray adds; page checksums
+    verified as the training read does, unless ``verify_checksums`` is false."""
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, page_checksum_verification=verify_checksums)
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group)
             yield table.append_column("path", pa.array([path] * table.num_rows))
 
 
-def cromss_pass(files: list[str], udf: CutSamples) -> int:
-    return sum(len(udf(table)["key"]) for table in row_groups(files))
+def cromss_pass(files: list[str], udf: CutSamples, verify_checksums: bool = True) -> int:
+    return sum(len(udf(table)["key"]) for table in row_groups(files, verify_checksums))
 
 
 def reference_prior(labels: np.ndarray, season: int, classes: int, sigma: float = 3.0) -> np.ndarray:
@@ -243,16 +257,23 @@ def prior_rotation_section(files: list[str], meta: ShardMetadata, crop: int, dra
 
 
 def recompressed(files: list[str], codec: str, out_dir: str) -> list[str]:
-    """Copies of the shards with another Parquet codec (same schema, metadata, row groups)."""
+    """Copies of the shards with another Parquet codec (same schema, metadata, row groups, page
+    checksums) and their manifest (same files and row counts)."""
     copies = []
     for path in files:
         parquet = pq.ParquetFile(path)
         rows_per_group = parquet.metadata.row_group(0).num_rows
         copy = os.path.join(out_dir, os.path.basename(path))
         pq.write_table(
-            parquet.read(), copy, compression=codec, row_group_size=rows_per_group, use_dictionary=["id"]
+            parquet.read(),
+            copy,
+            compression=codec,
+            row_group_size=rows_per_group,
+            use_dictionary=["id"],
+            write_page_checksum=True,
         )
         copies.append(copy)
+    shutil.copy(os.path.join(os.path.dirname(files[0]), MANIFEST_NAME), out_dir)
     return copies
 
 
@@ -296,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         draw = SampleDraw(True, 0, 0.2)
         device_prior = CutSamples(meta, args.bands, args.crop, draw, labels_all=True)
         cpu_prior = CutSamples(meta, args.bands, args.crop, draw, cpu_prior="ts")
+        unchecked = UncheckedCutSamples(meta, args.bands, args.crop, draw, labels_all=True)
         bands = list(S2_BAND_SUBSETS[args.bands])
         reference = measure(lambda: reference_pass(files, meta, bands, args.crop), args.repeats)
         sections = {
@@ -304,7 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reference_style": reference,
             "cromss_prior_on_device": measure(lambda: cromss_pass(files, device_prior), args.repeats),
             "cromss_prior_on_cpu": measure(lambda: cromss_pass(files, cpu_prior), args.repeats),
+            "cromss_checksums_only_prior_on_device": measure(lambda: cromss_pass(files, unchecked), args.repeats),
+            "cromss_unchecked_prior_on_device": measure(lambda: cromss_pass(files, unchecked, False), args.repeats),
         }
+        baseline = sections["cromss_unchecked_prior_on_device"]["samples_per_cpu_s"]
+        for name, cost in (("cromss_prior_on_device", "read_checks"), ("cromss_checksums_only_prior_on_device", "checksums")):
+            sections[name][f"{cost}_cost_pct"] = 100 * (baseline / sections[name]["samples_per_cpu_s"] - 1)
         for name in ("cromss_prior_on_device", "cromss_prior_on_cpu"):
             sections[name]["speedup_per_core_x"] = sections[name]["samples_per_cpu_s"] / reference["samples_per_cpu_s"]
         sections["prior_after_rotation"] = prior_rotation_section(files, meta, args.crop, args.prior_draws)

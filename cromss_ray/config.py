@@ -27,7 +27,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(Section):
+class ShardReadChecks(Section):
+    """What the training read path does with shards that fail its checks (``docs/reliability.md``)."""
+
+    on_bad_row: Literal["raise", "skip"] = Field(
+        default="raise",
+        description="Rows with out-of-class labels or non-finite imagery: raise naming the row, or skip and count them.",
+    )
+    allow_incomplete: bool = Field(
+        default=False,
+        description="Read a shard set whose manifest.json is missing, incomplete or disagrees with its files.",
+    )
+
+
+class DataConfig(ShardReadChecks):
     """Where the shards are and how samples are cut from them (spec 9)."""
 
     uri: str = "data/noldo-synth"
@@ -151,7 +164,7 @@ class PretrainConfig(Section):
         return self.tracking.registry_name or f"cromss-{self.model.fusion}-{self.data.s2_bands}b"
 
 
-class DownstreamDataConfig(Section):
+class DownstreamDataConfig(ShardReadChecks):
     """Downstream shards (SSL4EO-S12@DW, @OSM, DFC2020 or any shard set; spec 10)."""
 
     uri: str = "data/dw-synth"

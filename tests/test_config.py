@@ -67,6 +67,8 @@ def test_unknown_key_in_file_is_named(tmp_path):
         ("cromss.smoothing_factors=[0.6, 0.5]", "cromss.smoothing_factors"),
         ("optim.nesterov=true", "optim.nesterov"),
         ("data.s2_bands=7", "data.s2_bands"),
+        ("data.on_bad_row=drop", "data.on_bad_row"),
+        ("data.allow_incomplete=maybe", "data.allow_incomplete"),
     ],
 )
 def test_invalid_override_is_named(override, key):

@@ -3,8 +3,10 @@
 Every file must be a readable Parquet shard with the cromss metadata (the same in all
 files) and all columns; every row must decode to the declared shapes, with finite float
 imagery, one date per season, a unique id and labels in ``0..C-1`` or the no-data value;
-the manifest, when there is one, must list exactly the files and row counts found. Each
-problem names the file and, for a row, its index and id. Files are read one row group at
+the manifest, when there is one, must list exactly the files and row counts found.
+Temporary files that a killed write left behind (``.part-00000.parquet.tmp``) are reported
+(the next write into the directory removes them). Each problem names the file and, for a
+row, its index and id. Files are read one row group at
 a time, so memory stays bounded whatever the dataset size.
 """
 
@@ -24,7 +26,9 @@ from cromss_ray.data.shards import (
     RowValidationError,
     ShardFileError,
     decode_row,
+    list_leftovers,
     list_shards,
+    manifest_disagreements,
     open_shard,
     read_manifest,
     resolve_filesystem,
@@ -156,14 +160,8 @@ def _check_manifest(report: CheckReport, fs: pafs.FileSystem, root: str, rows_pe
     except ValueError as exc:
         report.problems.append(Problem(manifest_path, str(exc).removeprefix(f"{root}/{MANIFEST_NAME}: ")))
         return
-    listed = {entry.name: entry.rows for entry in manifest.files}
-    for name, rows in listed.items():
-        if name not in rows_per_file:
-            report.problems.append(Problem(manifest_path, f"lists {name}, which is not there"))
-        elif rows_per_file[name] != rows:
-            report.problems.append(Problem(manifest_path, f"says {name} has {rows} rows, it has {rows_per_file[name]}"))
-    for name in sorted(set(rows_per_file) - set(listed)):
-        report.problems.append(Problem(manifest_path, f"does not list {name}"))
+    disagreements = manifest_disagreements(manifest, rows_per_file)
+    report.problems.extend(Problem(manifest_path, message) for message in disagreements)
     if report.metadata is not None and manifest.metadata != report.metadata:
         report.problems.append(Problem(manifest_path, "metadata differs from the shards' metadata"))
     if not manifest.complete:
@@ -223,4 +221,8 @@ def check_shards(
             progress(done, len(paths))
     if paths:
         _check_manifest(report, fs, root, rows_per_file)
+    report.warnings.extend(
+        f"{root.rstrip('/')}/{name}: left by an interrupted write (the next write into this directory removes it)"
+        for name in list_leftovers(root, fs)
+    )
     return report

@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import TextIO
 
+from cromss_ray.data.schema import REPRESENTATIONS
+
 SYNTH_KINDS = ("pretrain", "dw", "osm", "dfc2020")
 DOWNSTREAM_SOURCES = {
     "dw": "SSL4EO-S12@DW GeoTIFF tiles",
@@ -117,7 +119,8 @@ def _convert(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
             )
     except SourceError as exc:
-        return _fail(command, str(exc), "rows written before it are kept; --skip-bad skips bad samples")
+        kept = "the previous shards are kept unchanged" if args.overwrite else "rows written before it are kept"
+        return _fail(command, str(exc), f"{kept}; --skip-bad skips bad samples")
     except (ValueError, FileExistsError) as exc:
         return _fail(command, str(exc))
     for message in summary.skipped:
@@ -144,6 +147,24 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{command}: {'skipped' if args.skip_bad else 'bad'}: {problem}", file=sys.stderr)
     print(report.summary_line())
     return 0 if report.ok else EXIT_BAD_DATA
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from cromss_ray.data.migrate import MigrationError, migrate_shards
+
+    command = "cromss data migrate"
+    declared = {modality: getattr(args, modality) for modality in ("s1", "s2") if getattr(args, modality)}
+    try:
+        report = migrate_shards(args.dir, declared)
+    except MigrationError as exc:
+        return _fail(command, str(exc))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        return _fail(command, str(exc), "no file was changed")
+    print(
+        f"{command}: rewrote the metadata of {len(report.rewritten)} files in {args.dir} "
+        f"({len(report.current)} already current)"
+    )
+    return 0
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +212,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         downstream.add_argument("--split", choices=("train", "test"), required=True)
         downstream.add_argument("--patch-size", type=int, default=256, help="cut tiles into patches of this size")
         _add_convert_options(downstream)
+
+    migrate = commands.add_parser(
+        "migrate", help="rewrite schema-1 shard metadata in place, declaring each modality's representation"
+    )
+    migrate.add_argument("dir", help="local shard directory")
+    for modality in ("s1", "s2"):
+        migrate.add_argument(
+            f"--{modality}",
+            choices=REPRESENTATIONS,
+            default=None,
+            help=f"{modality.upper()} holds physical values or the reference's v8 codes (inferred where certain)",
+        )
+    migrate.set_defaults(handler=_migrate)
 
     check = commands.add_parser("check", help="validate every shard and row; non-zero exit on problems")
     check.add_argument("dir", help="shard directory or URI (s3://bucket/prefix)")

@@ -5,12 +5,12 @@
     shards (dir / s3://)  --read_parquet (streaming, footers checked first)-->  rows
       --map_batches(CutSamples): season, band subset, crop / flip / rotation, order key-->  uint8 samples
       --sort(order key), training only: a fresh i.i.d. order every epoch-->
-      --streaming_split / iter_torch_batches-->  to_device: scale, prior on the device
+      --streaming_split / iter_torch_batches-->  to_device: network input, prior on the device
 
 :func:`pretrain_datasets` and :func:`downstream_datasets` build the training, validation
 (and test) datasets from a config; :func:`to_device` turns a batch of tensors into the
 model's inputs and targets. Batches stay in the stored dtype (uint8 for the released
-data) until :func:`to_device` scales them on the device.
+data) until :func:`to_device` makes them network inputs on the device (spec 9).
 
 Determinism. A training sample's augmentation (season, crop corner, flips, rotation) is a
 pure function of ``(seed, location id, epoch)``, and so is the training order (the
@@ -32,6 +32,12 @@ Calling it on rank 0 suffices: Ray Data's ``streaming_split`` starts an epoch on
 every worker has asked for it, so rank 0's call precedes any read of that epoch. The
 epoch must change only after all workers finished the previous epoch, which the
 end-of-epoch collective guarantees; calling it on every rank is harmless (same value).
+
+Checks. Every row read is checked (page checksums, labels in the class set or no-data,
+finite imagery; ``docs/reliability.md``). With ``data.on_bad_row=skip`` a bad row is left
+out and counted in the family's :class:`SkippedRows` (``datasets.skipped``, or
+``SkippedRows.named(datasets.skipped.name)`` in a worker); ``skipped.count()`` is the
+number of row reads skipped so far, over all epochs and splits, for logging as a metric.
 """
 
 from __future__ import annotations
@@ -39,14 +45,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import ray
 import ray.data
 import torch
 from ray.data.expressions import col
 
 from cromss_ray.config import DataConfig, DownstreamDataConfig
-from cromss_ray.data.schema import ModalitySpec, ShardMetadata, network_affine
+from cromss_ray.data.scaling import V8_MAX, input_rule
+from cromss_ray.data.schema import ModalitySpec, ShardMetadata, s2_subset_names
 from cromss_ray.data.storage import ShardSet, TileSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
 from cromss_ray.data.transforms import ORDER_COLUMN, CutSamples, HashSplit, SampleDraw
 from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
@@ -55,8 +64,10 @@ __all__ = [
     "DeviceBatch",
     "DownstreamDatasets",
     "EpochClock",
+    "SkippedRows",
     "PretrainDatasets",
     "downstream_datasets",
+    "network_input_tensor",
     "open_shards",
     "pretrain_datasets",
     "resolve_filesystem",
@@ -67,6 +78,8 @@ __all__ = [
 ROWS_PER_CALL = 8
 """Shard rows per UDF call: one row group as the shard writer lays them out (~36 MB of uint8 rows)."""
 CLOCK_NAMESPACE = "cromss"
+SKIPPED_LISTED = 100
+"""How many skip messages a :class:`SkippedRows` keeps (all are counted)."""
 DOWNSTREAM_ROTATION_PROBABILITY = 0.2
 PRIOR_CHOICES = (*PRIOR_KINDS, "none")
 
@@ -86,27 +99,39 @@ class _EpochCounter:
 
 
 @dataclass(frozen=True)
-class EpochClock:
-    """The epoch a pipeline's augmentation uses: a named Ray actor, read once per batch.
-
-    Picklable (it travels inside the UDF and through ``train_loop_config``); ``name``
-    finds it again from any process of the cluster (:meth:`named`).
-    """
+class _NamedActor:
+    """A handle on a named Ray actor of a pipeline: picklable (it travels inside the UDF and
+    through ``train_loop_config``); ``name`` finds it again from any process (:meth:`named`)."""
 
     name: str
     actor: ray.actor.ActorHandle
+    actor_class: ClassVar[Any]
+    prefix: ClassVar[str]
+    described_as: ClassVar[str]
 
     @classmethod
-    def create(cls) -> EpochClock:
-        name = f"cromss-epoch-{uuid.uuid4().hex[:12]}"
-        return cls(name, _EpochCounter.options(name=name, namespace=CLOCK_NAMESPACE).remote())
+    def create(cls: type[ActorT]) -> ActorT:
+        name = f"cromss-{cls.prefix}-{uuid.uuid4().hex[:12]}"
+        return cls(name, cls.actor_class.options(name=name, namespace=CLOCK_NAMESPACE).remote())
 
     @classmethod
-    def named(cls, name: str) -> EpochClock:
+    def named(cls: type[ActorT], name: str) -> ActorT:
         try:
             return cls(name, ray.get_actor(name, namespace=CLOCK_NAMESPACE))
         except ValueError:
-            raise ValueError(f"no epoch clock named {name!r} in this Ray cluster") from None
+            raise ValueError(f"no {cls.described_as} named {name!r} in this Ray cluster") from None
+
+
+ActorT = TypeVar("ActorT", bound=_NamedActor)
+
+
+@dataclass(frozen=True)
+class EpochClock(_NamedActor):
+    """The epoch a pipeline's augmentation uses: a named Ray actor, read once per batch."""
+
+    actor_class = _EpochCounter
+    prefix = "epoch"
+    described_as = "epoch clock"
 
     def set(self, epoch: int) -> None:
         if epoch < 0:
@@ -115,6 +140,49 @@ class EpochClock:
 
     def read(self) -> int:
         return ray.get(self.actor.get.remote())
+
+
+@ray.remote(num_cpus=0)
+class _SkipCounter:
+    """The actor behind :class:`SkippedRows`."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._messages: list[str] = []
+
+    def add(self, messages: list[str]) -> None:
+        self._count += len(messages)
+        self._messages.extend(messages[: SKIPPED_LISTED - len(self._messages)])
+
+    def count(self) -> int:
+        return self._count
+
+    def messages(self) -> list[str]:
+        return list(self._messages)
+
+
+@dataclass(frozen=True)
+class SkippedRows(_NamedActor):
+    """The bad rows a pipeline left out (``data.on_bad_row=skip``): a named Ray actor.
+
+    Callable with a list of messages (one per skipped row read, naming file and location
+    id), which the readers do.
+    """
+
+    actor_class = _SkipCounter
+    prefix = "skipped"
+    described_as = "skipped-row counter"
+
+    def __call__(self, messages: list[str]) -> None:
+        ray.get(self.actor.add.remote(messages))
+
+    def count(self) -> int:
+        """Row reads skipped so far (a row skipped in two epochs counts twice)."""
+        return ray.get(self.actor.count.remote())
+
+    def messages(self) -> list[str]:
+        """The first :data:`SKIPPED_LISTED` skip messages."""
+        return ray.get(self.actor.messages.remote())
 
 
 def set_epoch(clock: EpochClock | str, epoch: int) -> None:
@@ -132,6 +200,7 @@ class PretrainDatasets:
     num_train: int
     num_val: int
     clock: EpochClock
+    skipped: SkippedRows
 
 
 @dataclass(frozen=True)
@@ -151,6 +220,7 @@ class DownstreamDatasets:
     num_val: int
     num_test: int
     clock: EpochClock
+    skipped: SkippedRows
     test_tiles: TileSet | None = None
 
 
@@ -165,14 +235,14 @@ class _Split:
     num_val: int
 
 
-def _split(shards: ShardSet, val_uri: str | None, s3_endpoint: str | None, fraction: float) -> _Split:
+def _split(shards: ShardSet, val_uri: str | None, cfg: DataConfig | DownstreamDataConfig) -> _Split:
     """Held-out validation rows: a separate location, or ids whose stable hash is small."""
     if val_uri is not None:
-        val = scan_shards(val_uri, s3_endpoint)
+        val = scan_shards(val_uri, cfg.s3_endpoint, allow_incomplete=cfg.allow_incomplete)
         _check_compatible(shards, val)
         return _Split(val, None, None, shards.num_rows, val.num_rows)
-    ids = shards.read_ids() if fraction > 0 else []
-    split = HashSplit.for_ids(ids, fraction)
+    ids = shards.read_ids() if cfg.val_fraction > 0 else []
+    split = HashSplit.for_ids(ids, cfg.val_fraction)
     num_val = sum(1 for row_id in ids if split.is_val(row_id))
     if num_val == 0:
         return _Split(None, None, None, shards.num_rows, 0)
@@ -219,10 +289,11 @@ def pretrain_datasets(
     """
     if prior not in PRIOR_CHOICES:
         raise ValueError(f"prior must be one of {PRIOR_CHOICES}, got {prior!r}")
-    shards = scan_shards(cfg.uri, cfg.s3_endpoint)
+    shards = scan_shards(cfg.uri, cfg.s3_endpoint, allow_incomplete=cfg.allow_incomplete)
     meta = shards.meta
-    split = _split(shards, cfg.val_uri, cfg.s3_endpoint, cfg.val_fraction)
-    clock = EpochClock.create()
+    split = _split(shards, cfg.val_uri, cfg)
+    clock, skipped = EpochClock.create(), SkippedRows.create()
+    checks = {"on_bad_row": cfg.on_bad_row, "skipped": skipped}
     with_prior = prior != "none"
     train_udf = CutSamples(
         meta,
@@ -234,13 +305,14 @@ def pretrain_datasets(
         cpu_prior=prior if with_prior and not cfg.prior_on_device else None,
         sigma=sigma,
         order_out=True,
+        **checks,
     )
     train = _read(shards, train_udf)
     val = None
     if split.val is not None:
-        val_udf = CutSamples(split.val.meta, cfg.s2_bands, cfg.crop, SampleDraw(False))
+        val_udf = CutSamples(split.val.meta, cfg.s2_bands, cfg.crop, SampleDraw(False), **checks)
         val = _read(split.val, val_udf, ids=split.val_ids)
-    return PretrainDatasets(train, val, meta, split.num_train, split.num_val, clock)
+    return PretrainDatasets(train, val, meta, split.num_train, split.num_val, clock, skipped)
 
 
 def downstream_datasets(
@@ -252,10 +324,11 @@ def downstream_datasets(
     (the whole tile when it is smaller). Labels keep the ignore value ``meta.nodata``.
     ``test_tiles`` reads the test (else validation) rows whole, outside Ray Data.
     """
-    shards = scan_shards(cfg.uri, cfg.s3_endpoint)
+    shards = scan_shards(cfg.uri, cfg.s3_endpoint, allow_incomplete=cfg.allow_incomplete)
     meta = shards.meta
-    split = _split(shards, None, cfg.s3_endpoint, cfg.val_fraction)
-    clock = EpochClock.create()
+    split = _split(shards, None, cfg)
+    clock, skipped = EpochClock.create(), SkippedRows.create()
+    checks = {"on_bad_row": cfg.on_bad_row, "skipped": skipped}
     train_udf = CutSamples(
         meta,
         cfg.s2_bands,
@@ -264,26 +337,27 @@ def downstream_datasets(
         keep=split.train_keep,
         seasons_out=False,
         order_out=True,
+        **checks,
     )
     train = _read(shards, train_udf)
     val, tiles = None, None
     if split.val is not None:
-        val_udf = CutSamples(meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False)
+        val_udf = CutSamples(meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False, **checks)
         val = _read(split.val, val_udf, ids=split.val_ids)
-        tiles = TileSet(split.val, frozenset(split.val_ids) if split.val_ids is not None else None)
+        tiles = TileSet(split.val, frozenset(split.val_ids) if split.val_ids is not None else None, **checks)
     test, num_test = None, 0
     if cfg.test_uri is not None:
-        test_shards = scan_shards(cfg.test_uri, cfg.s3_endpoint)
+        test_shards = scan_shards(cfg.test_uri, cfg.s3_endpoint, allow_incomplete=cfg.allow_incomplete)
         _check_compatible(shards, test_shards)
-        test_udf = CutSamples(test_shards.meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False)
+        test_udf = CutSamples(test_shards.meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False, **checks)
         test, num_test = _read(test_shards, test_udf), test_shards.num_rows
-        tiles = TileSet(test_shards)
-    return DownstreamDatasets(train, val, test, meta, split.num_train, split.num_val, num_test, clock, tiles)
+        tiles = TileSet(test_shards, **checks)
+    return DownstreamDatasets(train, val, test, meta, split.num_train, split.num_val, num_test, clock, skipped, tiles)
 
 
 @dataclass
 class DeviceBatch:
-    """A batch on the device: scaled images, integer targets, the prior when there is one."""
+    """A batch on the device: network inputs, integer targets, the prior when there is one."""
 
     x1: torch.Tensor
     x2: torch.Tensor
@@ -292,15 +366,26 @@ class DeviceBatch:
     clean_y: torch.Tensor | None = None
 
 
-def _scaled(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
-    """Network inputs as float32, dB mapped onto [0, 1] (spec 9; :func:`network_affine`)."""
-    scale, offset = network_affine(spec)
+def network_input_tensor(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
+    """:func:`~cromss_ray.data.scaling.network_input` on ``stored``'s device: the same float32 steps, the same bits.
+
+    Every constant is a float32 tensor on the device (no Python scalar operand, which a
+    GPU division may turn into a multiplication by its reciprocal).
+    """
+    rule = input_rule(spec)
+    device = stored.device
+
+    def per_band(constants: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(constants, np.float32)).to(device).reshape(-1, 1, 1)
+
+    full_scale = per_band(np.array([V8_MAX]))
     values = stored.to(torch.float32)
-    if scale != 1.0:
-        values = values * scale
-    if offset != 0.0:
-        values = values + offset
-    return values
+    if not rule.v8:
+        if not rule.identity:
+            values = values * per_band(np.array([rule.gain])) + per_band(np.array([rule.bias]))
+        scaled = (values - per_band(rule.low)) / per_band(rule.span) * full_scale
+        values = torch.floor(torch.clamp(torch.nan_to_num(scaled, nan=0.0), 0, V8_MAX))
+    return values / full_scale
 
 
 def to_device(
@@ -312,7 +397,11 @@ def to_device(
     sigma: float = 3.0,
     classes: int | None = None,
 ) -> DeviceBatch:
-    """Move a pipeline batch to ``device``, scale it and, on the fast path, compute the prior.
+    """Move a pipeline batch to ``device``, make the network inputs and, on the fast path, compute the prior.
+
+    Images become the reference's input representation (spec 9,
+    :func:`network_input_tensor`); the batch's S2 bands are the subset of its band count,
+    as :class:`~cromss_ray.data.transforms.CutSamples` cuts them.
 
     The prior is the batch's own ``prior`` (CPU path), or is computed here from
     ``labels_all`` and ``season`` after the crop (fast path, spec 2): it equals the
@@ -331,9 +420,10 @@ def to_device(
         smoothing = move("prior").to(torch.float32)
     elif prior != "none" and "labels_all" in batch:
         smoothing = smoothing_prior(move("labels_all"), move("season"), prior, classes or meta.num_classes, sigma)
+    s2 = move("s2")
     return DeviceBatch(
-        x1=_scaled(move("s1"), meta.s1),
-        x2=_scaled(move("s2"), meta.s2),
+        x1=network_input_tensor(move("s1"), meta.s1),
+        x2=network_input_tensor(s2, meta.s2.with_bands(s2_subset_names(s2.shape[-3]))),
         y=move("label").long(),
         prior=smoothing,
         clean_y=move("clean_label").long() if "clean_label" in batch else None,

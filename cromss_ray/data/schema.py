@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: each modality declares its ``representation``; 1 did not (:func:`upgrade_metadata`)."""
 METADATA_KEY = b"cromss"
 MANIFEST_NAME = "manifest.json"
 """File next to the shards that lists them with row counts and class histograms."""
@@ -25,6 +26,9 @@ NODATA = 255
 
 S2_BAND_NAMES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 S1_BAND_NAMES = ("VV", "VH")
+MODALITY_BANDS = {"s1": S1_BAND_NAMES, "s2": S2_BAND_NAMES}
+PHYSICAL_UNITS = {"s1": "dB", "s2": "reflectance"}
+"""Unit of each modality's physical values (reflectance = L1C digital number x 1e-4)."""
 
 S2_BAND_SUBSETS: dict[int, tuple[int, ...]] = {
     13: tuple(range(13)),
@@ -33,6 +37,14 @@ S2_BAND_SUBSETS: dict[int, tuple[int, ...]] = {
     3: (3, 2, 1),
 }
 """0-based indices into the 13 L1C bands for each S2 band count (spec 9)."""
+
+
+def s2_subset_names(count: int) -> tuple[str, ...]:
+    """Names of the ``count``-band S2 subset, in the order batches hold them (spec 9)."""
+    if count not in S2_BAND_SUBSETS:
+        raise ValueError(f"no {count}-band S2 subset: the subsets have {sorted(S2_BAND_SUBSETS)} bands")
+    return tuple(S2_BAND_NAMES[index] for index in S2_BAND_SUBSETS[count])
+
 
 DW_CLASSES = (
     "water",
@@ -70,10 +82,18 @@ CLASS_SCHEMES: dict[str, tuple[str, ...]] = {
 }
 
 ShardKind = Literal["pretrain", "dw", "osm", "dfc2020", "custom"]
+Representation = Literal["physical", "v8"]
+REPRESENTATIONS: tuple[Representation, ...] = ("physical", "v8")
 
 
 class ModalitySpec(BaseModel):
-    """Storage of one image modality: physical value = stored * scale + offset."""
+    """Storage of one image modality: physical value = stored * scale + offset.
+
+    ``representation`` says what reaches the network (spec 9, ``data.scaling``):
+    ``physical`` values (S1 in 'dB', S2 in 'reflectance' = L1C digital number x 1e-4) go
+    through the reference's rule; ``v8`` codes (uint8, the released pretraining images)
+    are only divided by 255. Every shard declares it; None only for specs outside shards.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -82,6 +102,17 @@ class ModalitySpec(BaseModel):
     scale: float = 1.0
     offset: float = 0.0
     unit: str = Field(default="", description="Unit of the physical value: 'reflectance', 'dB' or 'normalized'.")
+    representation: Representation | None = None
+
+    @model_validator(mode="after")
+    def _v8_is_uint8(self) -> ModalitySpec:
+        if self.representation == "v8" and self.dtype != "uint8":
+            raise ValueError(f"v8 codes are stored as uint8, not {self.dtype}")
+        return self
+
+    def with_bands(self, bands: tuple[str, ...]) -> ModalitySpec:
+        """The same storage for a subset (or reordering) of the bands."""
+        return self.model_copy(update={"bands": tuple(bands)})
 
 
 S1_DB_RANGE = (-30.0, 5.0)
@@ -91,6 +122,8 @@ S1_DB_RANGE = (-30.0, 5.0)
 def network_affine(spec: ModalitySpec) -> tuple[float, float]:
     """``(scale, offset)`` with ``stored * scale + offset`` the network input of a modality (spec 9).
 
+    Superseded by :func:`cromss_ray.data.scaling.network_input` (the reference's rule);
+    kept for the prediction and model-registry callers until they switch over.
     The reference feeds the released uint8 images divided by 255, values in [0, 1]. So
     reflectance and 'normalized' values enter as stored (times scale, plus offset), and
     backscatter in dB is mapped linearly from :data:`S1_DB_RANGE` onto [0, 1] (values
@@ -117,6 +150,28 @@ class ShardMetadata(BaseModel):
     s1: ModalitySpec
     s2: ModalitySpec
     has_clean_label: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgraded(cls, data: Any) -> Any:
+        """Schema-1 metadata is read where its representation is certain (:func:`upgrade_metadata`)."""
+        return upgrade_metadata(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _declared_modalities(self) -> ShardMetadata:
+        """Each modality says which representation it holds and stores only S1 / S2 bands (spec 9)."""
+        for modality, names in MODALITY_BANDS.items():
+            spec = getattr(self, modality)
+            if spec.representation is None:
+                raise ValueError(
+                    f"{modality} does not say which representation it holds ({' or '.join(REPRESENTATIONS)})"
+                )
+            unknown = [band for band in spec.bands if band not in names]
+            if unknown:
+                raise ValueError(f"{modality} band {unknown[0]!r} is not one of {', '.join(names)}")
+            if spec.representation == "physical" and spec.unit != PHYSICAL_UNITS[modality]:
+                raise ValueError(f"{modality} physical values must be in {PHYSICAL_UNITS[modality]!r}, not {spec.unit!r}")
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -157,6 +212,52 @@ class ShardMetadata(BaseModel):
         return np.dtype(getattr(self, modality).dtype).newbyteorder("<")
 
 
+MIGRATE_HINT = "cromss data migrate DIR --s1 physical|v8 --s2 physical|v8"
+
+
+def inferred_representation(spec: dict[str, Any]) -> Representation | None:
+    """The representation a schema-1 modality certainly held, else None.
+
+    Schema-1 writers stored backscatter in 'dB' and S2 in 'reflectance' (both physical)
+    and the released uint8 images as 'normalized' x 1/255 (the reference's v8 codes).
+    """
+    unit = spec.get("unit", "")
+    if unit in ("dB", "reflectance"):
+        return "physical"
+    is_v8 = spec.get("dtype") == "uint8" and spec.get("offset", 0.0) == 0.0
+    if unit == "normalized" and is_v8 and abs(spec.get("scale", 1.0) * 255.0 - 1.0) < 1e-9:
+        return "v8"
+    return None
+
+
+def upgrade_metadata(data: dict[str, Any], declared: dict[str, Representation] | None = None) -> dict[str, Any]:
+    """Schema-1 shard metadata as schema 2: each modality's representation inferred, or ``declared``.
+
+    Metadata of the current schema is returned as it is. A modality whose representation
+    neither follows for certain nor is declared is an error naming the fix (``cromss data
+    migrate``): guessing would feed the network a different input distribution.
+    """
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version == SCHEMA_VERSION:
+        return data
+    if version != 1:
+        raise ValueError(f"schema_version {version} is not one this code reads (1 or {SCHEMA_VERSION})")
+    declared = declared or {}
+    upgraded = {**data, "schema_version": SCHEMA_VERSION}
+    for modality in ("s1", "s2"):
+        spec = data.get(modality)
+        if not isinstance(spec, dict):
+            continue
+        representation = declared.get(modality) or inferred_representation(spec)
+        if representation is None:
+            raise ValueError(
+                f"schema-1 metadata: {modality} ({spec.get('dtype')}, unit {spec.get('unit', '')!r}) may hold "
+                f"physical values or the reference's v8 codes; declare which with `{MIGRATE_HINT}`"
+            )
+        upgraded[modality] = {**spec, "representation": representation}
+    return upgraded
+
+
 def read_metadata(schema: pa.Schema, where: str) -> ShardMetadata:
     """The shard metadata of an Arrow schema; ``where`` (a file name) is named in errors."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
@@ -164,8 +265,20 @@ def read_metadata(schema: pa.Schema, where: str) -> ShardMetadata:
         raise ValueError(f"{where}: no '{METADATA_KEY.decode()}' metadata in the Parquet schema: not a cromss shard")
     try:
         return ShardMetadata.from_bytes(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{where}: invalid shard metadata: {validation_problems(exc)}") from None
     except ValueError as exc:
         raise ValueError(f"{where}: invalid shard metadata: {exc}") from None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """A pydantic error as one line: each problem with the field it concerns."""
+    problems = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        location = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{location}: {message}" if location else message)
+    return "; ".join(problems)
 
 
 class ShardFile(BaseModel):

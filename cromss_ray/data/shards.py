@@ -4,9 +4,11 @@ A shard directory holds ``<prefix>-00000.parquet``, ``<prefix>-00001.parquet``, 
 ``manifest.json``. Each row stores its arrays as raw little-endian bytes; the shapes follow
 from the row's ``height``/``width`` and the shard metadata (:class:`ShardMetadata`).
 
-Every row is validated when written (shape, dtype, label range, finite imagery), files are
-written under a temporary name and renamed when complete, so a crash or a bad row never
-leaves a half-written file and never loses the rows written before it.
+Every row is validated when written (shape, dtype, label range, finite imagery) and again
+when read (:func:`check_values`). Files are written under a temporary name in the shard
+directory (``.part-00000.parquet.tmp``) and renamed into place when the whole set is
+written; the manifest is written last, so a crash or a bad row never leaves a half-written
+file, and a replaced set (``overwrite``) is only removed once its successor is complete.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +33,9 @@ IMAGE_FIELDS = ("s1", "s2")
 LABEL_FIELDS = ("label", "clean_label")
 REQUIRED_COLUMNS = ("id", "dates", "height", "width", "s1", "s2", "label")
 PARQUET_SUFFIX = ".parquet"
+TEMP_SUFFIX = ".tmp"
+BadRowPolicy = Literal["raise", "skip"]
+"""What a reader does with a row that fails :func:`check_values`: stop, or leave it out and count it."""
 
 
 class RowValidationError(ValueError):
@@ -76,6 +81,25 @@ def label_histogram(labels: np.ndarray) -> np.ndarray:
     return np.bincount(labels.reshape(-1), minlength=256)
 
 
+def check_values(meta: ShardMetadata, row_id: str, field_name: str, array: np.ndarray) -> None:
+    """Raise :class:`RowValidationError` for NaN or infinite float imagery, or for a label value
+    outside ``0..C-1`` that is not the no-data value (spec 9, 10): what a reader must not train on."""
+    if field_name in IMAGE_FIELDS:
+        if array.dtype.kind == "f":
+            finite = np.isfinite(array)
+            if not finite.all():
+                bad = finite.size - int(np.count_nonzero(finite))
+                raise RowValidationError(row_id, field_name, f"{bad} NaN or infinite values")
+        return
+    invalid = (array >= meta.num_classes) & (array != meta.nodata)
+    if invalid.any():
+        raise RowValidationError(
+            row_id,
+            field_name,
+            f"values {np.unique(array[invalid]).tolist()} outside 0..{meta.num_classes - 1} (no-data is {meta.nodata})",
+        )
+
+
 def validate_row(meta: ShardMetadata, row: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Check a row against ``meta`` (spec 9, 10) and return its label histograms.
 
@@ -113,25 +137,9 @@ def validate_row(meta: ShardMetadata, row: Mapping[str, Any]) -> dict[str, np.nd
         expected_dtype = array_dtype(meta, name)
         if array.dtype.newbyteorder("=") != expected_dtype.newbyteorder("="):
             raise RowValidationError(row_id, name, f"dtype {array.dtype}, expected {expected_dtype.newbyteorder('=')}")
-        if name in IMAGE_FIELDS:
-            if array.dtype.kind == "f":
-                finite = np.isfinite(array)
-                if not finite.all():
-                    bad = finite.size - int(np.count_nonzero(finite))
-                    raise RowValidationError(row_id, name, f"{bad} NaN or infinite values")
-            continue
-        histogram = label_histogram(array)
-        allowed = np.zeros(256, dtype=bool)
-        allowed[: meta.num_classes] = True
-        allowed[meta.nodata] = True
-        invalid = np.flatnonzero((histogram > 0) & ~allowed)
-        if invalid.size:
-            raise RowValidationError(
-                row_id,
-                name,
-                f"values {invalid.tolist()} outside 0..{meta.num_classes - 1} (no-data is {meta.nodata})",
-            )
-        histograms[name] = histogram
+        check_values(meta, row_id, name, array)
+        if name in LABEL_FIELDS:
+            histograms[name] = label_histogram(array)
     return histograms
 
 
@@ -188,6 +196,18 @@ def resolve_filesystem(
     return pafs.FileSystem.from_uri(text)
 
 
+def parquet_writer(sink: pa.NativeFile, schema: pa.Schema) -> pq.ParquetWriter:
+    """The Parquet writer of every shard file: its compression, dictionary, checksums and statistics."""
+    return pq.ParquetWriter(
+        sink,
+        schema,
+        compression="lz4",
+        use_dictionary=["id"],
+        write_page_checksum=True,
+        write_statistics=["id", "height", "width"],
+    )
+
+
 def list_shards(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> list[str]:
     """Sorted paths of the shard files under a directory or URI (not recursive).
 
@@ -211,6 +231,32 @@ def list_shards(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem 
     )
     prefix = text.rstrip("/") if "://" in text else base
     return [f"{prefix}/{name}" for name in names]
+
+
+def is_leftover(name: str) -> bool:
+    """A temporary file of a shard write that never finished (``.part-00000.parquet.tmp``)."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def list_leftovers(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> list[str]:
+    """Names of the temporary files that killed writes left in a shard directory."""
+    fs, base = resolve_filesystem(uri_or_dir, filesystem)
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+    names = (entry.base_name for entry in entries if entry.type == pafs.FileType.File)
+    return sorted(name for name in names if is_leftover(name))
+
+
+def manifest_disagreements(manifest: Manifest, rows_per_file: Mapping[str, int]) -> list[str]:
+    """How ``manifest`` disagrees with the shard files found (file name -> rows): one line each."""
+    listed = {entry.name: entry.rows for entry in manifest.files}
+    found: list[str] = []
+    for name, rows in listed.items():
+        if name not in rows_per_file:
+            found.append(f"lists {name}, which is not there")
+        elif rows_per_file[name] != rows:
+            found.append(f"says {name} has {rows} rows, it has {rows_per_file[name]}")
+    found.extend(f"does not list {name}" for name in sorted(set(rows_per_file) - set(listed)))
+    return found
 
 
 def read_manifest(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> Manifest:
@@ -248,13 +294,19 @@ def open_shard(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pq
 
 
 def iter_rows(
-    path: str, filesystem: pafs.FileSystem | None = None, *, ids: Container[str] | None = None
+    path: str,
+    filesystem: pafs.FileSystem | None = None,
+    *,
+    ids: Container[str] | None = None,
+    skip: Callable[[list[str]], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The decoded rows of one shard file, read one row group at a time.
+    """The decoded and checked rows of one shard file, read one row group at a time.
 
     Each row is ``{"id", "dates", "s1", "s2", "label"[, "clean_label"]}`` with numpy arrays.
-    With ``ids``, only the rows whose id is in it (the others are not decoded).
-    Raises :class:`ShardFileError` naming the file (and row) for a corrupt file or bad row.
+    With ``ids``, only the rows whose id is in it (the others are not decoded). Page
+    checksums are verified and every row's values are checked (:func:`check_values`).
+    Raises :class:`ShardFileError` naming the file (and row) for a corrupt file or bad row;
+    with ``skip``, a bad row is passed to it as a message instead, and left out.
     """
     parquet, meta = open_shard(path, filesystem)
     row_index = 0
@@ -269,8 +321,14 @@ def iter_rows(
                 continue
             try:
                 arrays = decode_row(record, meta)
+                for name, array in arrays.items():
+                    check_values(meta, record["id"], name, array)
             except RowValidationError as exc:
-                raise ShardFileError(path, f"row {row_index}: {exc}") from None
+                if skip is None:
+                    raise ShardFileError(path, f"row {row_index}: {exc}") from None
+                skip([f"{path}: row {row_index}: {exc}"])
+                row_index += 1
+                continue
             yield {"id": record["id"], "dates": list(record["dates"]), **arrays}
             row_index += 1
 
@@ -287,14 +345,23 @@ class _OpenFile:
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _temp_path(final_path: Path) -> Path:
+    """The name a file is written under until it is complete, in the same directory."""
+    return final_path.with_name(f".{final_path.name}{TEMP_SUFFIX}")
+
+
 class ShardWriter:
     """Writes validated rows into size-bounded Parquet shards plus ``manifest.json``.
 
     Use as a context manager; ``write(row)`` validates and buffers a row, every
-    ``row_group_rows`` rows become one row group, and a file is closed (renamed from its
-    temporary name) once it reaches ``target_bytes``. Closing writes the manifest; closing
-    because of an exception still keeps every complete row and marks the manifest
-    ``complete: false``. ``provenance`` is copied into the manifest.
+    ``row_group_rows`` rows become one row group, and a file is finished once it reaches
+    ``target_bytes``. Every file stays under its temporary name until :meth:`close`, which
+    renames them into place and writes the manifest last. Closing because of an exception
+    keeps every complete row and marks the manifest ``complete: false``, except when the
+    writer replaces an existing set (``overwrite``): then the new files are discarded and
+    the old set stays as it was (``kept_previous``). Leftovers of killed writes (``.*.tmp``)
+    are removed on opening and named in ``removed_leftovers``. ``provenance`` is copied into
+    the manifest.
     """
 
     def __init__(
@@ -317,15 +384,24 @@ class ShardWriter:
         self.prefix = prefix
         self.provenance: dict[str, Any] = dict(provenance or {})
         self.manifest: Manifest | None = None
+        self.kept_previous = False
         self._schema = meta.arrow_schema()
         self._pending: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
         self._open: _OpenFile | None = None
-        self._files: list[ShardFile] = []
+        self._finished: list[_OpenFile] = []
         self._totals = {name: np.zeros(256, dtype=np.int64) for name in row_fields(meta) if name in LABEL_FIELDS}
-        self._clear_outputs(overwrite)
-
-    def _clear_outputs(self, overwrite: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._previous = self._existing_set(overwrite)
+        self.removed_leftovers = self._remove_leftovers()
+
+    def _remove_leftovers(self) -> list[str]:
+        leftovers = sorted(path for path in self.out_dir.iterdir() if path.is_file() and is_leftover(path.name))
+        for path in leftovers:
+            path.unlink()
+        return [path.name for path in leftovers]
+
+    def _existing_set(self, overwrite: bool) -> list[Path]:
+        """The files of the set already in ``out_dir``: replaced on a complete close, else kept."""
         existing = sorted(
             path
             for path in self.out_dir.iterdir()
@@ -336,13 +412,13 @@ class ShardWriter:
             raise FileExistsError(
                 f"{self.out_dir} already holds shards ({names}, ...); choose another directory or overwrite"
             )
-        for path in existing:
-            path.unlink()
+        return existing
 
     @property
     def rows_written(self) -> int:
         """Rows accepted so far (including the ones still buffered)."""
-        return sum(entry.rows for entry in self._files) + (self._open.rows if self._open else 0) + len(self._pending)
+        finished = sum(entry.rows for entry in self._finished)
+        return finished + (self._open.rows if self._open else 0) + len(self._pending)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -363,7 +439,8 @@ class ShardWriter:
             self._flush()
 
     def close(self, *, complete: bool = True) -> Manifest:
-        """Write the buffered rows, finish the open file and write ``manifest.json``."""
+        """Write the buffered rows, finish the open file, rename the files into place, then
+        write ``manifest.json``; see the class docstring for an incomplete close."""
         if self.manifest is not None:
             return self.manifest
         try:
@@ -373,8 +450,13 @@ class ShardWriter:
             complete = False
             raise
         finally:
-            self.manifest = self._write_manifest(complete)
-        return self.manifest
+            manifest = self._manifest(complete)
+            if complete or not self._previous:
+                self._commit(manifest)
+            else:
+                self._discard()
+            self.manifest = manifest
+        return manifest
 
     def _flush(self) -> None:
         if not self._pending:
@@ -398,18 +480,10 @@ class ShardWriter:
             self._finish_file()
 
     def _start_file(self) -> _OpenFile:
-        name = f"{self.prefix}-{len(self._files):05d}{PARQUET_SUFFIX}"
-        final_path = self.out_dir / name
-        temp_path = self.out_dir / f".{name}.tmp"
+        final_path = self.out_dir / f"{self.prefix}-{len(self._finished):05d}{PARQUET_SUFFIX}"
+        temp_path = _temp_path(final_path)
         sink = pa.OSFile(str(temp_path), "wb")
-        writer = pq.ParquetWriter(
-            sink,
-            self._schema,
-            compression="lz4",
-            use_dictionary=["id"],
-            write_page_checksum=True,
-            write_statistics=["id", "height", "width"],
-        )
+        writer = parquet_writer(sink, self._schema)
         return _OpenFile(temp_path=temp_path, final_path=final_path, sink=sink, writer=writer)
 
     def _finish_file(self) -> None:
@@ -423,10 +497,7 @@ class ShardWriter:
         except BaseException:
             current.temp_path.unlink(missing_ok=True)
             raise
-        os.replace(current.temp_path, current.final_path)
-        self._files.append(
-            ShardFile(name=current.final_path.name, rows=current.rows, bytes=current.final_path.stat().st_size)
-        )
+        self._finished.append(current)
         for name, histogram in current.histograms.items():
             self._totals[name] += histogram
 
@@ -439,15 +510,40 @@ class ShardWriter:
                 closer()
         current.temp_path.unlink(missing_ok=True)
 
-    def _write_manifest(self, complete: bool) -> Manifest:
+    def _commit(self, manifest: Manifest) -> None:
+        """Put the new set in place of the previous one: the old manifest goes first (a reader
+        refuses a directory without one), then the files, then the new manifest."""
+        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for entry in self._finished:
+            os.replace(entry.temp_path, entry.final_path)
+        kept = {entry.final_path for entry in self._finished}
+        for path in self._previous:
+            if path not in kept:
+                path.unlink(missing_ok=True)
+        temp_path = _temp_path(self.out_dir / MANIFEST_NAME)
+        temp_path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        os.replace(temp_path, self.out_dir / MANIFEST_NAME)
+
+    def _discard(self) -> None:
+        """Drop the new files of an incomplete replacement; the previous set stays untouched."""
+        self._abort_file()
+        for entry in self._finished:
+            entry.temp_path.unlink(missing_ok=True)
+        self.kept_previous = True
+
+    def _manifest(self, complete: bool) -> Manifest:
         classes = self.meta.num_classes
         label = self._totals["label"]
         clean = self._totals.get("clean_label")
-        manifest = Manifest(
+        files = [
+            ShardFile(name=entry.final_path.name, rows=entry.rows, bytes=entry.temp_path.stat().st_size)
+            for entry in self._finished
+        ]
+        return Manifest(
             kind=self.meta.kind,
             metadata=self.meta,
-            files=list(self._files),
-            total_rows=sum(entry.rows for entry in self._files),
+            files=files,
+            total_rows=sum(entry.rows for entry in files),
             class_histogram=label[:classes].tolist(),
             nodata_pixels=int(label[self.meta.nodata]),
             clean_class_histogram=None if clean is None else clean[:classes].tolist(),
@@ -455,7 +551,3 @@ class ShardWriter:
             complete=complete,
             provenance=self.provenance,
         )
-        temp_path = self.out_dir / f".{MANIFEST_NAME}.tmp"
-        temp_path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-        os.replace(temp_path, self.out_dir / MANIFEST_NAME)
-        return manifest

@@ -4,31 +4,47 @@
 other pyarrow filesystem URI into a pyarrow filesystem and a path on it. ``scan_shards``
 lists the shards under such a location and checks every footer (Parquet is readable, the
 ``cromss`` metadata is present and identical across files, the columns of the schema are
-there with their types) before Ray reads a single row, so bad input fails early with the
+there with their types) and that ``manifest.json`` says the set is complete and lists exactly
+these files and row counts, before Ray reads a single row, so bad input fails early with the
 file named. ``open_shards`` hands the checked files to ``ray.data.read_parquet``, which
-streams them (spec 9; ``docs/data.md`` for the schema). A ``TileSet`` reads whole rows of a
-shard set without Ray Data, for scoring whole tiles (``cromss evaluate``, a transfer run's test split).
+streams them with every page checksum verified (spec 9; ``docs/data.md`` for the schema). A
+``TileSet`` reads whole rows of a shard set without Ray Data, for scoring whole tiles
+(``cromss evaluate``, a transfer run's test split).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
-from cromss_ray.data.schema import ShardMetadata, read_metadata
-from cromss_ray.data.shards import PARQUET_SUFFIX, iter_rows, list_shards
+from cromss_ray.data.schema import MANIFEST_NAME, ShardMetadata, read_metadata
+from cromss_ray.data.shards import (
+    PARQUET_SUFFIX,
+    BadRowPolicy,
+    iter_rows,
+    list_shards,
+    manifest_disagreements,
+    read_manifest,
+)
 
 FOOTER_READ_THREADS = 16
 """Footers and id columns are fetched concurrently: on object stores each is one round trip."""
+READ_BUFFER_BYTES = 8 * 2**20
+"""Buffered page reads of 8 MiB, as Ray Data's Parquet reader does when it sets the scan options itself."""
+
+
+class IncompleteShardsError(ValueError):
+    """A shard directory whose manifest is missing, marks it incomplete or disagrees with its files."""
 
 
 def resolve_filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -121,6 +137,12 @@ class TileSet:
 
     shards: ShardSet
     ids: frozenset[str] | None = None
+    on_bad_row: BadRowPolicy = "raise"
+    skipped: Callable[[list[str]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.on_bad_row == "skip" and self.skipped is None:
+            raise ValueError("skipping bad rows needs somewhere to count them (skipped)")
 
     @property
     def uri(self) -> str:
@@ -131,12 +153,15 @@ class TileSet:
         return self.shards.meta
 
     def rows(self, part: int = 0, parts: int = 1) -> Iterator[dict[str, Any]]:
-        """The decoded rows (:func:`~cromss_ray.data.shards.iter_rows`) of files ``part``, ``part + parts``, ...:
-        worker ``part`` of ``parts`` reads its share of the files, all of them together read every row once."""
+        """The decoded, checked rows (:func:`~cromss_ray.data.shards.iter_rows`) of files ``part``,
+        ``part + parts``, ...: worker ``part`` of ``parts`` reads its share of the files, all of them
+        together read every row once. A bad row raises, or with ``on_bad_row="skip"`` goes to
+        ``skipped`` and is left out."""
         if not 0 <= part < parts:
             raise ValueError(f"part must lie in 0 .. {parts - 1}, got {part}")
+        skip = self.skipped if self.on_bad_row == "skip" else None
         for path in self.shards.files[part::parts]:
-            yield from iter_rows(path, self.shards.filesystem, ids=self.ids)
+            yield from iter_rows(path, self.shards.filesystem, ids=self.ids, skip=skip)
 
 
 def _check_footer(filesystem: pafs.FileSystem, path: str) -> tuple[ShardMetadata, int]:
@@ -160,8 +185,30 @@ def _check_footer(filesystem: pafs.FileSystem, path: str) -> tuple[ShardMetadata
     return meta, footer.num_rows
 
 
-def scan_shards(uri: str, s3_endpoint: str | None = None) -> ShardSet:
-    """List and check every shard under ``uri`` (footers only: no image bytes are read)."""
+def _check_manifest(uri: str, filesystem: pafs.FileSystem, path: str, files: list[str], rows: list[int]) -> None:
+    """Refuse a shard set that its manifest does not vouch for (missing, incomplete, disagreeing)."""
+    where = f"{uri.rstrip('/')}/{MANIFEST_NAME}"
+    override = "set data.allow_incomplete=true to read the files found anyway"
+    try:
+        manifest = read_manifest(path, filesystem)
+    except FileNotFoundError:
+        raise IncompleteShardsError(f"{where}: missing, so the set may be incomplete; {override}") from None
+    except ValueError as exc:
+        raise IncompleteShardsError(f"{where}: {str(exc).split(f'{MANIFEST_NAME}: ', 1)[-1]}; {override}") from None
+    if not manifest.complete:
+        raise IncompleteShardsError(f"{where}: says complete: false (the writer stopped on an error); {override}")
+    found = {file.rsplit("/", 1)[-1]: count for file, count in zip(files, rows, strict=True)}
+    disagreements = manifest_disagreements(manifest, found)
+    if disagreements:
+        raise IncompleteShardsError(f"{where}: {'; '.join(disagreements)}; {override}")
+
+
+def scan_shards(uri: str, s3_endpoint: str | None = None, *, allow_incomplete: bool = False) -> ShardSet:
+    """List and check every shard under ``uri`` (footers only: no image bytes are read).
+
+    Unless ``allow_incomplete``, the set's ``manifest.json`` must exist, say ``complete``
+    and list exactly the files found with their row counts (:class:`IncompleteShardsError`).
+    """
     filesystem, path = resolve_filesystem(uri, s3_endpoint)
     try:
         files = list_shards(path, filesystem)
@@ -183,11 +230,18 @@ def scan_shards(uri: str, s3_endpoint: str | None = None) -> ShardSet:
                 f"{display_path(filesystem, file)}: shard metadata differs from "
                 f"{display_path(filesystem, files[0])} in {', '.join(differing)}"
             )
-    return ShardSet(uri, filesystem, tuple(files), tuple(rows for _, rows in footers), first_meta)
+    rows = [count for _, count in footers]
+    if not allow_incomplete:
+        _check_manifest(uri, filesystem, path, files, rows)
+    return ShardSet(uri, filesystem, tuple(files), tuple(rows), first_meta)
 
 
 def read_shard_set(shards: ShardSet) -> ray.data.Dataset:
     """Stream the rows of a checked shard set, with a ``path`` column naming each row's file.
+
+    Every page's CRC checksum is verified as it is read
+    (``ParquetFragmentScanOptions.page_checksum_verification``): a corrupted page fails the
+    read instead of feeding altered bytes to the trainer.
 
     The read goes through Ray Data's first Parquet datasource, which reads the files'
     metadata once, here. The newer one (``DataContext.use_datasource_v2``, on by default
@@ -206,13 +260,18 @@ def read_shard_set(shards: ShardSet) -> ray.data.Dataset:
             filesystem=shards.filesystem,
             include_paths=True,
             partitioning=None,
+            fragment_scan_options=pads.ParquetFragmentScanOptions(
+                use_buffered_stream=True, buffer_size=READ_BUFFER_BYTES, page_checksum_verification=True
+            ),
         )
     finally:
         context.use_datasource_v2 = default
 
 
-def open_shards(uri: str, s3_endpoint: str | None = None) -> tuple[ray.data.Dataset, ShardMetadata]:
+def open_shards(
+    uri: str, s3_endpoint: str | None = None, *, allow_incomplete: bool = False
+) -> tuple[ray.data.Dataset, ShardMetadata]:
     """The rows of every shard under ``uri`` as a streaming Ray Dataset, and their metadata."""
-    shards = scan_shards(uri, s3_endpoint)
+    shards = scan_shards(uri, s3_endpoint, allow_incomplete=allow_incomplete)
     return read_shard_set(shards), shards.meta
 

@@ -536,24 +536,35 @@ def s2_dates(rng: np.random.Generator, seasons: list[int]) -> list[str]:
 
 
 def synth_metadata(kind: SynthKind) -> ShardMetadata:
-    """Shard metadata of synthetic data: pretraining as the released uint8 data, downstream
-    tiles as the raw products (S2 L1C uint16, S1 float32 dB)."""
+    """Shard metadata of synthetic data: pretraining in the released shapes and uint8, but
+    holding quantised physical values (the network input puts them through the rule of
+    spec 9, as it does raw data), downstream tiles as the raw products (S2 L1C uint16, S1
+    float32 dB)."""
     if kind == "pretrain":
         low, high = S1_DB_RANGE
         return ShardMetadata(
             kind="pretrain",
             classes=CLASS_SCHEMES["pretrain"],
             seasons=4,
-            s1=ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=(high - low) / 255.0, offset=low, unit="dB"),
-            s2=ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1.0 / 255.0, unit="reflectance"),
+            s1=ModalitySpec(
+                dtype="uint8",
+                bands=S1_BAND_NAMES,
+                scale=(high - low) / 255.0,
+                offset=low,
+                unit="dB",
+                representation="physical",
+            ),
+            s2=ModalitySpec(
+                dtype="uint8", bands=S2_BAND_NAMES, scale=1.0 / 255.0, unit="reflectance", representation="physical"
+            ),
             has_clean_label=True,
         )
     return ShardMetadata(
         kind=kind,
         classes=CLASS_SCHEMES[kind],
         seasons=1,
-        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"),
+        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
     )
 
 

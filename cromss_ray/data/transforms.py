@@ -11,6 +11,11 @@ computed later on the device, from the augmented labels (an approximation of the
 reference's prior, measured in docs/benchmarks.md); otherwise the prior is computed on
 the CPU on the full tile, before the crop, and augmented with the image (spec 2).
 
+Checks: before a row is cut, its whole arrays (every season) are checked as
+:func:`~cromss_ray.data.shards.check_values` does (labels in the class set or no-data,
+finite float imagery, byte lengths): a bad row fails the batch naming its file and
+location id, or with ``on_bad_row="skip"`` is left out and reported to ``skipped``.
+
 Randomness: each row's draws (season, crop corner, flips, rotation) come from a generator
 seeded by ``(seed, epoch, stable hash of the location id)``, so a sample's augmentation
 is a pure function of those three, whatever the worker count or block boundaries.
@@ -27,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
-from cromss_ray.data.shards import RowValidationError
+from cromss_ray.data.schema import S2_BAND_SUBSETS, ShardMetadata, s2_subset_names
+from cromss_ray.data.shards import BadRowPolicy, RowValidationError, check_values
 from cromss_ray.method.smoothing import PriorKind, smoothing_prior
 
 UINT64_MASK = (1 << 64) - 1
@@ -240,7 +245,7 @@ def centre_geometry(height: int, width: int, crop: int) -> Geometry:
 
 def band_indices(meta: ShardMetadata, s2_bands: int) -> np.ndarray | slice:
     """Positions of the S2 band subset (spec 9) among the bands the shards store."""
-    wanted = [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[s2_bands]]
+    wanted = list(s2_subset_names(s2_bands))
     missing = [name for name in wanted if name not in meta.s2.bands]
     if missing:
         raise ValueError(f"the {s2_bands}-band S2 subset needs bands {missing}, the shards store {list(meta.s2.bands)}")
@@ -319,7 +324,9 @@ class CutSamples:
     hash of the id), ``clean_label`` uint8 when the shards have it; with ``seasons_out``
     also ``season`` int64, and ``labels_all`` uint8 (N, T, h, w) and/or ``prior`` float32
     (N, C, h, w) as asked; with ``order_out`` (augmenting draws only) ``order`` int64, the
-    rows' :func:`order_key` for the epoch. Rows for which ``keep`` says False are dropped.
+    rows' :func:`order_key` for the epoch. Rows for which ``keep`` says False are dropped;
+    bad rows raise, or with ``on_bad_row="skip"`` are dropped and their messages passed to
+    ``skipped``.
     """
 
     meta: ShardMetadata
@@ -332,11 +339,15 @@ class CutSamples:
     cpu_prior: PriorKind | None = None
     sigma: float = 3.0
     order_out: bool = False
+    on_bad_row: BadRowPolicy = "raise"
+    skipped: Callable[[list[str]], None] | None = None
 
     def __post_init__(self) -> None:
         band_indices(self.meta, self.s2_bands)
         if self.order_out and not self.draw.augment:
             raise ValueError("an epoch order (order_out) needs augmenting draws: it depends on the epoch")
+        if self.on_bad_row == "skip" and self.skipped is None:
+            raise ValueError("skipping bad rows needs somewhere to count them (skipped)")
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         ids = batch.column("id").to_pylist()
@@ -344,25 +355,36 @@ class CutSamples:
         heights = batch.column("height").to_numpy()
         widths = batch.column("width").to_numpy()
         epoch = self.draw.epoch_source() if self.draw.augment and self.draw.epoch_source is not None else 0
-        samples = [
-            self._plan(row, row_id, int(heights[row]), int(widths[row]), epoch)
-            for row, row_id in enumerate(ids)
-            if self.keep is None or self.keep(row_id)
-        ]
-        out = self._allocate(len(samples), self._window_size(samples, heights, widths))
         columns = self._columns(batch)
+        samples, bad = [], []
+        for row, row_id in enumerate(ids):
+            if self.keep is not None and not self.keep(row_id):
+                continue
+            try:
+                self._check(columns, row, row_id, int(heights[row]), int(widths[row]))
+            except RowValidationError as exc:
+                if self.on_bad_row == "raise":
+                    raise ValueError(f"{paths[row]}: {exc}") from None
+                bad.append(f"{paths[row]}: {exc}")
+                continue
+            samples.append(self._plan(row, row_id, int(heights[row]), int(widths[row]), epoch))
+        if bad and self.skipped is not None:
+            self.skipped(bad)
+        out = self._allocate(len(samples), self._window_size(samples, heights, widths))
         bands = band_indices(self.meta, self.s2_bands)
         for slot, sample in enumerate(samples):
-            try:
-                self._fill(out, slot, columns, sample, bands)
-            except RowValidationError as exc:
-                raise ValueError(f"{paths[sample.row]}: {exc}") from None
+            self._fill(out, slot, columns, sample, bands)
         out["key"] = np.array([stable_hash(s.row_id, "key") >> 1 for s in samples], dtype=np.int64)
         if self.seasons_out:
             out["season"] = np.array([s.season for s in samples], dtype=np.int64)
         if self.order_out:
             out[ORDER_COLUMN] = np.array([order_key(self.draw.seed, epoch, s.row_id) for s in samples], dtype=np.int64)
         return out
+
+    def _check(self, columns: dict[str, BinaryColumn], row: int, row_id: str, height: int, width: int) -> None:
+        """Every array of one row, all seasons: byte length and values (no copy)."""
+        for name, column in columns.items():
+            check_values(self.meta, row_id, name, column.view(row, row_id, height, width))
 
     def _plan(self, row: int, row_id: str, height: int, width: int, epoch: int) -> _Sample:
         seasons = self.meta.seasons

@@ -28,8 +28,8 @@ DOWNSTREAM = ShardMetadata(
     kind="dw",
     classes=CLASS_SCHEMES["dw"],
     seasons=1,
-    s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-    s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4),
+    s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+    s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
 )
 WriteShard = Callable[..., Path]
 

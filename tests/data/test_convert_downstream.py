@@ -58,6 +58,7 @@ def test_dw_labels_are_mapped_and_tiles_cut_into_padded_patches(tmp_path: Path, 
     assert rows[0]["s1"].dtype == np.float32 and rows[0]["s2"].dtype == np.uint16
     manifest = read_manifest(tmp_path / "out")
     assert manifest.metadata.kind == "dw" and manifest.metadata.seasons == 1
+    assert manifest.metadata.s1.representation == manifest.metadata.s2.representation == "physical"
     assert manifest.class_histogram == np.bincount(expected[expected != NODATA], minlength=9).tolist()
     assert summary.skipped == []
 
@@ -151,3 +152,12 @@ def test_fully_ignored_patches_are_dropped() -> None:
     label[:4, :4] = 1
     patches = cut_patches({"s2": np.zeros((13, 8, 8), np.uint16), "label": label}, 4)
     assert [position for position, _ in patches] == [(0, 0)]
+
+
+def test_a_label_on_another_footprint_names_the_tile_files(tmp_path: Path, write_tif: WriteTif) -> None:
+    split = tmp_path / "dw_train"
+    _ssl4eo_tile(split, "dw", "a", _labels([1]), write_tif)
+    write_tif(split / "label_dw" / "dw_a.tif", _labels([1]), pixel_size=20.0)
+    message = r"dw_a\.tif: footprint .* is off that of .*s2_a\.tif .* by 100\.0% of the tile"
+    with pytest.raises(SourceError, match=message):
+        convert_downstream("dw", tmp_path, "train", tmp_path / "out")

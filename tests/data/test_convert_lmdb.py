@@ -60,6 +60,7 @@ def test_locations_convert_with_the_released_uint8_scaling(tmp_path: Path, sourc
         assert row["dates"] == ["", "", "", ""]
     meta = read_manifest(tmp_path / "out").metadata
     assert meta.s2.dtype == "uint8" and meta.s2.scale == pytest.approx(1 / 255) and meta.s2.unit == "normalized"
+    assert meta.s2.representation == "v8", "the released uint8 images are the reference's v8 codes"
     assert meta.seasons == 4 and not meta.has_clean_label
     assert summary.manifest.total_rows == 3
 
@@ -84,6 +85,7 @@ def test_raw_uint16_and_float32_records_declare_their_units(tmp_path: Path) -> N
     convert_lmdb(paths["s1"], paths["s2"], paths["label"], tmp_path / "out")
     meta = read_manifest(tmp_path / "out").metadata
     assert (meta.s1.dtype, meta.s1.unit, meta.s2.dtype, meta.s2.scale) == ("float32", "dB", "uint16", 1e-4)
+    assert meta.s1.representation == meta.s2.representation == "physical"
     [row] = list(iter_rows(list_shards(tmp_path / "out")[0]))
     np.testing.assert_array_equal(row["s1"], s1)
 

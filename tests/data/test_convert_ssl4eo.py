@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import rasterio
+from rasterio.transform import Affine
 
+from cromss_ray.cli import main
+from cromss_ray.data import network_input
 from cromss_ray.data.convert.common import SourceError
 from cromss_ray.data.convert.ssl4eo import convert_ssl4eo, read_season_table
-from cromss_ray.data.schema import NODATA, S2_BAND_NAMES
-from cromss_ray.data.shards import iter_rows, list_shards, read_manifest
+from cromss_ray.data.schema import METADATA_KEY, NODATA, S2_BAND_NAMES, SCHEMA_VERSION
+from cromss_ray.data.shards import iter_rows, list_shards, open_shard, read_manifest
 
 FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "ssl4eo-s12"
 JUNE = "20200604T054639_20200604T054831_T43RCP"
@@ -29,6 +35,11 @@ def _read(path: Path) -> np.ndarray:
         return dataset.read(1)
 
 
+def _b2(product: str) -> Path:
+    """The 10 m reference band of an S2 product: the labels lie on its footprint, as NoL labels do."""
+    return FIXTURE / "s2c" / "0000200" / product / "B2.tif"
+
+
 def _coarse_labels(product: str) -> np.ndarray:
     """A 66 x 66 label map (40 m, like the NoL labels) that differs per product."""
     rows, cols = np.mgrid[0:66, 0:66]
@@ -40,7 +51,7 @@ def _coarse_labels(product: str) -> np.ndarray:
 def labels_root(tmp_path: Path, write_tif: Callable[..., Path]) -> Path:
     root = tmp_path / "labels"
     for product in (JUNE, AUGUST):
-        write_tif(root / "0000200" / product / "label.tif", _coarse_labels(product), pixel_size=40.0)
+        write_tif(root / "0000200" / product / "label.tif", _coarse_labels(product), like=_b2(product))
     return root
 
 
@@ -113,7 +124,7 @@ def test_label_values_outside_the_classes_name_the_label_file(
 ) -> None:
     bad = _coarse_labels(AUGUST)
     bad[5, 5] = 12
-    write_tif(labels_root / "0000200" / AUGUST / "label.tif", bad, pixel_size=40.0)
+    write_tif(labels_root / "0000200" / AUGUST / "label.tif", bad, like=_b2(AUGUST))
     ids = _csv(tmp_path / "ids.csv", [f"200,{JUNE},{AUGUST}"])
     with pytest.raises(SourceError, match=rf"{AUGUST}/label.tif: label values \[12\] are not in the class mapping"):
         convert_ssl4eo(FIXTURE, labels_root, ids, tmp_path / "out")
@@ -124,7 +135,7 @@ def test_declared_label_nodata_becomes_no_data(
 ) -> None:
     labels = _coarse_labels(JUNE)
     labels[:2] = 99
-    write_tif(labels_root / "0000200" / JUNE / "label.tif", labels, nodata=99, pixel_size=40.0)
+    write_tif(labels_root / "0000200" / JUNE / "label.tif", labels, nodata=99, like=_b2(JUNE))
     ids = _csv(tmp_path / "ids.csv", [f"200,{JUNE}"])
     convert_ssl4eo(FIXTURE, labels_root, ids, tmp_path / "out")
     [row] = list(iter_rows(list_shards(tmp_path / "out")[0]))
@@ -145,3 +156,71 @@ def test_declared_label_nodata_becomes_no_data(
 def test_bad_csv_lines_are_named(tmp_path: Path, lines: list[str], message: str) -> None:
     with pytest.raises(SourceError, match=message):
         read_season_table(_csv(tmp_path / "ids.csv", lines))
+
+
+def test_converted_shards_are_raw_and_schema_1_ones_migrate_in_place(
+    tmp_path: Path, labels_root: Path, as_schema_1: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = _csv(tmp_path / "ids.csv", ["ids,sub1,sub2,sub3,sub4", f"200,{','.join(SEASONS)}"])
+    out = tmp_path / "out"
+    convert_ssl4eo(FIXTURE, labels_root, ids, out)
+    meta = read_manifest(out).metadata
+    assert (meta.s1.representation, meta.s2.representation) == ("physical", "physical")
+    [path] = list_shards(out)
+    [row] = list(iter_rows(path))
+    network = network_input(row["s2"], meta.s2)
+    assert network.shape == (4, 13, 264, 264) and 0 <= network.min() and network.max() <= 1
+
+    as_schema_1(out)
+    assert json.loads(pq.read_schema(path).metadata[METADATA_KEY])["schema_version"] == 1
+    assert open_shard(path)[1] == meta, "schema-1 dB and reflectance are certainly raw: read as they are"
+    assert main(["data", "migrate", str(out)]) == 0
+    assert "rewrote the metadata of 1 files" in capsys.readouterr().out
+    footer = json.loads(pq.read_schema(path).metadata[METADATA_KEY])
+    assert footer["schema_version"] == SCHEMA_VERSION and footer["s2"]["representation"] == "physical"
+    assert read_manifest(out).metadata == meta and read_manifest(out).files[0].bytes == Path(path).stat().st_size
+    [migrated] = list(iter_rows(path))
+    np.testing.assert_array_equal(migrated["s2"], row["s2"])
+    np.testing.assert_array_equal(migrated["s1"], row["s1"])
+    assert main(["data", "check", str(out)]) == 0
+
+
+def _altered_copy(tmp_path: Path, relative: str, change: Callable[[rasterio.io.DatasetWriter], None]) -> Path:
+    """A copy of the fixture's images in which the raster at ``relative`` has ``change`` applied."""
+    images = tmp_path / "images"
+    shutil.copytree(FIXTURE, images, ignore=shutil.ignore_patterns("s2a"))
+    with rasterio.open(images / relative, "r+") as dataset:
+        change(dataset)
+    return images
+
+
+def test_an_s1_raster_on_another_footprint_is_refused_naming_both_files(tmp_path: Path, labels_root: Path) -> None:
+    def shift_a_quarter_tile(dataset: rasterio.io.DatasetWriter) -> None:
+        transform = dataset.transform
+        dataset.transform = transform * Affine.translation(dataset.width / 4, 0)
+
+    images = _altered_copy(tmp_path, f"s1/0000200/{S1_JUNE}/VH.tif", shift_a_quarter_tile)
+    ids = _csv(tmp_path / "ids.csv", [f"200,{JUNE}"])
+    message = rf"{S1_JUNE}/VH.tif: footprint .* is off that of .*{JUNE}/B1.tif .* by 2\d\.\d% of the tile"
+    with pytest.raises(SourceError, match=message):
+        convert_ssl4eo(images, labels_root, ids, tmp_path / "out")
+
+
+def test_a_band_in_another_crs_is_refused_naming_both_files(tmp_path: Path, labels_root: Path) -> None:
+    def another_crs(dataset: rasterio.io.DatasetWriter) -> None:
+        dataset.crs = rasterio.crs.CRS.from_epsg(32643)
+
+    images = _altered_copy(tmp_path, f"s2c/0000200/{AUGUST}/B8A.tif", another_crs)
+    ids = _csv(tmp_path / "ids.csv", [f"200,{JUNE},{AUGUST}"])
+    message = rf"{AUGUST}/B8A.tif: CRS EPSG:32643 differs from EPSG:4326 of .*{JUNE}/B1.tif"
+    with pytest.raises(SourceError, match=message):
+        convert_ssl4eo(images, labels_root, ids, tmp_path / "out")
+
+
+def test_a_label_on_another_grid_is_refused(
+    tmp_path: Path, labels_root: Path, write_tif: Callable[..., Path]
+) -> None:
+    write_tif(labels_root / "0000200" / JUNE / "label.tif", _coarse_labels(JUNE), pixel_size=40.0)
+    ids = _csv(tmp_path / "ids.csv", [f"200,{JUNE}"])
+    with pytest.raises(SourceError, match=rf"{JUNE}/label.tif: CRS EPSG:32632 differs from EPSG:4326"):
+        convert_ssl4eo(FIXTURE, labels_root, ids, tmp_path / "out")

@@ -16,8 +16,10 @@ import ray
 import torch
 
 from cromss_ray.config import DataConfig, DownstreamDataConfig
+from cromss_ray.data import network_input
 from cromss_ray.data.pipeline import (
     EpochClock,
+    SkippedRows,
     downstream_datasets,
     open_shards,
     pretrain_datasets,
@@ -44,8 +46,8 @@ def coordinate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         kind="pretrain",
         classes=tuple(f"c{i}" for i in range(CLASSES)),
         seasons=4,
-        s1=ModalitySpec(dtype="float32", bands=("VV", "VH")),
-        s2=ModalitySpec(dtype="float32", bands=S2_BAND_NAMES),
+        s1=ModalitySpec(dtype="float32", bands=("VV", "VH"), unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="float32", bands=S2_BAND_NAMES, unit="reflectance", representation="physical"),
         has_clean_label=True,
     )
     size = 40
@@ -124,7 +126,7 @@ def test_pretrain_round_trip_shapes_dtypes_ranges(ray_cluster: None, pretrain_sh
         assert set(batch["label"].unique().tolist()) <= set(range(CLASSES)) | {NODATA}
         device = to_device(batch, data.meta, "cpu")
         assert device.x1.dtype == device.x2.dtype == torch.float32
-        assert 0.0 <= device.x1.min() and device.x1.max() <= 1.0 + 1e-6, "dB from -30 .. 5 onto [0, 1]"
+        assert 0.0 <= device.x1.min() and device.x1.max() <= 1.0, "the rule of spec 9 clips to [0, 1]"
         assert 0.0 <= device.x2.min() and device.x2.max() <= 1.0
         assert device.prior.shape == (n, CLASSES, 32, 32) and bool((device.prior >= 0).all())
         torch.testing.assert_close(device.prior.sum(1), torch.ones(n, 32, 32))
@@ -245,8 +247,9 @@ def test_training_order_is_a_fresh_permutation_every_epoch(ray_cluster: None, co
 
 
 def test_separate_validation_location(ray_cluster: None, pretrain_shards: Path, tmp_path: Path) -> None:
-    val_file = Path(shutil.copy(sorted(pretrain_shards.glob("*.parquet"))[-1], tmp_path))
-    data = pretrain_datasets(DataConfig(uri=str(pretrain_shards), val_uri=str(tmp_path), crop=32), seed=0)
+    val_file = Path(shutil.copy(sorted(pretrain_shards.glob("*.parquet"))[-1], tmp_path))  # a set without manifest
+    config = DataConfig(uri=str(pretrain_shards), val_uri=str(tmp_path), crop=32, allow_incomplete=True)
+    data = pretrain_datasets(config, seed=0)
     val_rows = pq.ParquetFile(val_file).metadata.num_rows
     assert (data.num_train, data.num_val) == (12, val_rows)
     assert set(samples(data.val)) == set(stored_rows(tmp_path))
@@ -262,8 +265,10 @@ def test_downstream_round_trip(ray_cluster: None, dw_shards: Path) -> None:
         assert batch["s2"].shape == (n, 3, 32, 32) and batch["s2"].dtype == torch.uint16
         assert set(batch) == {"s1", "s2", "label", "key"}
         device = to_device(batch, data.meta, "cpu")
-        assert device.prior is None and device.x2.max() <= 6.5536
-        torch.testing.assert_close(device.x2, batch["s2"].to(torch.float32) * 1e-4)
+        assert device.prior is None and device.x2.max() <= 1.0
+        rgb = data.meta.s2.with_bands(("B4", "B3", "B2"))
+        expected = network_input(batch["s2"].numpy(), rgb)
+        np.testing.assert_array_equal(device.x2.numpy().view(np.uint32), expected.view(np.uint32))
     stored = stored_rows(dw_shards)
     test = samples(data.test)
     assert set(test) == set(stored)
@@ -334,7 +339,8 @@ def test_bad_row_bytes_fail_naming_file_and_row(ray_cluster: None, pretrain_shar
     broken = table.set_column(index, table.schema.field("label"), pa.array(short, pa.binary()))
     (tmp_path / "bad").mkdir()
     pq.write_table(broken, tmp_path / "bad" / "part-00000.parquet", row_group_size=4)
-    data = pretrain_datasets(DataConfig(uri=str(tmp_path / "bad"), crop=16, val_fraction=0.0), seed=0)
+    config = DataConfig(uri=str(tmp_path / "bad"), crop=16, val_fraction=0.0, allow_incomplete=True)
+    data = pretrain_datasets(config, seed=0)
     bad_id = table.column("id")[2].as_py()
     with pytest.raises(ray.exceptions.RayError, match=rf"bad/part-00000.parquet: row '{bad_id}', field 'label'"):
         samples(data.train)
@@ -353,3 +359,84 @@ def test_shards_are_not_listed_again_every_epoch(
     assert dataset.count() == scan_shards(str(pretrain_shards)).num_rows
     stats = dataset.materialize().stats()
     assert "ReadParquet" in stats and "ListFiles" not in stats
+
+
+def _rewrite_row(shards: Path, target: Path, row: int, field: str, value: int, **write_options: object) -> str:
+    """A copy of ``shards`` whose first file has one pixel of ``field`` in row ``row`` set to
+    ``value`` (the manifest still agrees: same files, same row counts); returns the row's id."""
+    shutil.copytree(shards, target)
+    path = sorted(target.glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    values = table.column(field).to_pylist()
+    changed = bytearray(values[row])
+    changed[len(changed) // 2] = value
+    values[row] = bytes(changed)
+    index = table.schema.get_field_index(field)
+    table = table.set_column(index, table.schema.field(field), pa.array(values, pa.binary()))
+    pq.write_table(table, path, row_group_size=4, write_page_checksum=True, **write_options)
+    return table.column("id")[row].as_py()
+
+
+def test_a_label_outside_the_classes_fails_pretraining_naming_file_and_location(
+    ray_cluster: None, pretrain_shards: Path, tmp_path: Path
+) -> None:
+    bad_id = _rewrite_row(pretrain_shards, tmp_path / "bad", 1, "label", 17)
+    data = pretrain_datasets(DataConfig(uri=str(tmp_path / "bad"), crop=16, val_fraction=0.0), seed=0)
+    message = rf"bad/part-00000.parquet: row '{bad_id}', field 'label': values \[17\] outside 0..8"
+    with pytest.raises(ray.exceptions.RayError, match=message):
+        samples(data.train)
+
+
+def test_skipped_bad_rows_are_left_out_and_counted_every_epoch(
+    ray_cluster: None, pretrain_shards: Path, tmp_path: Path
+) -> None:
+    bad_id = _rewrite_row(pretrain_shards, tmp_path / "bad", 1, "label", 17)
+    config = DataConfig(uri=str(tmp_path / "bad"), crop=16, val_fraction=0.0, on_bad_row="skip")
+    data = pretrain_datasets(config, seed=0)
+    first = samples(data.train)
+    assert len(first) == data.num_train - 1 and stable_hash(bad_id, "key") >> 1 not in first
+    assert data.skipped.count() == 1
+    set_epoch(data.clock, 1)
+    samples(data.train)
+    counter = SkippedRows.named(data.skipped.name)
+    assert counter.count() == 2
+    assert all(f"row '{bad_id}', field 'label'" in message for message in counter.messages())
+
+
+def test_bad_imagery_or_labels_fail_fine_tuning_instead_of_a_device_assert(
+    ray_cluster: None, dw_shards: Path, tmp_path: Path
+) -> None:
+    labels_id = _rewrite_row(dw_shards, tmp_path / "labels", 2, "label", 9)
+    data = downstream_datasets(DownstreamDataConfig(uri=str(tmp_path / "labels"), crop=32, val_fraction=0.0), seed=0)
+    with pytest.raises(ray.exceptions.RayError, match=rf"row '{labels_id}', field 'label': values \[9\] outside 0..8"):
+        samples(data.train)
+    config = DownstreamDataConfig(uri=str(dw_shards), test_uri=str(tmp_path / "labels"), crop=32, val_fraction=0.0)
+    tiles = downstream_datasets(config, seed=0).test_tiles
+    with pytest.raises(ValueError, match=rf"row 2: row '{labels_id}', field 'label'"):
+        list(tiles.rows())
+
+
+def test_a_corrupted_page_fails_the_training_read_on_its_checksum(
+    ray_cluster: None, pretrain_shards: Path, tmp_path: Path
+) -> None:
+    """Uncompressed pages, so that a flipped byte decodes silently unless the checksum is verified."""
+    _rewrite_row(pretrain_shards, tmp_path / "plain", 0, "label", 0, compression="none")
+    path = sorted((tmp_path / "plain").glob("*.parquet"))[0]
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(pq.read_schema(path).get_field_index("s2"))
+    raw = bytearray(path.read_bytes())
+    raw[chunk.data_page_offset + chunk.total_compressed_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    data = pretrain_datasets(DataConfig(uri=str(tmp_path / "plain"), crop=16, val_fraction=0.0), seed=0)
+    with pytest.raises(ray.exceptions.RayError, match=r"(?i)checksum"):
+        samples(data.train)
+
+
+def test_a_set_whose_manifest_does_not_vouch_for_it_is_refused(
+    ray_cluster: None, pretrain_shards: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(pretrain_shards, tmp_path / "cut")
+    sorted((tmp_path / "cut").glob("*.parquet"))[-1].unlink()
+    with pytest.raises(ValueError, match=r"manifest.json: lists part-00001.parquet, which is not there"):
+        pretrain_datasets(DataConfig(uri=str(tmp_path / "cut")), seed=0)
+    data = pretrain_datasets(DataConfig(uri=str(tmp_path / "cut"), allow_incomplete=True, val_fraction=0.0), seed=0)
+    assert data.num_train == len(list(iter_rows(str(sorted((tmp_path / "cut").glob("*.parquet"))[0]))))

@@ -58,8 +58,10 @@ def pretrain_meta(dtype: str = "uint8", clean: bool = True) -> ShardMetadata:
         kind="pretrain",
         classes=tuple(f"c{i}" for i in range(CLASSES)),
         seasons=4,
-        s1=ModalitySpec(dtype=dtype, bands=("VV", "VH"), scale=35 / 255, offset=-30.0, unit="dB"),
-        s2=ModalitySpec(dtype=dtype, bands=S2_BAND_NAMES, scale=1 / 255),
+        s1=ModalitySpec(
+            dtype=dtype, bands=("VV", "VH"), scale=35 / 255, offset=-30.0, unit="dB", representation="physical"
+        ),
+        s2=ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="normalized", representation="v8"),
         has_clean_label=clean,
     )
 
@@ -318,7 +320,7 @@ def test_band_subsets_by_name() -> None:
     assert band_indices(meta, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12]
     assert band_indices(meta, 9).tolist() == [1, 2, 3, 4, 5, 6, 7, 11, 12]
     assert band_indices(meta, 3).tolist() == [3, 2, 1]
-    rgb_only = meta.model_copy(update={"s2": ModalitySpec(dtype="uint8", bands=("B4", "B3", "B2"))})
+    rgb_only = meta.model_copy(update={"s2": meta.s2.with_bands(("B4", "B3", "B2"))})
     assert band_indices(rgb_only, 3) == slice(None)
     with pytest.raises(ValueError, match=r"9-band S2 subset needs bands \['B5'"):
         band_indices(rgb_only, 9)
@@ -438,9 +440,14 @@ def test_to_device_scales_as_declared_by_hand() -> None:
         "clean_label": torch.tensor([[[3, 4]]], dtype=torch.uint8),
     }
     out = to_device(batch, meta, "cpu")
-    # stored 0, 255, 51, 102 are -30, 5, -23, -16 dB, which the networks see as (dB + 30) / 35
-    torch.testing.assert_close(out.x1, torch.tensor([[[[0.0, 1.0]], [[0.2, 0.4]]]]))
-    torch.testing.assert_close(out.x2[0, :, 0], torch.tensor([[0.0, 1.0]] * 13))
+    # S1 stored 0, 255 (VV) and 51, 102 (VH) are -30, 5, -23 and -16 dB. Spec 9's rule,
+    # (v - (mu - 2 sigma)) / (4 sigma) * 255: VV (-30 + 23.0624) / 21.0279 * 255 = -84.1 -> 0,
+    # VV (5 + 23.0624) / 21.0279 * 255 = 340.3 -> 255, VH (-23 + 32.0154) / 23.6460 * 255 = 97.2 -> 97,
+    # VH (-16 + 32.0154) / 23.6460 * 255 = 172.7 -> 172; the codes are divided by 255.
+    expected_s1 = torch.tensor([[[[0.0, 255.0]], [[97.0, 172.0]]]]) / 255
+    assert torch.equal(out.x1, expected_s1)
+    # S2 holds the released v8 codes: only divided by 255
+    assert torch.equal(out.x2[0, :, 0], torch.tensor([[0.0, 1.0]] * 13))
     assert out.y.dtype == torch.long and out.y.tolist() == [[[3, 255]]]
     assert out.clean_y.tolist() == [[[3, 4]]]
     assert out.prior is None
@@ -451,8 +458,8 @@ def test_to_device_keeps_raw_dtypes_and_downstream_batches() -> None:
         kind="dw",
         classes=tuple(f"c{i}" for i in range(CLASSES)),
         seasons=1,
-        s1=ModalitySpec(dtype="float32", bands=("VV", "VH")),
-        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4),
+        s1=ModalitySpec(dtype="float32", bands=("VV", "VH"), unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
     )
     batch = {
         "s1": torch.tensor([[[[-12.5]], [[-20.25]]]]),
@@ -460,8 +467,10 @@ def test_to_device_keeps_raw_dtypes_and_downstream_batches() -> None:
         "label": torch.tensor([[[255]]], dtype=torch.uint8),
     }
     out = to_device(batch, meta, "cpu", prior="ts")
-    torch.testing.assert_close(out.x1, batch["s1"])
-    torch.testing.assert_close(out.x2, torch.ones(1, 3, 1, 1))
+    # VV (-12.5 + 23.0624) / 21.0279 * 255 = 128.09 -> 128, VH (-20.25 + 32.0154) / 23.6460 * 255 = 126.9 -> 126
+    assert torch.equal(out.x1, torch.tensor([[[[128.0]], [[126.0]]]]) / 255)
+    # 10000 digital numbers in B4, B3, B2 (the 3-band subset) lie above mu + 2 sigma: 255 / 255
+    assert torch.equal(out.x2, torch.ones(1, 3, 1, 1))
     assert out.prior is None and out.clean_y is None
 
 

@@ -11,6 +11,7 @@ import pytest
 from cromss_ray.data.schema import (
     CLASS_SCHEMES,
     METADATA_KEY,
+    SCHEMA_VERSION,
     NODATA,
     S1_BAND_NAMES,
     S2_BAND_NAMES,
@@ -28,8 +29,8 @@ def _pretrain_meta(**overrides: object) -> ShardMetadata:
     fields = {
         "kind": "pretrain",
         "classes": CLASS_SCHEMES["pretrain"],
-        "s1": ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255, unit="normalized"),
-        "s2": ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="normalized"),
+        "s1": ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255, unit="normalized", representation="v8"),
+        "s2": ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="normalized", representation="v8"),
         "has_clean_label": True,
     }
     fields.update(overrides)
@@ -124,3 +125,71 @@ def test_manifest_round_trips_as_json() -> None:
         provenance={"source": "test"},
     )
     assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
+
+
+def _footer(data: dict[str, object]) -> pa.Schema:
+    return pa.schema([pa.field("id", pa.string())], metadata={METADATA_KEY: json.dumps(data).encode()})
+
+
+def _schema_1(s1: dict[str, object], s2: dict[str, object]) -> dict[str, object]:
+    """Metadata as schema-1 writers wrote it: no representation."""
+    return {"schema_version": 1, "kind": "dw", "classes": list(CLASS_SCHEMES["dw"]), "seasons": 1, "s1": s1, "s2": s2}
+
+
+RAW_S1_V1 = {"dtype": "float32", "bands": list(S1_BAND_NAMES), "scale": 1.0, "offset": 0.0, "unit": "dB"}
+RAW_S2_V1 = {"dtype": "uint16", "bands": list(S2_BAND_NAMES), "scale": 1e-4, "offset": 0.0, "unit": "reflectance"}
+RELEASED_V1 = {"dtype": "uint8", "bands": list(S2_BAND_NAMES), "scale": 1 / 255, "offset": 0.0, "unit": "normalized"}
+
+
+def test_schema_1_metadata_is_read_where_its_representation_is_certain() -> None:
+    raw = read_metadata(_footer(_schema_1(RAW_S1_V1, RAW_S2_V1)), "old.parquet")
+    assert raw.schema_version == SCHEMA_VERSION
+    assert (raw.s1.representation, raw.s2.representation) == ("physical", "physical")
+    released = read_metadata(_footer(_schema_1(RAW_S1_V1, RELEASED_V1)), "old.parquet")
+    assert released.s2.representation == "v8"
+
+
+@pytest.mark.parametrize(
+    "s2",
+    [
+        {**RAW_S2_V1, "unit": ""},
+        {**RELEASED_V1, "dtype": "float32"},
+        {**RELEASED_V1, "scale": 1.0},
+    ],
+)
+def test_schema_1_metadata_of_unknown_representation_names_the_file_and_the_fix(s2: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"old\.parquet: .*s2 .*cromss data migrate DIR --s1 physical\|v8"):
+        read_metadata(_footer(_schema_1(RAW_S1_V1, s2)), "old.parquet")
+
+
+def test_metadata_without_a_representation_names_the_file() -> None:
+    current = {**_schema_1(RAW_S1_V1, {**RAW_S2_V1, "representation": "physical"}), "schema_version": SCHEMA_VERSION}
+    with pytest.raises(ValueError, match=r"new\.parquet: .*s1 does not say which representation it holds"):
+        read_metadata(_footer(current), "new.parquet")
+    with pytest.raises(ValueError, match=r"future\.parquet: .*schema_version 9"):
+        read_metadata(_footer({**current, "schema_version": 9}), "future.parquet")
+
+
+@pytest.mark.parametrize(
+    ("modality", "bands", "message"),
+    [
+        ("s1", ["VV", "HH"], "s1 band 'HH' is not one of VV, VH"),
+        ("s2", ["B2", "B13"], "s2 band 'B13' is not one of B1"),
+    ],
+)
+def test_bands_outside_s1_and_s2_name_the_file_and_band(modality: str, bands: list[str], message: str) -> None:
+    specs = {
+        "s1": {**RAW_S1_V1, "representation": "physical"},
+        "s2": {**RAW_S2_V1, "representation": "physical"},
+    }
+    specs[modality]["bands"] = bands
+    data = {**_schema_1(specs["s1"], specs["s2"]), "schema_version": SCHEMA_VERSION}
+    with pytest.raises(ValueError, match=rf"odd\.parquet: .*{message}"):
+        read_metadata(_footer(data), "odd.parquet")
+
+
+def test_physical_values_need_their_modality_unit_and_v8_needs_uint8() -> None:
+    with pytest.raises(ValueError, match="s2 physical values must be in 'reflectance', not 'dB'"):
+        _pretrain_meta(s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, unit="dB", representation="physical"))
+    with pytest.raises(ValueError, match="v8 codes are stored as uint8, not uint16"):
+        ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, representation="v8")

@@ -1,17 +1,29 @@
-"""Writing, validating, listing and reading shards (spec 9, 10; docs/data.md)."""
+"""Writing, validating, listing and reading shards (spec 9, 10; docs/data.md), and what the readers
+refuse without Ray: a manifest that does not vouch for the set, rows with labels outside the classes
+or non-finite imagery (``TileSet``, ``iter_rows``; docs/reliability.md)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cromss_ray.data.schema import CLASS_SCHEMES, NODATA, S1_BAND_NAMES, S2_BAND_NAMES, ModalitySpec, ShardMetadata
+from cromss_ray.data.schema import (
+    CLASS_SCHEMES,
+    MANIFEST_NAME,
+    NODATA,
+    S1_BAND_NAMES,
+    S2_BAND_NAMES,
+    ModalitySpec,
+    ShardMetadata,
+)
 from cromss_ray.data.shards import (
     RowValidationError,
     ShardFileError,
@@ -22,20 +34,21 @@ from cromss_ray.data.shards import (
     list_shards,
     read_manifest,
 )
+from cromss_ray.data.storage import IncompleteShardsError, TileSet, scan_shards
 
 PRETRAIN = ShardMetadata(
     kind="pretrain",
     classes=CLASS_SCHEMES["pretrain"],
-    s1=ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255),
-    s2=ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255),
+    s1=ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255, unit="normalized", representation="v8"),
+    s2=ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="normalized", representation="v8"),
     has_clean_label=True,
 )
 DOWNSTREAM = ShardMetadata(
     kind="dfc2020",
     classes=CLASS_SCHEMES["dfc2020"],
     seasons=1,
-    s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-    s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"),
+    s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+    s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
 )
 
 
@@ -237,8 +250,8 @@ def test_encode_decode_is_lossless(seasons: int, height: int, width: int, dtype:
         kind="custom",
         classes=("a", "b", "c"),
         seasons=seasons,
-        s1=ModalitySpec(dtype=dtype, bands=S1_BAND_NAMES),
-        s2=ModalitySpec(dtype=dtype, bands=S2_BAND_NAMES),
+        s1=ModalitySpec(dtype=dtype, bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype=dtype, bands=S2_BAND_NAMES, unit="reflectance", representation="physical"),
     )
     rng = np.random.default_rng(seed)
     row = {
@@ -252,3 +265,133 @@ def test_encode_decode_is_lossless(seasons: int, height: int, width: int, dtype:
     for name in ("s1", "s2", "label"):
         assert decoded[name].shape == row[name].shape
         np.testing.assert_array_equal(decoded[name], row[name])
+
+
+def test_a_failed_overwrite_keeps_the_previous_set_unchanged(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, PRETRAIN, target_bytes=1, row_group_rows=1) as writer:
+        for index in range(3):
+            writer.write(pretrain_row(index))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with (
+        pytest.raises(RuntimeError, match="source failed"),
+        ShardWriter(tmp_path, PRETRAIN, target_bytes=1, row_group_rows=1, overwrite=True) as writer,
+    ):
+        writer.write(pretrain_row(7))
+        writer.write(pretrain_row(8))
+        raise RuntimeError("source failed")
+    assert writer.kept_previous
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert [r["id"] for p in list_shards(tmp_path) for r in iter_rows(p)] == ["0000000", "0000001", "0000002"]
+
+
+def test_a_complete_overwrite_replaces_every_old_file(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, PRETRAIN, target_bytes=1, row_group_rows=1) as writer:
+        for index in range(3):
+            writer.write(pretrain_row(index))
+    with ShardWriter(tmp_path, PRETRAIN, overwrite=True) as writer:
+        writer.write(pretrain_row(9))
+        assert len(list_shards(tmp_path)) == 3, "the old set stays readable while the new one is written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "part-00000.parquet"]
+    assert read_manifest(tmp_path).total_rows == 1
+
+
+def test_finished_files_keep_their_temporary_names_until_close(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, PRETRAIN, target_bytes=1, row_group_rows=1)
+    writer.write(pretrain_row(0))
+    writer.write(pretrain_row(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".part-00000.parquet.tmp", ".part-00001.parquet.tmp"]
+    writer.close()
+    assert len(list_shards(tmp_path)) == 2 and read_manifest(tmp_path).total_rows == 2
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_one(tmp_path: Path) -> None:
+    for name in (".part-00000.parquet.tmp", ".manifest.json.tmp"):
+        (tmp_path / name).write_bytes(b"half a file")
+    with ShardWriter(tmp_path, PRETRAIN) as writer:
+        writer.write(pretrain_row(0))
+    assert writer.removed_leftovers == [".manifest.json.tmp", ".part-00000.parquet.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "part-00000.parquet"]
+
+
+def write_set(directory: Path, rows: int = 4) -> Path:
+    with ShardWriter(directory, DOWNSTREAM) as writer:
+        for index in range(rows):
+            writer.write(downstream_row(index))
+    return directory
+
+
+def poison(directory: Path, index: int, field: str, value: float) -> str:
+    """Rewrite row ``index`` of the set's only file with one pixel of ``field`` set to ``value``,
+    as a bug in a converter or a bit flip in storage would; the manifest still agrees. Returns its id."""
+    [path] = list_shards(directory)
+    table = pq.read_table(path)
+    row = downstream_row(index)
+    row[field].reshape(-1)[9] = value
+    column = table.column(field).to_pylist()
+    column[index] = encode_row(DOWNSTREAM, row)[field]
+    index = table.schema.get_field_index(field)
+    table = table.set_column(index, table.schema.field(field), pa.array(column, pa.binary()))
+    pq.write_table(table, path, write_page_checksum=True)
+    return str(row["id"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"), [("label", 9, r"values \[9\] outside 0..7"), ("s1", np.nan, "1 NaN or infinite")]
+)
+def test_a_bad_row_stops_the_whole_tile_reader_naming_file_and_row(
+    tmp_path: Path, field: str, value: float, reason: str
+) -> None:
+    bad_id = poison(write_set(tmp_path), 2, field, value)
+    tiles = TileSet(scan_shards(str(tmp_path)))
+    with pytest.raises(ShardFileError, match=rf"part-00000.parquet: row 2: row '{bad_id}', field '{field}': {reason}"):
+        list(tiles.rows())
+
+
+def test_skipping_bad_rows_leaves_them_out_and_reports_each(tmp_path: Path) -> None:
+    bad_id = poison(write_set(tmp_path), 1, "label", 200)
+    skipped: list[str] = []
+    tiles = TileSet(scan_shards(str(tmp_path)), on_bad_row="skip", skipped=skipped.extend)
+    assert [row["id"] for row in tiles.rows()] == ["tile-0", "tile-2", "tile-3"]
+    assert len(skipped) == 1 and f"row '{bad_id}', field 'label': values [200]" in skipped[0]
+    with pytest.raises(ValueError, match="needs somewhere to count them"):
+        TileSet(scan_shards(str(tmp_path)), on_bad_row="skip")
+
+
+def test_iter_rows_checks_values_as_the_training_readers_do(tmp_path: Path) -> None:
+    poison(write_set(tmp_path), 3, "s1", np.inf)
+    [path] = list_shards(tmp_path)
+    with pytest.raises(ShardFileError, match=r"row 3: row 'tile-3', field 's1': 1 NaN or infinite"):
+        list(iter_rows(path))
+
+
+def _manifest(directory: Path) -> dict:
+    return json.loads((directory / MANIFEST_NAME).read_text())
+
+
+def test_a_set_without_manifest_is_refused_unless_allowed(tmp_path: Path) -> None:
+    (write_set(tmp_path) / MANIFEST_NAME).unlink()
+    with pytest.raises(IncompleteShardsError, match=rf"{MANIFEST_NAME}: missing.*data.allow_incomplete=true"):
+        scan_shards(str(tmp_path))
+    assert scan_shards(str(tmp_path), allow_incomplete=True).num_rows == 4
+
+
+def test_an_incomplete_set_is_refused_unless_allowed(tmp_path: Path) -> None:
+    manifest = _manifest(write_set(tmp_path))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(IncompleteShardsError, match=r"complete: false"):
+        scan_shards(str(tmp_path))
+    assert scan_shards(str(tmp_path), allow_incomplete=True).num_rows == 4
+
+
+def test_a_manifest_that_disagrees_with_the_files_is_refused(tmp_path: Path) -> None:
+    manifest = _manifest(write_set(tmp_path))
+    listed = manifest["files"][0]
+    wrong = {**manifest, "files": [{**listed, "rows": 5}, {**listed, "name": "part-00001.parquet"}]}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(wrong))
+    with pytest.raises(IncompleteShardsError) as info:
+        scan_shards(str(tmp_path))
+    assert "says part-00000.parquet has 5 rows, it has 4" in str(info.value)
+    assert "lists part-00001.parquet, which is not there" in str(info.value)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(IncompleteShardsError, match=r"manifest.json: invalid manifest"):
+        scan_shards(str(tmp_path))

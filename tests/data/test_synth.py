@@ -70,6 +70,8 @@ def test_pretraining_rows_have_the_released_shapes_and_dtypes(pretrain_rows: lis
     row = pretrain_rows[0]
     assert row["s1"].shape == (4, 2, 96, 96) and row["s1"].dtype == np.uint8
     assert row["s2"].shape == (4, 13, 96, 96) and row["s2"].dtype == np.uint8
+    meta = synth_metadata("pretrain")
+    assert meta.s1.representation == meta.s2.representation == "physical", "quantised physical values, not v8"
     assert row["label"].shape == row["clean_label"].shape == (4, 96, 96)
     assert max(int(r["label"].max()) for r in pretrain_rows) <= 8
     assert len(row["dates"]) == 4 and [int(date[5:7]) for date in row["dates"]] == sorted(

@@ -4,7 +4,9 @@ A converter lists its samples as :class:`SourceSample` (a human-readable ``where
 loader returning the sample's rows) and hands them to :func:`convert_samples`, which
 validates each sample's rows as a whole before writing any of them. A bad sample stops the
 conversion with an error naming it, or with ``skip_bad`` is skipped and counted in the
-manifest; rows already written always stay valid (``docs/data.md``).
+manifest; rows already written always stay valid (``docs/data.md``). The rasters of one
+sample must lie on the same ground: :func:`check_same_grid` refuses a CRS or footprint
+mismatch, naming both files.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,6 +27,10 @@ ProgressCallback = Callable[[int, int], None]
 Row = dict[str, Any]
 SKIPPED_LISTED = 100
 """How many skipped samples the manifest names (all are counted)."""
+GRID_TOLERANCE = 0.05
+"""How far the footprints of one sample's rasters may differ, as a share of the tile's extent.
+The SSL4EO-S12 exports do not share a grid exactly (in location 0000200, S1 is offset from
+S2 by 1.5 % of the tile, and the 60 m bands by 1 %); a wrong tile or transform is off by more."""
 
 
 class SourceError(ValueError):
@@ -90,14 +96,49 @@ def convert_samples(
     return ConversionSummary(out_dir=Path(out_dir), manifest=manifest, skipped=skipped)
 
 
+@dataclass(frozen=True)
+class Grid:
+    """Where a raster lies: its CRS (None when it has none) and bounds (left, bottom, right, top)."""
+
+    crs: Any
+    bounds: tuple[float, float, float, float]
+
+
+class Raster(NamedTuple):
+    """A GeoTIFF's (bands, H, W) pixels, declared no-data value and grid."""
+
+    pixels: np.ndarray
+    nodata: float | None
+    grid: Grid
+
+
+def check_same_grid(rasters: Sequence[tuple[Path, Grid]]) -> None:
+    """Refuse rasters of one sample that lie elsewhere than the first: another CRS, or a footprint
+    off by more than :data:`GRID_TOLERANCE` of the tile (a mismatched transform). Names both files."""
+    first_path, first = rasters[0]
+    left, bottom, right, top = first.bounds
+    extents = (right - left, top - bottom) * 2
+    for path, grid in rasters[1:]:
+        if grid.crs != first.crs:
+            raise SourceError(f"{path}: CRS {grid.crs} differs from {first.crs} of {first_path}")
+        offset = max(abs(ours - theirs) / extent for ours, theirs, extent in zip(grid.bounds, first.bounds, extents))
+        if offset > GRID_TOLERANCE:
+            bounds = ", ".join(f"{value:.6g}" for value in grid.bounds)
+            first_bounds = ", ".join(f"{value:.6g}" for value in first.bounds)
+            raise SourceError(
+                f"{path}: footprint ({bounds}) is off that of {first_path} ({first_bounds}) by {offset:.1%} of the "
+                f"tile, more than the {GRID_TOLERANCE:.0%} accepted: their transforms do not match"
+            )
+
+
 def read_raster(
     path: Path,
     *,
     out_shape: tuple[int, int] | None = None,
     resampling: str = "bilinear",
     bands: Sequence[int] | None = None,
-) -> tuple[np.ndarray, float | None]:
-    """(bands, H, W) pixels of a GeoTIFF and its declared no-data value.
+) -> Raster:
+    """(bands, H, W) pixels of a GeoTIFF, its declared no-data value and its grid.
 
     With ``out_shape`` the raster is resampled over its own footprint to that grid
     (``resampling`` is a rasterio method name: 'bilinear', 'cubic', 'nearest').
@@ -115,7 +156,7 @@ def read_raster(
                 raise SourceError(f"{path}: has {dataset.count} bands, band {max(indexes)} was asked for")
             shape = None if out_shape is None else (len(indexes), *out_shape)
             pixels = dataset.read(indexes, out_shape=shape, resampling=Resampling[resampling])
-            return pixels, dataset.nodata
+            return Raster(pixels, dataset.nodata, Grid(dataset.crs, tuple(dataset.bounds)))
     except rasterio.errors.RasterioError as exc:
         raise SourceError(f"{path}: unreadable GeoTIFF ({exc})") from None
 

@@ -28,11 +28,13 @@ import numpy as np
 from cromss_ray.data.convert.common import (
     ConversionSummary,
     ProgressCallback,
+    Raster,
     Row,
     SourceError,
     SourceSample,
     as_float32,
     as_uint16,
+    check_same_grid,
     convert_samples,
     cut_patches,
     iso_date,
@@ -76,8 +78,8 @@ def downstream_metadata(kind: DownstreamKind) -> ShardMetadata:
         kind=kind,
         classes=CLASS_SCHEMES[kind],
         seasons=1,
-        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"),
+        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
     )
 
 
@@ -133,17 +135,19 @@ def find_dfc2020_tiles(root: Path, split: Split) -> list[Tile]:
     return [tile for _, tile in sorted(numbered, key=lambda pair: pair[0])]
 
 
-def _read_label(kind: DownstreamKind, path: Path) -> np.ndarray:
-    values, nodata = read_raster(path)
+def _read_label(kind: DownstreamKind, raster: Raster, path: Path) -> np.ndarray:
+    values = raster.pixels
     band = values[DW_LABEL_BAND - 1] if kind == "dw" and values.shape[0] >= DW_LABEL_BAND else values[0]
-    return remap_labels(band, LABEL_MAPPINGS[kind], nodata, path)
+    return remap_labels(band, LABEL_MAPPINGS[kind], raster.nodata, path)
 
 
 def load_tile(kind: DownstreamKind, tile: Tile, patch_size: int) -> list[Row]:
-    """The rows (patches with a labelled pixel) of one tile."""
-    s2 = as_uint16(read_raster(tile.s2)[0], tile.s2)
-    s1 = as_float32(read_raster(tile.s1)[0], tile.s1)
-    label = _read_label(kind, tile.label)
+    """The rows (patches with a labelled pixel) of one tile; its three rasters must share CRS and footprint."""
+    rasters = {path: read_raster(path) for path in (tile.s2, tile.s1, tile.label)}
+    check_same_grid([(path, raster.grid) for path, raster in rasters.items()])
+    s2 = as_uint16(rasters[tile.s2].pixels, tile.s2)
+    s1 = as_float32(rasters[tile.s1].pixels, tile.s1)
+    label = _read_label(kind, rasters[tile.label], tile.label)
     if s2.shape[0] != len(S2_BAND_NAMES):
         raise SourceError(f"{tile.s2}: {s2.shape[0]} bands, expected {len(S2_BAND_NAMES)} (L1C B1..B12, B8A)")
     if s1.shape[0] != len(S1_BAND_NAMES):

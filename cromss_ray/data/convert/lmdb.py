@@ -4,8 +4,9 @@ Three LMDB environments (S1, S2, labels) hold, under the decimal key of a locati
 pickled ``(array bytes, shape, location id)``: S1 (T, 2, H, W), S2 (T, 13, H, W), labels
 (T, H, W) uint8. The label LMDB drives the conversion; S1 and S2 entries are looked up
 under the same key and must carry the same id. The array dtype follows from the byte
-count per element (1: uint8 as released, scaled by 1/255 as the reference does; 2:
-uint16 L1C x 1e-4; 4: float32, S1 in dB). Values are unpickled by a restricted unpickler
+count per element (1: uint8 as released, the reference's v8 codes, which the network
+input only divides by 255; 2: uint16 L1C x 1e-4; 4: float32, S1 in dB; the raw ones go
+through the rule of spec 9). Values are unpickled by a restricted unpickler
 that only rebuilds numpy scalars, never arbitrary objects.
 """
 
@@ -87,10 +88,10 @@ def decode_record(value: bytes, where: str) -> LmdbRecord:
 def _modality(dtype: np.dtype, bands: tuple[str, ...], float_unit: str) -> ModalitySpec:
     """Storage spec of released uint8 data (x 1/255, spec 9), raw uint16 L1C or float32."""
     if dtype == np.uint8:
-        return ModalitySpec(dtype="uint8", bands=bands, scale=1.0 / 255.0, unit="normalized")
+        return ModalitySpec(dtype="uint8", bands=bands, scale=1.0 / 255.0, unit="normalized", representation="v8")
     if dtype == np.uint16:
-        return ModalitySpec(dtype="uint16", bands=bands, scale=1e-4, unit="reflectance")
-    return ModalitySpec(dtype="float32", bands=bands, unit=float_unit)
+        return ModalitySpec(dtype="uint16", bands=bands, scale=1e-4, unit="reflectance", representation="physical")
+    return ModalitySpec(dtype="float32", bands=bands, unit=float_unit, representation="physical")
 
 
 def _open(path: Path) -> lmdb.Environment:

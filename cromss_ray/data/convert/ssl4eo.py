@@ -7,7 +7,8 @@ Accepted layout (``docs/data.md``)::
     <labels>/<id:07d>/<S2 product id>/label.tif                        Dynamic World classes 0..8
     <ids CSV>: ids, sub1 .. subT   (the S2 product id of each season; header optional)
 
-Season t of a location uses the S2 product ``sub<t>`` and its label folder of the same
+All rasters of a location (every band, season and label) must share its CRS and footprint
+(``check_same_grid``). Season t of a location uses the S2 product ``sub<t>`` and its label folder of the same
 name; its S1 product is the one acquired closest in time. The 20 m and 60 m S2 bands are
 resampled bilinearly onto the grid of the 10 m bands; labels with nearest neighbour (the
 reference resampled labels bicubically and clipped them: a defect, spec 10).
@@ -25,12 +26,14 @@ import numpy as np
 
 from cromss_ray.data.convert.common import (
     ConversionSummary,
+    Grid,
     ProgressCallback,
     Row,
     SourceError,
     SourceSample,
     as_float32,
     as_uint16,
+    check_same_grid,
     convert_samples,
     iso_date,
     read_raster,
@@ -53,8 +56,8 @@ def ssl4eo_metadata(seasons: int) -> ShardMetadata:
         kind="pretrain",
         classes=CLASS_SCHEMES["pretrain"],
         seasons=seasons,
-        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"),
-        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"),
+        s1=ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+        s2=ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
     )
 
 
@@ -128,39 +131,46 @@ def _nearest_s1_products(s1_dir: Path, s2_products: list[str], where: str) -> li
     return chosen
 
 
-def _read_s2(folder: Path, where: str) -> np.ndarray:
-    """(13, H, W) uint16 on the 10 m grid of ``REFERENCE_BAND``."""
+def _read_s2(folder: Path, where: str, grids: list[tuple[Path, Grid]]) -> np.ndarray:
+    """(13, H, W) uint16 on the 10 m grid of ``REFERENCE_BAND``; each band's grid goes to ``grids``."""
     if not folder.is_dir():
         raise SourceError(f"{where}: missing S2 folder {folder}")
-    grid = read_raster(folder / f"{REFERENCE_BAND}.tif")[0].shape[-2:]
+    shape = read_raster(folder / f"{REFERENCE_BAND}.tif").pixels.shape[-2:]
     bands = []
     for band in S2_BAND_NAMES:
         path = folder / f"{band}.tif"
-        bands.append(as_uint16(read_raster(path, out_shape=grid)[0][0], path))
+        raster = read_raster(path, out_shape=shape)
+        grids.append((path, raster.grid))
+        bands.append(as_uint16(raster.pixels[0], path))
     return np.stack(bands)
 
 
-def _read_s1(folder: Path, grid: tuple[int, int]) -> np.ndarray:
-    """(2, H, W) float32 dB (VV, VH), resampled to ``grid`` if needed."""
+def _read_s1(folder: Path, shape: tuple[int, int], grids: list[tuple[Path, Grid]]) -> np.ndarray:
+    """(2, H, W) float32 dB (VV, VH), resampled to ``shape`` if needed; each band's grid goes to ``grids``."""
     bands = []
     for band in S1_BAND_NAMES:
         path = folder / f"{band}.tif"
-        bands.append(as_float32(read_raster(path, out_shape=grid)[0][0], path))
+        raster = read_raster(path, out_shape=shape)
+        grids.append((path, raster.grid))
+        bands.append(as_float32(raster.pixels[0], path))
     return np.stack(bands)
 
 
 def _load_location(images: Path, labels: Path, location: int, products: list[str]) -> list[Row]:
     name = f"{location:07d}"
     where = f"id {name}"
-    s2 = np.stack([_read_s2(images / S2_FOLDER / name / product, where) for product in products])
-    grid = s2.shape[-2:]
+    grids: list[tuple[Path, Grid]] = []
+    s2 = np.stack([_read_s2(images / S2_FOLDER / name / product, where, grids) for product in products])
+    shape = s2.shape[-2:]
     s1_products = _nearest_s1_products(images / S1_FOLDER / name, products, where)
-    s1 = np.stack([_read_s1(folder, grid) for folder in s1_products])
+    s1 = np.stack([_read_s1(folder, shape, grids) for folder in s1_products])
     seasons = []
     for product in products:
         path = labels / name / product / LABEL_FILE
-        values, nodata = read_raster(path, out_shape=grid, resampling="nearest", bands=[1])
-        seasons.append(remap_labels(values[0], DW_LABEL_MAPPING, nodata, path))
+        raster = read_raster(path, out_shape=shape, resampling="nearest", bands=[1])
+        grids.append((path, raster.grid))
+        seasons.append(remap_labels(raster.pixels[0], DW_LABEL_MAPPING, raster.nodata, path))
+    check_same_grid(grids)
     dates = [iso_date(product) for product in products]
     label = np.stack(seasons)
     if len(products) == 1:
