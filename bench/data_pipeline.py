@@ -151,10 +151,11 @@ def measure(run: Callable[[], int], repeats: int) -> Section:
     }
 
 
-ORDERS = ("file_order", "local_buffer", "random_shuffle", "sort_by_key")
+ORDERS = ("file_order", "local_buffer", "random_shuffle", "epoch_permutation", "epoch_permutation_unordered")
 """Training orders timed by ``--ray-cpus`` (spec 9): the files as stored; a local shuffle
 buffer over that stream; Ray Data's ``random_shuffle`` (reseeded every execution); the
-pipeline's own, a sort by the (seed, epoch, id) order key."""
+pipeline's own, the epoch's permutation of all rows read chunk by chunk, delivered in the
+permutation's order, and the same with the chunks in completion order."""
 LOCAL_BUFFER_ROWS = 64
 
 
@@ -164,8 +165,10 @@ def ordered_dataset(data: str, crop: int, bands: int, order: str) -> tuple[ray.d
     from cromss_ray.data.pipeline import ROWS_PER_CALL, EpochClock, pretrain_datasets
     from cromss_ray.data.storage import read_shard_set, scan_shards
 
-    if order == "sort_by_key":
-        return pretrain_datasets(DataConfig(uri=data, crop=crop, s2_bands=bands, val_fraction=0.0), seed=0).train, {}
+    if order.startswith("epoch_permutation"):
+        dataset = pretrain_datasets(DataConfig(uri=data, crop=crop, s2_bands=bands, val_fraction=0.0), seed=0).train
+        dataset.context.execution_options.preserve_order = order == "epoch_permutation"
+        return dataset, {}
     shards = scan_shards(data)
     udf = CutSamples(shards.meta, bands, crop, SampleDraw(True, 0, 0.2, EpochClock.create().read), labels_all=True)
     dataset = read_shard_set(shards).map_batches(

@@ -37,7 +37,6 @@ from cromss_ray.data.shards import BadRowPolicy, RowValidationError, check_value
 from cromss_ray.method.smoothing import PriorKind, smoothing_prior
 
 UINT64_MASK = (1 << 64) - 1
-ORDER_COLUMN = "order"
 
 
 def stable_hash(row_id: str, purpose: str) -> int:
@@ -54,13 +53,6 @@ def stable_unit(row_id: str, purpose: str) -> float:
 def sample_rng(seed: int, epoch: int, row_id: str) -> np.random.Generator:
     """The generator of one sample's augmentation: a pure function of seed, epoch and id."""
     return np.random.default_rng([seed & UINT64_MASK, epoch, stable_hash(row_id, "augment")])
-
-
-def order_key(seed: int, epoch: int, row_id: str) -> int:
-    """A row's place in the epoch's order (spec 9: i.i.d. every epoch): a 63-bit hash of
-    (seed, epoch, id). Sorting by it gives a uniformly random permutation of the rows that
-    is a pure function of (seed, epoch), whatever the file layout or read order."""
-    return stable_hash(f"{seed & UINT64_MASK}/{epoch}/{row_id}", "order") >> 1
 
 
 @dataclass(frozen=True)
@@ -323,10 +315,8 @@ class CutSamples:
     (N, B, h, w) in their stored dtype, ``label`` uint8 (N, h, w), ``key`` int64 (a stable
     hash of the id), ``clean_label`` uint8 when the shards have it; with ``seasons_out``
     also ``season`` int64, and ``labels_all`` uint8 (N, T, h, w) and/or ``prior`` float32
-    (N, C, h, w) as asked; with ``order_out`` (augmenting draws only) ``order`` int64, the
-    rows' :func:`order_key` for the epoch. Rows for which ``keep`` says False are dropped;
-    bad rows raise, or with ``on_bad_row="skip"`` are dropped and their messages passed to
-    ``skipped``.
+    (N, C, h, w) as asked. Rows for which ``keep`` says False are dropped; bad rows raise, or
+    with ``on_bad_row="skip"`` are dropped and their messages passed to ``skipped``.
     """
 
     meta: ShardMetadata
@@ -338,14 +328,11 @@ class CutSamples:
     labels_all: bool = False
     cpu_prior: PriorKind | None = None
     sigma: float = 3.0
-    order_out: bool = False
     on_bad_row: BadRowPolicy = "raise"
     skipped: Callable[[list[str]], None] | None = None
 
     def __post_init__(self) -> None:
         band_indices(self.meta, self.s2_bands)
-        if self.order_out and not self.draw.augment:
-            raise ValueError("an epoch order (order_out) needs augmenting draws: it depends on the epoch")
         if self.on_bad_row == "skip" and self.skipped is None:
             raise ValueError("skipping bad rows needs somewhere to count them (skipped)")
 
@@ -377,8 +364,6 @@ class CutSamples:
         out["key"] = np.array([stable_hash(s.row_id, "key") >> 1 for s in samples], dtype=np.int64)
         if self.seasons_out:
             out["season"] = np.array([s.season for s in samples], dtype=np.int64)
-        if self.order_out:
-            out[ORDER_COLUMN] = np.array([order_key(self.draw.seed, epoch, s.row_id) for s in samples], dtype=np.int64)
         return out
 
     def _check(self, columns: dict[str, BinaryColumn], row: int, row_id: str, height: int, width: int) -> None:

@@ -25,7 +25,6 @@ from cromss_ray.data.transforms import (
     SampleDraw,
     band_indices,
     centre_geometry,
-    order_key,
     random_geometry,
     reflect_101,
     rotate,
@@ -340,19 +339,6 @@ def test_cut_samples_train_outputs_and_epoch_source() -> None:
     assert "prior" not in first
     np.testing.assert_array_equal(first["key"], second["key"])
     assert not np.array_equal(first["s2"], second["s2"])
-
-
-def test_order_keys_are_a_function_of_seed_epoch_and_id() -> None:
-    meta = pretrain_meta()
-    rows = random_rows(meta, 4, 16, seed=10)
-    out = CutSamples(meta, 13, 16, SampleDraw(True, 6, 0.0, lambda: 2), order_out=True)(as_table(meta, rows))
-    assert out["order"].tolist() == [order_key(6, 2, row["id"]) for row in rows]
-    digest = hashlib.blake2b(b"6/2/0000001", digest_size=8, person=b"order").digest()
-    assert order_key(6, 2, "0000001") == int.from_bytes(digest, "little") >> 1
-    assert len({order_key(6, 2, "x"), order_key(6, 3, "x"), order_key(7, 2, "x"), order_key(6, 2, "y")}) == 4
-    assert 0 <= order_key(-1, 0, "x") == order_key(2**64 - 1, 0, "x") < 2**63
-    with pytest.raises(ValueError, match="order_out.*needs augmenting draws"):
-        CutSamples(meta, 13, 16, SampleDraw(False), order_out=True)
 
 
 def test_cut_samples_rejects_a_row_of_the_wrong_size_naming_file_and_id() -> None:
