@@ -5,11 +5,13 @@ Both read the same Parquet row groups with pyarrow in this process (Parquet deco
 part of the cost; torch runs on one thread), then:
 
 * cromss-ray (``CutSamples``, what the Ray Data UDF runs): per row, a zero-copy view of
-  the drawn season, crop / flip / rotation of the view, one copy of the window; the
+  the drawn season, crop / flip of the view, one copy of the window (a rotated sample is
+  resampled from the window instead, bilinear for images, nearest for labels); the
   smoothing prior is left to the device (default) or computed on the CPU (``cpu prior``).
 * reference-style: per sample, decode all four seasons of S1, S2 and labels to float32,
   scipy ``gaussian_filter`` priors per class (temporal and spatial, spec 2) on the full
-  tile, then crop / flip / rotation of image, label and prior.
+  tile, then crop / flip / rotation of image, label and prior (spec 9's augmentation,
+  the same :func:`random_geometry` as cromss-ray).
 
 "Per core" is samples per second of process CPU time (all threads), which depends far
 less on other load of the machine than wall time; ``speedup_per_core_x`` is the ratio to
@@ -20,14 +22,25 @@ their range, with the load average at the start of each run. Run from the reposi
     python -m bench.data_pipeline                     # 24 synthetic 264 x 264 locations
     python -m bench.data_pipeline --data DIR --recompress lz4 --json out.json
 
+Section ``prior_after_rotation`` (spec 9) measures how far the device prior, computed from
+the augmented labels, is from the reference's, computed on the whole tile and then
+augmented like an image (bilinear): on every location, ``--prior-draws`` geometries with
+a rotation (angle uniform in [-90, 90] degrees) and as many without (crop and flip
+only, which differ near the crop border alone), it reports the mean absolute difference
+of the prior and of the smoothed target (factors (0.15, 0.05), labelled pixels), both
+per class entry, the largest entry difference of the prior, and the share of labelled
+pixels whose prior argmax differs, over the whole window and more than 4 sigma = 12 px
+from its border.
+
 The read checks the training path makes (page checksums, labels in the class set, finite
 imagery; ``docs/reliability.md``) are timed against the same cutter without them
 (``cromss_unchecked``): ``read_checks_cost_pct`` is the extra CPU time per sample they cost,
 ``checksums_cost_pct`` the part of it that verifying the page checksums alone costs.
 
 ``--recompress CODEC`` measures the same shards rewritten with another Parquet codec;
-``--ray-cpus N`` also times the Ray Data pipeline end to end with N CPUs (wall clock, so
-only meaningful on an otherwise idle machine).
+``--ray-cpus N`` also times the Ray Data pipeline end to end with N CPUs, in each
+training order of :data:`ORDERS` (wall clock, so only meaningful on an otherwise idle
+machine).
 """
 
 from __future__ import annotations
@@ -44,17 +57,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import ray.data
 import torch
 from scipy import ndimage
 
 from bench.common import Repeats, Section, machine_section, publish, timed
 from cromss_ray.data.schema import MANIFEST_NAME, S2_BAND_SUBSETS, ShardMetadata, read_metadata
-from cromss_ray.data.shards import list_shards
+from cromss_ray.data.shards import iter_rows, list_shards
 from cromss_ray.data.synth import synthesize
-from cromss_ray.data.transforms import CutSamples, SampleDraw, random_geometry, sample_rng
+from cromss_ray.data.transforms import CutSamples, Geometry, SampleDraw, random_geometry, sample_rng
+from cromss_ray.method.smoothing import smoothed_target, smoothing_prior
 
 TITLE = "data pipeline: samples per CPU core, cromss-ray against a reference-style pipeline"
 CPU = torch.device("cpu")
+SMOOTHING_FACTORS = (0.15, 0.05)
+PRIOR_BORDER = 12
+"""4 sigma: farther from the window border, a crop-only device prior equals the reference's."""
 
 
 class UncheckedCutSamples(CutSamples):
@@ -102,10 +121,10 @@ def reference_sample(row: dict, meta: ShardMetadata, bands: list[int], crop: int
     prior = reference_prior(labels, season, meta.num_classes)
     geometry = random_geometry(rng, height, width, crop, 0.2)
     return {
-        "s1": np.ascontiguousarray(geometry.apply(s1[season])),
-        "s2": np.ascontiguousarray(geometry.apply(s2[season][bands])),
-        "label": np.ascontiguousarray(geometry.apply(labels[season])).astype(np.int64),
-        "prior": np.ascontiguousarray(geometry.apply(prior)),
+        "s1": np.ascontiguousarray(geometry.apply(s1[season], nearest=False)),
+        "s2": np.ascontiguousarray(geometry.apply(s2[season][bands], nearest=False)),
+        "label": np.ascontiguousarray(geometry.apply(labels[season], nearest=True)).astype(np.int64),
+        "prior": np.ascontiguousarray(geometry.apply(prior, nearest=False)),
     }
 
 
@@ -155,24 +174,112 @@ def summarise_runs(runs: Sequence[dict[str, dict[str, float]]], reference: str) 
     return sections
 
 
-def ray_pass(data: str, crop: int, bands: int, cpus: int) -> Section:
-    """Samples per wall second per CPU of the Ray Data pipeline itself (prior on the device)."""
-    import ray
+ORDERS = ("file_order", "local_buffer", "random_shuffle", "epoch_permutation", "epoch_permutation_unordered")
+"""Training orders timed by ``--ray-cpus`` (spec 9): the files as stored; a local shuffle
+buffer over that stream; Ray Data's ``random_shuffle`` (reseeded every execution); the
+pipeline's own, the epoch's permutation of all rows read chunk by chunk, delivered in the
+permutation's order, and the same with the chunks in completion order."""
+LOCAL_BUFFER_ROWS = 64
 
+
+def ordered_dataset(data: str, crop: int, bands: int, order: str) -> tuple[ray.data.Dataset, dict[str, int]]:
+    """The pretraining samples in one of :data:`ORDERS`, and the iterator options it needs."""
     from cromss_ray.config import DataConfig
-    from cromss_ray.data.pipeline import pretrain_datasets
+    from cromss_ray.data.pipeline import ROWS_PER_CALL, EpochClock, pretrain_datasets
+    from cromss_ray.data.storage import read_shard_set, scan_shards
 
+    if order.startswith("epoch_permutation"):
+        dataset = pretrain_datasets(DataConfig(uri=data, crop=crop, s2_bands=bands, val_fraction=0.0), seed=0).train
+        dataset.context.execution_options.preserve_order = order == "epoch_permutation"
+        return dataset, {}
+    shards = scan_shards(data)
+    udf = CutSamples(shards.meta, bands, crop, SampleDraw(True, 0, 0.2, EpochClock.create().read), labels_all=True)
+    dataset = read_shard_set(shards).map_batches(
+        udf, batch_format="pyarrow", batch_size=ROWS_PER_CALL, zero_copy_batch=True
+    )
+    if order == "random_shuffle":
+        return dataset.random_shuffle(seed=ray.data.RandomSeedConfig(seed=0, reseed_after_execution=True)), {}
+    if order == "local_buffer":
+        return dataset, {"local_shuffle_buffer_size": LOCAL_BUFFER_ROWS, "local_shuffle_seed": 0}
+    return dataset, {}
+
+
+def ray_pass(data: str, crop: int, bands: int, cpus: int) -> Section:
+    """Per training order: wall seconds to an epoch's first batch and of the whole epoch, and
+    samples per wall second per CPU of the Ray Data pipeline (prior on the device), after a
+    warm-up epoch."""
     ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    section: Section = {"ray_cpus": cpus, "local_buffer_rows": LOCAL_BUFFER_ROWS}
     try:
-        datasets = pretrain_datasets(DataConfig(uri=data, crop=crop, s2_bands=bands, val_fraction=0.0), seed=0)
-        for _ in datasets.train.iter_batches(batch_size=16):
-            pass
-        start = time.perf_counter()
-        samples = sum(len(batch["key"]) for batch in datasets.train.iter_batches(batch_size=16))
-        seconds = time.perf_counter() - start
+        for order in ORDERS:
+            dataset, options = ordered_dataset(data, crop, bands, order)
+            for _ in dataset.iter_batches(batch_size=16, **options):
+                pass
+            start = time.perf_counter()
+            first, samples = None, 0
+            for batch in dataset.iter_batches(batch_size=16, **options):
+                first = time.perf_counter() - start if first is None else first
+                samples += len(batch["key"])
+            seconds = time.perf_counter() - start
+            section[f"{order}_first_batch_s"] = first
+            section[f"{order}_epoch_s"] = seconds
+            section[f"{order}_samples_per_wall_s_per_cpu"] = samples / seconds / cpus
     finally:
         ray.shutdown()
-    return {"ray_cpus": cpus, "samples_per_wall_s_per_cpu": samples / seconds / cpus}
+    return section
+
+
+def prior_difference(
+    labels: np.ndarray, season: int, geometry: Geometry, classes: int, nodata: int
+) -> dict[str, np.ndarray]:
+    """Per-pixel differences between the reference's prior (whole tile, then augmented
+    bilinear) and the device prior (from the augmented labels), and their smoothed targets."""
+    stack = torch.from_numpy(np.array(labels))
+    full_prior = smoothing_prior(stack, season, "ts", classes).numpy()
+    reference = torch.from_numpy(np.array(geometry.apply(full_prior, nearest=False)))
+    augmented = torch.from_numpy(np.array(geometry.apply(labels, nearest=True)))
+    device = smoothing_prior(augmented, season, "ts", classes)
+    target = augmented[season].long()[None]
+    q_reference = smoothed_target(target, reference[None], SMOOTHING_FACTORS, classes)[0]
+    q_device = smoothed_target(target, device[None], SMOOTHING_FACTORS, classes)[0]
+    return {
+        "labelled": (target[0] != nodata).numpy(),
+        "prior_abs": (reference - device).abs().numpy(),
+        "target_abs": (q_reference - q_device).abs().numpy(),
+        "argmax_differs": (reference.argmax(0) != device.argmax(0)).numpy(),
+    }
+
+
+def prior_rotation_section(files: list[str], meta: ShardMetadata, crop: int, draws: int) -> Section:
+    """Spec 9's approximation measured: device prior against the reference's, rotated or not."""
+    section: Section = {"draws_per_location": draws}
+    for rotated in (True, False):
+        parts: dict[str, list[np.ndarray]] = {"prior_abs": [], "target_abs": [], "argmax_differs": [], "inner": []}
+        for path in files:
+            for row in iter_rows(path):
+                labels = row["label"]
+                for draw in range(draws):
+                    rng = sample_rng(draw, int(rotated), row["id"])
+                    season = int(rng.integers(meta.seasons))
+                    geometry = random_geometry(rng, *labels.shape[-2:], crop, 1.0 if rotated else 0.0)
+                    differences = prior_difference(labels, season, geometry, meta.num_classes, meta.nodata)
+                    labelled = differences["labelled"]
+                    inner = np.zeros_like(labelled)
+                    inner[PRIOR_BORDER:-PRIOR_BORDER, PRIOR_BORDER:-PRIOR_BORDER] = True
+                    parts["prior_abs"].append(differences["prior_abs"][:, labelled])
+                    parts["target_abs"].append(differences["target_abs"][:, labelled])
+                    parts["argmax_differs"].append(differences["argmax_differs"][labelled])
+                    parts["inner"].append(inner[labelled])
+        prior_abs, target_abs = np.concatenate(parts["prior_abs"], 1), np.concatenate(parts["target_abs"], 1)
+        differs, inner = np.concatenate(parts["argmax_differs"]), np.concatenate(parts["inner"])
+        name = "rotated" if rotated else "crop_flip_only"
+        section[f"{name}_prior_mean_abs"] = float(prior_abs.mean())
+        section[f"{name}_prior_mean_abs_inner"] = float(prior_abs[:, inner].mean())
+        section[f"{name}_prior_max_abs"] = float(prior_abs.max())
+        section[f"{name}_target_mean_abs"] = float(target_abs.mean())
+        section[f"{name}_argmax_differs_pct"] = 100 * float(differs.mean())
+        section[f"{name}_argmax_differs_inner_pct"] = 100 * float(differs[inner].mean())
+    return section
 
 
 def recompressed(files: list[str], codec: str, out_dir: str) -> list[str]:
@@ -206,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline and run (default 3)")
     parser.add_argument("--runs", type=int, default=3, help="repeats of the whole measurement (default 3)")
     parser.add_argument("--recompress", help="rewrite the shards with this Parquet codec first (lz4, snappy, none)")
+    parser.add_argument("--prior-draws", type=int, default=4, help="geometries per location for the prior section")
     parser.add_argument("--ray-cpus", type=int, default=0, help="also time Ray Data with N CPUs (wall clock)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     return parser
@@ -265,9 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline = sections["cromss_unchecked_prior_on_device"]["samples_per_cpu_s"]
         for name, cost in (("cromss_prior_on_device", "read_checks"), ("cromss_checksums_only_prior_on_device", "checksums")):
             sections[name][f"{cost}_cost_pct"] = 100 * (baseline / sections[name]["samples_per_cpu_s"] - 1)
+        sections["prior_after_rotation"] = prior_rotation_section(files, meta, args.crop, args.prior_draws)
         if args.ray_cpus:
             shard_dir = os.path.dirname(files[0])
-            sections["ray_data_prior_on_device"] = ray_pass(shard_dir, args.crop, args.bands, args.ray_cpus)
+            sections["ray_data_orders"] = ray_pass(shard_dir, args.crop, args.bands, args.ray_cpus)
     publish(TITLE, sections, args.json)
     return 0
 

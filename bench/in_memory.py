@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cromss_ray.data.storage import ShardSet
+from cromss_ray.data.storage import ShardSet, epoch_permutation
 from cromss_ray.data.transforms import CutSamples
 
 
@@ -42,8 +42,9 @@ class InMemoryShard:
     """Shard rows in memory, cut per batch by the pipeline's UDF; iterates like a Ray DataIterator.
 
     :meth:`iter_torch_batches` has the signature the training loops call, so their epoch
-    functions run unchanged on it. ``shuffle_seed`` permutes the rows anew every epoch
-    (``clock.epoch``); without it the rows keep their stored order.
+    functions run unchanged on it. ``shuffle_seed`` orders the rows as the training pipeline
+    does, in the epoch's (``clock.epoch``) :func:`epoch_permutation`; without it the rows
+    keep their stored order.
     """
 
     def __init__(self, shards: ShardSet, cut: CutSamples, clock: EpochCounter, shuffle_seed: int | None = None) -> None:
@@ -65,7 +66,7 @@ class InMemoryShard:
         """
         order = np.arange(self.table.num_rows)
         if self.shuffle_seed is not None:
-            order = np.random.default_rng([self.shuffle_seed, self.clock.epoch]).permutation(order)
+            order = epoch_permutation(self.table.num_rows, self.shuffle_seed, self.clock.epoch)
         end = len(order) - len(order) % batch_size if drop_last else len(order)
         for start in range(0, end, batch_size):
             arrays = self.cut(self.table.take(order[start : start + batch_size]))

@@ -2,8 +2,10 @@
 
 ::
 
-    shards (dir / s3://)  --read_parquet (streaming, footers checked first)-->  rows
-      --map_batches(CutSamples): season, band subset, crop / flip / rotation-->  uint8 batches
+    shards (dir / s3://)  --footers checked first-->
+      training: the epoch's permutation of all rows, read chunk by chunk (EpochRows)-->  rows
+      validation, test: read_parquet (streaming, file order)-->  rows
+      --map_batches(CutSamples): season, band subset, crop / flip / rotation-->  uint8 samples
       --streaming_split / iter_torch_batches-->  to_device: network input, prior on the device
 
 :func:`pretrain_datasets` and :func:`downstream_datasets` build the training, validation
@@ -12,9 +14,11 @@ model's inputs and targets. Batches stay in the stored dtype (uint8 for the rele
 data) until :func:`to_device` makes them network inputs on the device (spec 9).
 
 Determinism. A training sample's augmentation (season, crop corner, flips, rotation) is a
-pure function of ``(seed, location id, epoch)``; the validation split and the
-validation season depend on the id alone. Row order may vary between runs (parallel
-reads), the samples do not. A Ray Data UDF cannot know the epoch, so every dataset
+pure function of ``(seed, location id, epoch)``, and the training order is a pure
+function of ``(seed, epoch)`` (a fresh uniformly random permutation of all rows every
+epoch, spec 9, delivered in exactly that order); the validation split and the
+validation season depend on the id alone, and validation is not shuffled (its row
+order follows the parallel reads). A Ray Data UDF cannot know the epoch, so every dataset
 family carries an :class:`EpochClock`: a tiny Ray actor that the UDF reads once per
 batch (it starts at 0). The training loop announces each epoch before iterating::
 
@@ -54,7 +58,15 @@ from ray.data.expressions import col
 from cromss_ray.config import DataConfig, DownstreamDataConfig
 from cromss_ray.data.scaling import V8_MAX, input_rule
 from cromss_ray.data.schema import ModalitySpec, ShardMetadata, s2_subset_names
-from cromss_ray.data.storage import ShardSet, TileSet, open_shards, read_shard_set, resolve_filesystem, scan_shards
+from cromss_ray.data.storage import (
+    ShardSet,
+    TileSet,
+    open_shards,
+    read_epoch_order,
+    read_shard_set,
+    resolve_filesystem,
+    scan_shards,
+)
 from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw
 from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
 
@@ -258,10 +270,22 @@ def _check_compatible(train: ShardSet, other: ShardSet) -> None:
 
 
 def _read(
-    shards: ShardSet, udf: CutSamples, *, shuffle_seed: int | None = None, ids: list[str] | None = None
+    shards: ShardSet,
+    udf: CutSamples,
+    *,
+    ids: list[str] | None = None,
+    order: tuple[int, Callable[[], int]] | None = None,
 ) -> ray.data.Dataset:
-    """Stream ``shards`` through ``udf``; ``ids`` restricts the read to those rows (pushed down to the scan)."""
-    dataset = read_shard_set(shards, shuffle_seed=shuffle_seed)
+    """Stream ``shards`` through ``udf``; ``ids`` restricts the read to those rows (pushed down to the scan).
+
+    With ``order`` (training: the seed and the epoch's source) the rows come in each epoch's
+    permutation of all rows of all files (spec 9), read :data:`ROWS_PER_CALL` at a time
+    straight from their row groups (docs/data.md, "Order").
+    """
+    if order is not None:
+        dataset = read_epoch_order(shards, *order, chunk_rows=ROWS_PER_CALL)
+    else:
+        dataset = read_shard_set(shards)
     if ids is not None:
         dataset = dataset.filter(expr=col("id").is_in(ids))
     return dataset.map_batches(udf, batch_format="pyarrow", batch_size=ROWS_PER_CALL, zero_copy_batch=True)
@@ -297,7 +321,7 @@ def pretrain_datasets(
         sigma=sigma,
         **checks,
     )
-    train = _read(shards, train_udf, shuffle_seed=seed)
+    train = _read(shards, train_udf, order=(seed, clock.read))
     val = None
     if split.val is not None:
         val_udf = CutSamples(split.val.meta, cfg.s2_bands, cfg.crop, SampleDraw(False), **checks)
@@ -328,7 +352,7 @@ def downstream_datasets(
         seasons_out=False,
         **checks,
     )
-    train = _read(shards, train_udf, shuffle_seed=seed)
+    train = _read(shards, train_udf, order=(seed, clock.read))
     val, tiles = None, None
     if split.val is not None:
         val_udf = CutSamples(meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False, **checks)

@@ -7,7 +7,8 @@ lists the shards under such a location and checks every footer (Parquet is reada
 there with their types) and that ``manifest.json`` says the set is complete and lists exactly
 these files and row counts, before Ray reads a single row, so bad input fails early with the
 file named. ``open_shards`` hands the checked files to ``ray.data.read_parquet``, which
-streams them with every page checksum verified (spec 9; ``docs/data.md`` for the schema). A
+streams them with every page checksum verified (spec 9; ``docs/data.md`` for the schema);
+``read_epoch_order`` reads them in each epoch's permutation instead (training). A
 ``TileSet`` reads whole rows of a shard set without Ray Data, for scoring whole tiles
 (``cromss evaluate``, a transfer run's test split).
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -36,6 +39,7 @@ from cromss_ray.data.shards import (
     manifest_disagreements,
     read_manifest,
 )
+from cromss_ray.data.transforms import UINT64_MASK
 
 FOOTER_READ_THREADS = 16
 """Footers and id columns are fetched concurrently: on object stores each is one round trip."""
@@ -236,11 +240,10 @@ def scan_shards(uri: str, s3_endpoint: str | None = None, *, allow_incomplete: b
     return ShardSet(uri, filesystem, tuple(files), tuple(rows), first_meta)
 
 
-def read_shard_set(shards: ShardSet, *, shuffle_seed: int | None = None) -> ray.data.Dataset:
+def read_shard_set(shards: ShardSet) -> ray.data.Dataset:
     """Stream the rows of a checked shard set, with a ``path`` column naming each row's file.
 
-    With ``shuffle_seed``, the file order is shuffled anew (and reproducibly) at every
-    execution, i.e. every epoch. Every page's CRC checksum is verified as it is read
+    Every page's CRC checksum is verified as it is read
     (``ParquetFragmentScanOptions.page_checksum_verification``): a corrupted page fails the
     read instead of feeding altered bytes to the trainer.
 
@@ -249,11 +252,9 @@ def read_shard_set(shards: ShardSet, *, shuffle_seed: int | None = None) -> ray.
     in Ray 2.6x) lists the files and starts footer-reading actors at every execution:
     about 1 s before each epoch's first batch on a 2-CPU node, against 0.2-0.3 s
     (docs/benchmarks.md, section 2). The shards' footers were already checked by
-    :func:`scan_shards`.
+    :func:`scan_shards`. Rows come in file order (validation, test); training reads them
+    in an epoch's permutation instead (:func:`read_epoch_order`).
     """
-    shuffle = None
-    if shuffle_seed is not None:
-        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
     context = ray.data.DataContext.get_current()
     default = context.use_datasource_v2
     context.use_datasource_v2 = False
@@ -263,13 +264,112 @@ def read_shard_set(shards: ShardSet, *, shuffle_seed: int | None = None) -> ray.
             filesystem=shards.filesystem,
             include_paths=True,
             partitioning=None,
-            shuffle=shuffle,
             fragment_scan_options=pads.ParquetFragmentScanOptions(
                 use_buffered_stream=True, buffer_size=READ_BUFFER_BYTES, page_checksum_verification=True
             ),
         )
     finally:
         context.use_datasource_v2 = default
+
+
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's training order (spec 9: i.i.d. every epoch): a uniformly random permutation
+    of the shard set's row numbers (files in name order, rows in file order), a pure function
+    of (seed, epoch)."""
+    return np.random.default_rng([seed & UINT64_MASK, epoch]).permutation(num_rows)
+
+
+@dataclass
+class EpochRows:
+    """Ray Data ``map_batches`` UDF: chunk numbers to the shard rows of those chunks of the epoch's order.
+
+    Chunk ``c`` is rows ``c * chunk_rows`` up to ``(c + 1) * chunk_rows`` of
+    :func:`epoch_permutation` for the epoch ``epoch_of()`` says (read once per call). Each row
+    is read from its file directly: the row groups holding a chunk's rows are read once each
+    (page checksums verified) and the rows taken from them in order, with the ``path`` column
+    :func:`read_shard_set` adds. Up to ``open_files`` files stay open, the least recently used
+    closed first.
+    """
+
+    shards: ShardSet
+    seed: int
+    epoch_of: Callable[[], int]
+    chunk_rows: int
+    open_files: int = 8
+
+    def __post_init__(self) -> None:
+        self._file_starts = np.concatenate([[0], np.cumsum(self.shards.rows)])
+        self._order: tuple[int, np.ndarray] | None = None
+        self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.shards.num_rows // self.chunk_rows)
+
+    def rows_of(self, chunk: int, epoch: int) -> np.ndarray:
+        """The shard set's row numbers in ``chunk`` of ``epoch``'s order."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_permutation(self.shards.num_rows, self.seed, epoch))
+        return self._order[1][chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        epoch = self.epoch_of()
+        rows = np.concatenate([self.rows_of(int(chunk), epoch) for chunk in batch["id"]])
+        files = np.searchsorted(self._file_starts, rows, side="right") - 1
+        pieces, places = [], np.empty(len(rows), dtype=np.int64)
+        for file in np.unique(files):
+            wanted = np.flatnonzero(files == file)
+            table = self._read_rows(int(file), rows[wanted] - self._file_starts[file])
+            places[wanted] = np.arange(len(wanted)) + sum(piece.num_rows for piece in pieces)
+            pieces.append(table)
+        return pa.concat_tables(pieces, promote_options="permissive").take(places)
+
+    def _read_rows(self, file: int, rows: np.ndarray) -> pa.Table:
+        """``rows`` of one file, in that order, each of their row groups read once."""
+        path = self.shards.files[file]
+        parquet, group_starts = self._open(file)
+        groups = np.searchsorted(group_starts, rows, side="right") - 1
+        needed = np.unique(groups)
+        try:
+            table = parquet.read_row_groups([int(group) for group in needed])
+        except (OSError, pa.ArrowException) as exc:
+            where = display_path(self.shards.filesystem, path)
+            raise ValueError(f"{where}: cannot read rows {rows.tolist()}: {exc}") from None
+        read_starts = np.concatenate([[0], np.cumsum(np.diff(group_starts)[needed])])
+        within = read_starts[np.searchsorted(needed, groups)] + rows - group_starts[groups]
+        table = table.take(within)
+        return table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+
+    def _open(self, file: int) -> tuple[pq.ParquetFile, np.ndarray]:
+        """A shard opened for reading with page checksums verified, and its row groups' first rows."""
+        if file in self._files:
+            self._files.move_to_end(file)
+            return self._files[file]
+        path = self.shards.files[file]
+        try:
+            source = self.shards.filesystem.open_input_file(path)
+            parquet = pq.ParquetFile(source, pre_buffer=True, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{display_path(self.shards.filesystem, path)}: cannot open: {exc}") from None
+        counts = [parquet.metadata.row_group(group).num_rows for group in range(parquet.num_row_groups)]
+        self._files[file] = (parquet, np.concatenate([[0], np.cumsum(counts)]))
+        if len(self._files) > self.open_files:
+            self._files.popitem(last=False)
+        return self._files[file]
+
+
+def read_epoch_order(shards: ShardSet, seed: int, epoch_of: Callable[[], int], chunk_rows: int) -> ray.data.Dataset:
+    """The rows of a checked shard set in each epoch's :func:`epoch_permutation`, with the ``path`` column.
+
+    No all-to-all exchange: the dataset is the chunk numbers, and :class:`EpochRows` reads
+    each chunk's rows from their files, so the first batch comes after one chunk's read.
+    The dataset preserves the chunks' order, so an epoch's rows come out in exactly the
+    permutation's order, whatever the worker count.
+    """
+    reader = EpochRows(shards, seed, epoch_of, chunk_rows)
+    dataset = ray.data.range(reader.num_chunks).map_batches(reader, batch_format="numpy", batch_size=1)
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 def open_shards(

@@ -3,10 +3,13 @@
 The Ray Data UDF :class:`CutSamples` receives a pyarrow batch of shard rows and returns
 numpy arrays ready for the trainer. Image bytes are never decoded wholesale: for every
 row it takes a zero-copy ``np.frombuffer`` view of the drawn season inside the Parquet
-binary buffer, crops it, flips / rotates the view and copies only the final window into
-the output (so a 264 x 264 x 4-season row costs one 256 x 256 copy per modality). The
-labels of all seasons are kept when the smoothing prior is computed later on the device;
-otherwise the prior is computed on the CPU on the full tile, before the crop (spec 2).
+binary buffer, crops and flips the view and copies only the final window into the
+output (so a 264 x 264 x 4-season row costs one 256 x 256 copy per modality); a rotated
+sample (spec 9) is resampled from the window instead, bilinear for images and the prior,
+nearest for labels. The labels of all seasons are kept when the smoothing prior is
+computed later on the device, from the augmented labels (an approximation of the
+reference's prior, measured in docs/benchmarks.md); otherwise the prior is computed on
+the CPU on the full tile, before the crop, and augmented with the image (spec 2).
 
 Checks: before a row is cut, its whole arrays (every season) are checked as
 :func:`~cromss_ray.data.shards.check_values` does (labels in the class set or no-data,
@@ -20,6 +23,7 @@ is a pure function of those three, whatever the worker count or block boundaries
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,9 +90,96 @@ class HashSplit:
         return cls(threshold)
 
 
+FLIP_PROBABILITY = 0.5
+"""Spec 9: a sample is flipped with this probability, then horizontally, vertically or both, equally likely."""
+MAX_ROTATION_DEGREES = 90.0
+"""Spec 9: a rotated sample turns by an angle uniform in [-90, 90] degrees."""
+
+
+def reflect_101(index: np.ndarray, size: int) -> np.ndarray:
+    """Indices reflected into ``0 .. size - 1`` about the edge pixels, which are not repeated
+    (OpenCV's BORDER_REFLECT_101, scipy's ``mode="mirror"``): ``-1 -> 1``, ``size -> size - 2``."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    folded = np.mod(index, period)
+    return np.where(folded >= size, period - folded, folded)
+
+
+def rotation_sources(height: int, width: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where each output pixel of a ``height x width`` window rotated by ``degrees``
+    (counter-clockwise, about the window centre) samples its input: fractional row and
+    column coordinates, shaped ``(height, width)``. 90 degrees is ``np.rot90``."""
+    radians = np.deg2rad(degrees)
+    cos, sin = np.round(np.cos(radians), 12), np.round(np.sin(radians), 12)
+    rows = np.arange(height, dtype=np.float64)[:, None] - (height - 1) / 2
+    cols = np.arange(width, dtype=np.float64)[None, :] - (width - 1) / 2
+    source_rows = cos * rows + sin * cols + (height - 1) / 2
+    source_cols = cos * cols - sin * rows + (width - 1) / 2
+    return source_rows, source_cols
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    """Flat source indices (reflect-101 applied) and bilinear weights of one rotation of a
+    ``height x width`` window, shared by every array a sample rotates."""
+
+    nearest: np.ndarray
+    corners: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    weights: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@functools.lru_cache(maxsize=4)
+def rotation_plan(height: int, width: int, degrees: float) -> RotationPlan:
+    """The :class:`RotationPlan` of a rotation (cached: images and labels of a sample share it)."""
+    source_rows, source_cols = rotation_sources(height, width, degrees)
+    rows = reflect_101(np.floor(source_rows + 0.5).astype(np.intp), height)
+    cols = reflect_101(np.floor(source_cols + 0.5).astype(np.intp), width)
+    row0, col0 = np.floor(source_rows), np.floor(source_cols)
+    row_weight = (source_rows - row0).astype(np.float32).ravel()
+    col_weight = (source_cols - col0).astype(np.float32).ravel()
+    row0, col0 = row0.astype(np.intp), col0.astype(np.intp)
+    top, bottom = reflect_101(row0, height) * width, reflect_101(row0 + 1, height) * width
+    left, right = reflect_101(col0, width), reflect_101(col0 + 1, width)
+    return RotationPlan(
+        (rows * width + cols).ravel(),
+        ((top + left).ravel(), (top + right).ravel(), (bottom + left).ravel(), (bottom + right).ravel()),
+        (
+            (1 - row_weight) * (1 - col_weight),
+            (1 - row_weight) * col_weight,
+            row_weight * (1 - col_weight),
+            row_weight * col_weight,
+        ),
+    )
+
+
+def rotate(window: np.ndarray, degrees: float, *, nearest: bool) -> np.ndarray:
+    """``window`` (..., H, W) rotated by ``degrees`` about its centre, same shape and dtype.
+
+    Borders are filled by reflect-101. ``nearest`` takes the nearest input pixel (labels:
+    values stay in their set); otherwise bilinear interpolation, rounded for integer dtypes.
+    """
+    height, width = window.shape[-2:]
+    plan = rotation_plan(height, width, float(degrees))
+    flat = window.reshape(-1, height * width)
+    if nearest:
+        return np.take(flat, plan.nearest, axis=1).reshape(window.shape)
+    values = np.zeros(flat.shape, np.float32)
+    for corner, weight in zip(plan.corners, plan.weights, strict=True):
+        values += np.take(flat, corner, axis=1) * weight
+    if np.issubdtype(window.dtype, np.integer):
+        values = np.rint(values)
+    return values.astype(window.dtype).reshape(window.shape)
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """One sample's crop window, flips and quarter turns, applied to the last two axes."""
+    """One sample's crop window, flips and rotation, applied to the last two axes (spec 9).
+
+    In the reference's order: crop, flip (rows, then columns), then a rotation by
+    ``degrees`` counter-clockwise about the window centre, borders filled by reflect-101
+    from the window; the output keeps the window's size.
+    """
 
     top: int
     left: int
@@ -96,40 +187,46 @@ class Geometry:
     width: int
     flip_rows: bool = False
     flip_cols: bool = False
-    quarter_turns: int = 0
+    degrees: float = 0.0
 
     def crop(self, array: np.ndarray) -> np.ndarray:
         """The crop window of ``array`` (a view)."""
         return array[..., self.top : self.top + self.height, self.left : self.left + self.width]
 
-    def orient(self, window: np.ndarray) -> np.ndarray:
-        """Flip (rows, then columns), then rotate by 90-degree steps (a view)."""
+    def transform(self, window: np.ndarray, *, nearest: bool) -> np.ndarray:
+        """Flip, then rotate a cropped window: a view without rotation, a new array with it.
+
+        ``nearest`` for labels (nearest pixel), otherwise bilinear (images, the prior)."""
         if self.flip_rows:
             window = window[..., ::-1, :]
         if self.flip_cols:
             window = window[..., :, ::-1]
-        return np.rot90(window, self.quarter_turns, axes=(-2, -1))
+        if self.degrees == 0.0:
+            return window
+        return rotate(window, self.degrees, nearest=nearest)
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """Crop, then orient: the sample's geometry (a view)."""
-        return self.orient(self.crop(array))
+    def apply(self, array: np.ndarray, *, nearest: bool) -> np.ndarray:
+        """Crop, then transform: the sample's geometry."""
+        return self.transform(self.crop(array), nearest=nearest)
 
 
 def random_geometry(
     rng: np.random.Generator, height: int, width: int, crop: int, rotation_probability: float
 ) -> Geometry:
-    """Random crop (the whole side when the tile is smaller), flips with probability 1/2 each,
-    and with ``rotation_probability`` a rotation by 90, 180 or 270 degrees (only 180 for a
-    non-square window). All draws are made in a fixed order, whatever their outcome."""
+    """Spec 9's augmentation: random crop (the whole side when the tile is smaller); with
+    probability 1/2 a flip, horizontal, vertical or both equally likely; with
+    ``rotation_probability`` a rotation by an angle uniform in [-90, 90] degrees. All draws
+    are made in a fixed order, whatever their outcome."""
     out_h, out_w = min(crop, height), min(crop, width)
     top = int(rng.integers(height - out_h + 1))
     left = int(rng.integers(width - out_w + 1))
-    flip_rows, flip_cols = (bool(flag) for flag in rng.random(2) < 0.5)
-    rotate = bool(rng.random() < rotation_probability)
-    turns = int(rng.integers(1, 4))
-    if out_h != out_w:
-        turns = 2
-    return Geometry(top, left, out_h, out_w, flip_rows, flip_cols, turns if rotate else 0)
+    flip = bool(rng.random() < FLIP_PROBABILITY)
+    flip_kind = int(rng.integers(3))
+    rotation = bool(rng.random() < rotation_probability)
+    degrees = float(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
+    flip_rows = flip and flip_kind in (0, 2)
+    flip_cols = flip and flip_kind in (1, 2)
+    return Geometry(top, left, out_h, out_w, flip_rows, flip_cols, degrees if rotation else 0.0)
 
 
 def centre_geometry(height: int, width: int, crop: int) -> Geometry:
@@ -207,8 +304,7 @@ class _Sample:
 
     @property
     def out_size(self) -> tuple[int, int]:
-        g = self.geometry
-        return (g.height, g.width) if g.quarter_turns % 2 == 0 else (g.width, g.height)
+        return self.geometry.height, self.geometry.width
 
 
 @dataclass(frozen=True)
@@ -349,18 +445,18 @@ class CutSamples:
             leading = sample.season if one_season and multi else None
             return columns[name].view(sample.row, sample.row_id, sample.height, sample.width, leading)
 
-        out["s1"][slot] = geometry.apply(view("s1", True))
-        out["s2"][slot] = geometry.orient(geometry.crop(view("s2", True))[bands])
+        out["s1"][slot] = geometry.apply(view("s1", True), nearest=False)
+        out["s2"][slot] = geometry.transform(geometry.crop(view("s2", True))[bands], nearest=False)
         labels = view("label", False)
         season_labels = labels if not multi else labels[sample.season]
-        out["label"][slot] = geometry.apply(season_labels)
+        out["label"][slot] = geometry.apply(season_labels, nearest=True)
         if "clean_label" in out:
             clean = view("clean_label", False)
-            out["clean_label"][slot] = geometry.apply(clean if not multi else clean[sample.season])
+            out["clean_label"][slot] = geometry.apply(clean if not multi else clean[sample.season], nearest=True)
         all_seasons = labels if multi else labels[None]
         if "labels_all" in out:
-            out["labels_all"][slot] = geometry.apply(all_seasons)
+            out["labels_all"][slot] = geometry.apply(all_seasons, nearest=True)
         if "prior" in out:
             stack = torch.from_numpy(np.array(all_seasons))
             prior = smoothing_prior(stack, sample.season, self.cpu_prior, self.meta.num_classes, self.sigma)
-            out["prior"][slot] = geometry.apply(prior.numpy())
+            out["prior"][slot] = geometry.apply(prior.numpy(), nearest=False)

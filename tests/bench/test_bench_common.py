@@ -9,7 +9,7 @@ import pytest
 
 from bench.common import Repeats, format_report, mean_std, publish
 from bench.in_memory import EpochCounter, InMemoryShard
-from cromss_ray.data.storage import scan_shards
+from cromss_ray.data.storage import epoch_permutation, scan_shards
 from cromss_ray.data.synth import synthesize
 from cromss_ray.data.transforms import CutSamples, SampleDraw
 
@@ -83,6 +83,8 @@ def test_in_memory_shard_drops_the_smaller_last_batch_when_asked(shards):
 
 
 def test_shuffled_order_is_a_function_of_seed_and_epoch(shards):
+    """The training pipeline's order: the epoch's permutation of the stored rows."""
+    stored = keys_of(training_shard(shards, EpochCounter(), shuffle_seed=None), batch_size=LOCATIONS)[0]
     clock = EpochCounter()
     shard = training_shard(shards, clock, shuffle_seed=3)
     epoch0 = keys_of(shard, batch_size=LOCATIONS)[0]
@@ -92,6 +94,7 @@ def test_shuffled_order_is_a_function_of_seed_and_epoch(shards):
         clock.epoch = epoch
         keys = keys_of(shard, batch_size=LOCATIONS)[0]
         assert sorted(keys) == sorted(epoch0)
+        assert keys == [stored[row] for row in epoch_permutation(len(stored), 3, epoch)]
         orders.add(tuple(keys))
     assert len(orders) > 1
 

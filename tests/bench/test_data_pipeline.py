@@ -23,7 +23,7 @@ def test_repeated_runs_report_medians_ranges_and_load(tmp_path):
     assert data_pipeline.main([*flags, "--json", str(report_path)]) == 0
 
     sections = json.loads(report_path.read_text())["sections"]
-    assert list(sections) == ["machine", "shards", "repeats", *PIPELINES]
+    assert list(sections) == ["machine", "shards", "repeats", *PIPELINES, "prior_after_rotation"]
     assert sections["repeats"]["runs"] == 2 and sections["repeats"]["timed_passes_per_run"] == 1
     assert len(sections["repeats"]["load_average_1min_at_starts"].split(", ")) == 2
     assert sections["reference_style"]["samples_per_pass"] == 2

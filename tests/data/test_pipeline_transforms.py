@@ -26,6 +26,8 @@ from cromss_ray.data.transforms import (
     band_indices,
     centre_geometry,
     random_geometry,
+    reflect_101,
+    rotate,
     sample_rng,
     stable_unit,
 )
@@ -106,13 +108,97 @@ def test_centre_geometry_by_hand() -> None:
 def test_geometry_apply_by_hand() -> None:
     tile = np.arange(12).reshape(3, 4)
     # window rows 0..2, cols 1..3: [[1,2,3],[5,6,7],[9,10,11]]
-    assert Geometry(0, 1, 3, 3).apply(tile).tolist() == [[1, 2, 3], [5, 6, 7], [9, 10, 11]]
-    assert Geometry(0, 1, 3, 3, flip_rows=True).apply(tile).tolist() == [[9, 10, 11], [5, 6, 7], [1, 2, 3]]
-    assert Geometry(0, 1, 3, 3, flip_cols=True).apply(tile).tolist() == [[3, 2, 1], [7, 6, 5], [11, 10, 9]]
-    # one quarter turn counter-clockwise: the last column becomes the first row
-    assert Geometry(0, 1, 3, 3, quarter_turns=1).apply(tile).tolist() == [[3, 7, 11], [2, 6, 10], [1, 5, 9]]
+    assert Geometry(0, 1, 3, 3).apply(tile, nearest=True).tolist() == [[1, 2, 3], [5, 6, 7], [9, 10, 11]]
+    flipped_rows = Geometry(0, 1, 3, 3, flip_rows=True).apply(tile, nearest=True)
+    assert flipped_rows.tolist() == [[9, 10, 11], [5, 6, 7], [1, 2, 3]]
+    flipped_cols = Geometry(0, 1, 3, 3, flip_cols=True).apply(tile, nearest=True)
+    assert flipped_cols.tolist() == [[3, 2, 1], [7, 6, 5], [11, 10, 9]]
+    # 90 degrees counter-clockwise: the last column becomes the first row
+    turned = [[3, 7, 11], [2, 6, 10], [1, 5, 9]]
+    assert Geometry(0, 1, 3, 3, degrees=90.0).apply(tile, nearest=True).tolist() == turned
+    assert Geometry(0, 1, 3, 3, degrees=90.0).apply(tile, nearest=False).tolist() == turned
     stacked = np.stack([tile, tile + 100])
-    assert Geometry(1, 0, 2, 2, quarter_turns=2).apply(stacked).tolist() == [[[9, 8], [5, 4]], [[109, 108], [105, 104]]]
+    half_turn = Geometry(1, 0, 2, 2, degrees=180.0).apply(stacked, nearest=False)
+    assert half_turn.tolist() == [[[9, 8], [5, 4]], [[109, 108], [105, 104]]]
+
+
+def test_reflect_101_by_hand() -> None:
+    # size 4: ... 3 2 1 | 0 1 2 3 | 2 1 0 ...: the edge pixel is not repeated
+    assert reflect_101(np.arange(-3, 7), 4).tolist() == [3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
+    # further out the reflection repeats with period 2 * (4 - 1) = 6
+    assert reflect_101(np.array([-7, 9, 12]), 4).tolist() == [1, 3, 0]
+    assert reflect_101(np.array([-2, 0, 5]), 1).tolist() == [0, 0, 0]
+
+
+def test_rotation_border_reflects_without_repeating_the_edge() -> None:
+    """3 x 3 window [[0,1,2],[3,4,5],[6,7,8]] turned by 45 degrees about its centre (1, 1).
+    Output pixel (0, 0) is 1 row and 1 column off the centre; it samples the input at
+    row 1 - (cos 45 + sin 45) = 1 - sqrt(2) = -0.41421, column 1 + (sin 45 - cos 45) = 1.
+    Bilinear between rows -1 and 0 with weight w = 0.58579 on row 0: row -1 reflects
+    (reflect-101) onto row 1, so the value is (1 - w) * 4 + w * 1 = 4 - 3 w = 2.24264
+    (an edge-repeating border would give 1). Nearest rounds -0.41421 to row 0: value 1.
+    Output pixel (0, 1) samples row 1 - sin 45 = 0.29289, column 1 + sin 45 = 1.70711:
+    nearest (0, 2) = 2."""
+    window = np.arange(9, dtype=np.float32).reshape(3, 3)
+    bilinear = rotate(window, 45.0, nearest=False)
+    assert bilinear[0, 0] == pytest.approx(4 - 3 * (2 - np.sqrt(2)), abs=1e-5)
+    nearest = rotate(window, 45.0, nearest=True)
+    assert nearest[0, 0] == 1 and nearest[0, 1] == 2
+    assert nearest[1, 1] == 4 and bilinear[1, 1] == pytest.approx(4.0)
+
+
+def test_quarter_turns_equal_rot90_and_match_scipy_mirror() -> None:
+    rng = np.random.default_rng(0)
+    square = rng.integers(0, 256, size=(3, 16, 16), dtype=np.uint8)
+    for degrees, turns in ((90.0, 1), (-90.0, -1), (180.0, 2)):
+        for nearest in (True, False):
+            expected = np.rot90(square, turns, axes=(1, 2))
+            np.testing.assert_array_equal(rotate(square, degrees, nearest=nearest), expected)
+    # a 6 x 10 window turned by 90 degrees: its central 6 x 6 square is np.rot90 of the input's
+    wide = rng.integers(0, 9, size=(6, 10), dtype=np.uint8)
+    np.testing.assert_array_equal(rotate(wide, 90.0, nearest=True)[:, 2:8], np.rot90(wide[:, 2:8]))
+    # any angle: scipy's bilinear resampling with mode="mirror" (reflect-101) at the same coordinates
+    image = rng.random((20, 14)).astype(np.float32)
+    radians = np.deg2rad(37.0)
+    rows, cols = np.mgrid[0:20, 0:14].astype(np.float64)
+    rows, cols = rows - 9.5, cols - 6.5
+    cos, sin = np.cos(radians), np.sin(radians)
+    coordinates = [cos * rows + sin * cols + 9.5, cos * cols - sin * rows + 6.5]
+    expected = ndimage.map_coordinates(image, coordinates, order=1, mode="mirror")
+    np.testing.assert_allclose(rotate(image, 37.0, nearest=False), expected, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    degrees=st.floats(-90.0, 90.0),
+    size=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    seed=st.integers(0, 2**16),
+)
+def test_rotated_labels_keep_their_class_set(degrees: float, size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(np.array([0, 3, 7, 255], dtype=np.uint8), size=(2, *size))
+    out = rotate(labels, degrees, nearest=True)
+    assert out.shape == labels.shape and out.dtype == np.uint8
+    for season in range(2):
+        assert set(np.unique(out[season]).tolist()) <= set(np.unique(labels[season]).tolist())
+
+
+def test_random_geometry_frequencies_follow_spec_9() -> None:
+    """Over 6000 draws: flipped 1/2 (then rows, columns or both, 1/3 each), rotated 0.2 by an
+    angle uniform in [-90, 90]. Binomial standard deviations: 0.0065 (flips), 0.0052
+    (rotation); the bounds are about 4 of them."""
+    draws = [random_geometry(sample_rng(0, 0, str(i)), 264, 264, 256, 0.2) for i in range(6000)]
+    flipped = [g for g in draws if g.flip_rows or g.flip_cols]
+    assert abs(len(flipped) / len(draws) - 0.5) < 0.026
+    kinds = [(g.flip_rows, g.flip_cols) for g in flipped]
+    for kind in ((True, False), (False, True), (True, True)):
+        assert abs(kinds.count(kind) / len(kinds) - 1 / 3) < 0.035
+    angles = np.array([g.degrees for g in draws if g.degrees != 0.0])
+    assert abs(len(angles) / len(draws) - 0.2) < 0.021
+    assert angles.min() >= -90.0 and angles.max() <= 90.0
+    assert abs(angles.mean()) < 6.0 and (angles < -45).mean() == pytest.approx(0.25, abs=0.05)
+    unrotated = [random_geometry(sample_rng(0, 0, str(i)), 30, 30, 24, 0.0) for i in range(200)]
+    assert all(g.degrees == 0.0 for g in unrotated)
 
 
 @settings(max_examples=60, deadline=None)
@@ -123,21 +209,39 @@ def test_geometry_apply_by_hand() -> None:
     seed=st.integers(0, 2**32),
     rotation_probability=st.sampled_from([0.0, 0.5, 1.0]),
 )
-def test_random_geometry_is_a_bijection_onto_a_window(
+def test_random_geometry_stays_in_a_window_of_the_crop_size(
     height: int, width: int, crop: int, seed: int, rotation_probability: float
 ) -> None:
+    """Without rotation the sample is a permutation of the window's pixels; with it, every
+    pixel comes from the window (nearest)."""
     geometry = random_geometry(np.random.default_rng(seed), height, width, crop, rotation_probability)
     out_h, out_w = min(crop, height), min(crop, width)
     assert 0 <= geometry.top <= height - out_h and 0 <= geometry.left <= width - out_w
     coordinates = np.arange(height * width).reshape(height, width)
-    window = geometry.apply(coordinates)
-    assert window.shape in {(out_h, out_w), (out_w, out_h)}
-    if out_h != out_w:
-        assert window.shape == (out_h, out_w)
+    window = geometry.apply(coordinates, nearest=True)
+    assert window.shape == (out_h, out_w)
     expected = coordinates[geometry.top : geometry.top + out_h, geometry.left : geometry.left + out_w]
-    assert sorted(window.ravel().tolist()) == sorted(expected.ravel().tolist())
+    if geometry.degrees == 0.0:
+        assert sorted(window.ravel().tolist()) == sorted(expected.ravel().tolist())
+    else:
+        assert set(window.ravel().tolist()) <= set(expected.ravel().tolist())
     if rotation_probability == 0.0:
-        assert geometry.quarter_turns == 0
+        assert geometry.degrees == 0.0
+
+
+def test_augmentation_is_a_function_of_seed_id_and_epoch() -> None:
+    """Every draw of the same (seed, id, epoch) gives the same sample, rotated or not, in
+    whatever batch the row arrives; another epoch gives another."""
+    meta = pretrain_meta()
+    rows = random_rows(meta, 6, 32, seed=8)
+    udf = CutSamples(meta, 13, 24, SampleDraw(True, 5, 1.0, lambda: 3), labels_all=True)
+    whole = udf(as_table(meta, rows))
+    alone = udf(as_table(meta, rows[4:5]))
+    for name in ("s1", "s2", "label", "labels_all", "season"):
+        np.testing.assert_array_equal(whole[name][4:5], alone[name])
+        np.testing.assert_array_equal(whole[name], udf(as_table(meta, rows))[name])
+    later = CutSamples(meta, 13, 24, SampleDraw(True, 5, 1.0, lambda: 4), labels_all=True)(as_table(meta, rows))
+    assert not np.array_equal(whole["s2"], later["s2"])
 
 
 @settings(max_examples=40, deadline=None)
@@ -258,14 +362,41 @@ def test_tiles_smaller_than_the_crop_are_kept_whole_and_must_agree() -> None:
         udf(as_table(meta, mixed))
 
 
+def test_one_geometry_for_images_labels_and_the_cpu_prior() -> None:
+    """Every output of a sample goes through the geometry its (seed, epoch, id) draws: images
+    and the full-tile prior bilinear, labels nearest (spec 9), rotated or not."""
+    meta = pretrain_meta()
+    rows = random_rows(meta, 8, 40, seed=9)
+    table = as_table(meta, rows)
+    cpu = CutSamples(meta, 9, 32, SampleDraw(True, 2, 0.5, lambda: 1), cpu_prior="ts")(table)
+    device = CutSamples(meta, 9, 32, SampleDraw(True, 2, 0.5, lambda: 1), labels_all=True)(table)
+    rotated = 0
+    for index, row in enumerate(rows):
+        rng = sample_rng(2, 1, row["id"])
+        season = int(rng.integers(4))
+        geometry = random_geometry(rng, 40, 40, 32, 0.5)
+        rotated += geometry.degrees != 0.0
+        assert cpu["season"][index] == season
+        np.testing.assert_array_equal(cpu["s1"][index], geometry.apply(row["s1"][season], nearest=False))
+        bands = geometry.crop(row["s2"][season])[[1, 2, 3, 4, 5, 6, 7, 11, 12]]
+        np.testing.assert_array_equal(cpu["s2"][index], geometry.transform(bands, nearest=False))
+        np.testing.assert_array_equal(cpu["label"][index], geometry.apply(row["label"][season], nearest=True))
+        np.testing.assert_array_equal(device["labels_all"][index], geometry.apply(row["label"], nearest=True))
+        full_prior = reference_prior(row["label"], season)
+        np.testing.assert_allclose(cpu["prior"][index], geometry.apply(full_prior, nearest=False), atol=1e-5)
+    assert 0 < rotated < len(rows)
+
+
 def test_device_prior_matches_cpu_prior_away_from_the_crop_border() -> None:
-    """Spec 2 fast path: the prior of the cropped labels equals the cropped full-tile prior
-    more than 4 sigma = 12 px from the crop border (both float32; tolerance 1e-5 for the
-    float32 sums). Near the border they differ (the reflection sees the crop edge)."""
+    """Spec 2 fast path: the prior of the cropped (and flipped) labels equals the cropped full-tile
+    prior more than 4 sigma = 12 px from the crop border (both float32; tolerance 1e-5 for the
+    float32 sums). Near the border they differ (the reflection sees the crop edge). A rotation
+    (spec 9) resamples the prior bilinearly but the labels by nearest neighbour: that
+    difference is measured by bench/prior_rotation.py (docs/benchmarks.md)."""
     meta = pretrain_meta()
     rows = random_rows(meta, 6, 64, seed=3)
     table = as_table(meta, rows)
-    draw = SampleDraw(True, 11, 1.0, lambda: 2)
+    draw = SampleDraw(True, 11, 0.0, lambda: 2)
     on_cpu = CutSamples(meta, 13, 40, draw, cpu_prior="ts")(table)
     on_device = CutSamples(meta, 13, 40, draw, labels_all=True)(table)
     np.testing.assert_array_equal(on_cpu["label"], on_device["label"])
