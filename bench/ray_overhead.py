@@ -62,7 +62,7 @@ from cromss_ray.data.transforms import CutSamples, SampleDraw
 from cromss_ray.method import build_model
 from cromss_ray.train import pretrain
 from cromss_ray.train.checkpoints import TrainingState
-from cromss_ray.train.cluster import LOCAL_HOST
+from cromss_ray.train.cluster import start_local_ray
 from cromss_ray.train.optim import Precision, build_optimizer
 
 TITLE = "bench.ray_overhead: Ray Train + Ray Data vs a plain PyTorch loop"
@@ -300,7 +300,7 @@ def compare_once(args: argparse.Namespace, train: str, heldout: str, root: Path,
     driver_started = time.process_time()
     with ProcessTreeCpu() as tree:
         if started_here:
-            ray.init(include_dashboard=False, _node_ip_address=LOCAL_HOST)
+            start_local_ray(include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             ends, wall = ray_epochs(config)

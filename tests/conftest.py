@@ -12,9 +12,11 @@ def ray_cluster() -> Iterator[None]:
     """One local 2-CPU Ray cluster on 127.0.0.1 for the whole session (a running one is reused)."""
     import ray
 
+    from cromss_ray.train.cluster import start_local_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+        start_local_ray(num_cpus=2, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     if started:

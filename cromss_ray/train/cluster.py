@@ -8,12 +8,14 @@ run, so that running it again resumes it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import ray
+import ray._private.ray_constants as ray_constants
 import ray.data
 import ray.train
 from ray.actor import ActorHandle
@@ -25,14 +27,58 @@ TRAIN = "train"
 VAL = "val"
 
 
+SINGLE_MACHINE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
+
+
 def init_ray() -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start one on 127.0.0.1."""
+    """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local one."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(_node_ip_address=LOCAL_HOST)
+        start_local_ray()
+
+
+def start_local_ray(**options: Any) -> None:
+    """Start a Ray instance that only this machine can reach, with token authentication.
+
+    On Linux, Ray swaps a loopback ``_node_ip_address`` for the machine's routable address
+    and binds its GCS, raylet, agents and workers to it or to all interfaces, unless it runs
+    in its single-machine mode, which the variable ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+    selects when ``ray`` is imported. The mode is therefore switched on in this process
+    (Ray's constant) and for the processes Ray starts (the environment) while they start.
+    A new local instance uses token authentication, Ray's default (the token is
+    ``~/.ray/auth_token``, created when missing); an explicit ``RAY_AUTH_MODE`` other than
+    ``token`` is refused rather than opening the instance to every local user.
+    ``options`` go to :func:`ray.init` (``num_cpus``, ``include_dashboard``, ...).
+    """
+    auth_mode = os.environ.get(AUTH_MODE_VARIABLE)
+    if auth_mode is not None and auth_mode.lower() != "token":
+        raise RuntimeError(
+            f"{AUTH_MODE_VARIABLE}={auth_mode}: a local Ray instance started by cromss-ray uses token "
+            f"authentication; unset {AUTH_MODE_VARIABLE} (or set it to token), or start your own cluster "
+            "and name it in RAY_ADDRESS"
+        )
+    with _single_machine_mode():
+        ray.init(_node_ip_address=LOCAL_HOST, **options)
+
+
+@contextmanager
+def _single_machine_mode() -> Iterator[None]:
+    saved_variable = os.environ.get(SINGLE_MACHINE_VARIABLE)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_VARIABLE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_variable is None:
+            os.environ.pop(SINGLE_MACHINE_VARIABLE)
+        else:
+            os.environ[SINGLE_MACHINE_VARIABLE] = saved_variable
 
 
 def cluster_has_gpus() -> bool:

@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from cromss_ray.data.synth import synthesize
+from cromss_ray.train.cluster import start_local_ray
 
 LOCATIONS = 8
 SIZE = 40
@@ -27,12 +28,7 @@ def ray_cluster() -> Iterator[None]:
     """
     started = not ray.is_initialized()
     if started:
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            _system_config={"memory_monitor_refresh_ms": 0},
-        )
+        start_local_ray(num_cpus=2, include_dashboard=False, _system_config={"memory_monitor_refresh_ms": 0})
     yield
     if started:
         ray.shutdown()

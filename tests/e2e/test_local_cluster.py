@@ -1,0 +1,88 @@
+"""A Ray instance that cromss-ray starts itself (no ``RAY_ADDRESS``) is reachable from this
+machine only, and only by clients that hold its token."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from local_stack import HOST, START_TIMEOUT_S, listening_addresses, log_tail, service_environment, session_process
+
+DRIVER = """
+import time
+import ray
+from cromss_ray.train.cluster import init_ray
+
+init_ray()
+
+@ray.remote
+def ready():
+    return True
+
+assert ray.get(ready.remote())  # a worker process has started and listens too
+print("GCS", ray.get_runtime_context().gcs_address, flush=True)
+time.sleep(600)
+"""
+
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+"""Where Ray keeps the token of the local instances it starts (created by the first one)."""
+
+
+def _list_nodes(gcs_address: str, metadata: tuple[tuple[str, str], ...]) -> int:
+    """How many nodes the GCS lists, asked over its gRPC API with ``metadata``."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(gcs_address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        reply = stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), metadata=metadata, timeout=30)
+    return len(reply.node_info_list)
+
+
+def _gcs_address(log: Path, process: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("GCS "):
+                return line.split()[1]
+        if process.poll() is not None:
+            raise RuntimeError(f"the driver exited with {process.returncode}:\n{log_tail(log)}")
+        time.sleep(0.5)
+    raise TimeoutError(f"no local Ray instance after {START_TIMEOUT_S:.0f} s:\n{log_tail(log)}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_local_instance_listens_on_loopback_only_and_refuses_clients_without_the_token(tmp_path: Path) -> None:
+    log = tmp_path / "driver.log"
+    with session_process([sys.executable, "-c", DRIVER], log, service_environment()) as driver:
+        gcs_address = _gcs_address(log, driver)
+        assert gcs_address.startswith(f"{HOST}:")
+        addresses = listening_addresses(driver)
+        assert addresses == {HOST}, f"Ray's processes listen beyond the loopback: {sorted(addresses)}"
+
+        import grpc
+
+        with pytest.raises(grpc.RpcError) as refused:
+            _list_nodes(gcs_address, ())
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as wrong:
+            _list_nodes(gcs_address, (("authorization", "Bearer not-the-token"),))
+        assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = TOKEN_FILE.read_text().strip()
+        assert _list_nodes(gcs_address, (("authorization", f"Bearer {token}"),)) == 1
+
+
+def test_a_local_instance_without_token_authentication_is_refused() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "from cromss_ray.train.cluster import init_ray; init_ray()"],
+        env=service_environment({"RAY_AUTH_MODE": "disabled"}),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+    )
+    assert result.returncode != 0
+    assert "RAY_AUTH_MODE=disabled: a local Ray instance started by cromss-ray uses token authentication" in result.stderr
