@@ -68,6 +68,7 @@ from cromss_ray.data.shards import iter_rows, list_shards
 from cromss_ray.data.synth import synthesize
 from cromss_ray.data.transforms import CutSamples, Geometry, SampleDraw, random_geometry, sample_rng
 from cromss_ray.method.smoothing import smoothed_target, smoothing_prior
+from cromss_ray.train.cluster import start_local_ray
 
 TITLE = "data pipeline: samples per CPU core, cromss-ray against a reference-style pipeline"
 CPU = torch.device("cpu")
@@ -208,7 +209,7 @@ def ray_pass(data: str, crop: int, bands: int, cpus: int) -> Section:
     """Per training order: wall seconds to an epoch's first batch and of the whole epoch, and
     samples per wall second per CPU of the Ray Data pipeline (prior on the device), after a
     warm-up epoch."""
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_local_ray(num_cpus=cpus, include_dashboard=False)
     section: Section = {"ray_cpus": cpus, "local_buffer_rows": LOCAL_BUFFER_ROWS}
     try:
         for order in ORDERS:
