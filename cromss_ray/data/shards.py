@@ -240,7 +240,7 @@ def is_leftover(name: str) -> bool:
 
 def list_leftovers(uri_or_dir: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> list[str]:
     """Names of the temporary files that killed writes left in a shard directory."""
-    fs, base = resolve_filesystem(uri_or_dir, filesystem)
+    fs, base = filesystem_and_path(uri_or_dir, filesystem)
     entries = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
     names = (entry.base_name for entry in entries if entry.type == pafs.FileType.File)
     return sorted(name for name in names if is_leftover(name))
@@ -354,7 +354,9 @@ class ShardWriter:
     """Writes validated rows into size-bounded Parquet shards plus ``manifest.json``.
 
     Use as a context manager; ``write(row)`` validates and buffers a row, every
-    ``row_group_rows`` rows become one row group, and a file is finished once it reaches
+    ``row_group_rows`` rows become one row group (one by default: the training order reads
+    rows at random positions and a row group is the smallest unit Parquet reads, so a row
+    per group reads each row once per epoch), and a file is finished once it reaches
     ``target_bytes``. Every file stays under its temporary name until :meth:`close`, which
     renames them into place and writes the manifest last. Closing because of an exception
     keeps every complete row and marks the manifest ``complete: false``, except when the
@@ -370,7 +372,7 @@ class ShardWriter:
         meta: ShardMetadata,
         *,
         target_bytes: int = 256 * 2**20,
-        row_group_rows: int = 8,
+        row_group_rows: int = 1,
         prefix: str = "part",
         overwrite: bool = False,
         provenance: dict[str, Any] | None = None,

@@ -29,6 +29,7 @@ from torch import nn
 
 from cromss_ray.config import ConfigError, FinetuneConfig, OptimConfig, PretrainConfig, build_config, flatten, to_yaml
 from cromss_ray.models.stored import CONFIG_FILE, WEIGHTS_FILE
+from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.cluster import absolute_storage_path
 from cromss_ray.train.collectives import unwrap
 from cromss_ray.train.optim import LearningRateScheduler, Precision, build_lr_scheduler, build_optimizer

@@ -25,7 +25,7 @@ SHARD_SIZE = 64
 def pretrain_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 synthetic 4-season pretraining locations of 64 x 64 px with clean labels, in 2 files."""
     out = tmp_path_factory.mktemp("pretrain-shards")
-    synthesize(out, "pretrain", locations=PRETRAIN_LOCATIONS, size=SHARD_SIZE, seed=7, target_bytes=2**19)
+    synthesize(out, "pretrain", locations=PRETRAIN_LOCATIONS, size=SHARD_SIZE, seed=7, target_bytes=3 * 2**19)
     return out
 
 
