@@ -177,7 +177,7 @@ step finetune-baseline "Fine-tuning on DW-like tiles: from the noisy-label basel
     finetune demo-ft-noisy-baseline models:/cromss-demo-noisy-baseline@latest
 step finetune-cromss "Fine-tuning on DW-like tiles: from $BEST_MODEL" finetune demo-ft-cromss "$BEST_MODEL"
 
-say "Results (mIoU in %, against clean labels)"
+say "Results (mIoU in %, against clean labels; S2 selection in the last pretraining epoch: precision and base rate in %, noise AUROC)"
 .venv/bin/python scripts/demo_report.py --tracking-uri "$TRACKING_URI" --best-model "$BEST_MODEL" \
     | tee "$DEMO_DIR/results.txt"
 echo "(Demo scale: $PRETRAIN_LOCATIONS locations, $EPOCHS epochs. The table shows that the loop works end to end,

@@ -2,7 +2,11 @@
 
 Pretraining columns score held-out locations against their clean labels (the noisy
 labels are what the networks were trained on); the transfer column scores the S2
-network fine-tuned on the DW-like tiles on their test split. Run by scripts/demo.sh:
+network fine-tuned on the DW-like tiles on their test split. The last three columns
+score the S2 branch's sample selection in the pretraining run's last epoch, on its
+training batches: the share of selection weight on right noisy labels (precision), the
+share of right noisy labels (base rate: the precision of selecting at random) and the
+AUROC of the label trust as a detector of wrong labels. Run by scripts/demo.sh:
 
     python scripts/demo_report.py --tracking-uri sqlite:///outputs/demo/mlflow.db --best-model models:/NAME@best
 """
@@ -20,11 +24,25 @@ from mlflow.entities import Run
 
 PRETRAIN_EXPERIMENT = "cromss-pretrain"
 FINETUNE_EXPERIMENT = "cromss-finetune"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the table: its title, the run metric it shows, and as a percentage or a plain fraction."""
+
+    title: str
+    metric: str
+    percent: bool = True
+
+
 COLUMNS = (
-    ("S2 vs clean", "val_clean/s2/miou"),
-    ("S1 vs clean", "val_clean/s1/miou"),
-    ("fused vs clean", "val_clean/fused/miou"),
-    ("DW-like test (S2)", "test/s2/miou"),
+    Column("S2 vs clean", "val_clean/s2/miou"),
+    Column("S1 vs clean", "val_clean/s1/miou"),
+    Column("fused vs clean", "val_clean/fused/miou"),
+    Column("DW-like test (S2)", "test/s2/miou"),
+    Column("S2 selection precision", "train/s2/selected_precision"),
+    Column("base rate", "train/s2/base_rate"),
+    Column("S2 noise AUROC", "train/s2/noise_auroc", percent=False),
 )
 MISSING = "-"
 
@@ -71,15 +89,17 @@ def best_model_run(client: MlflowClient, model_uri: str) -> Run:
     return client.get_run(version.run_id)
 
 
-def percent(run: Run | None, metric: str) -> str:
-    if run is None or metric not in run.data.metrics:
+def cell(run: Run | None, column: Column) -> str:
+    """The run's last value of the column's metric: a percentage with one decimal, or a fraction with three."""
+    if run is None or column.metric not in run.data.metrics:
         return MISSING
-    return f"{100 * run.data.metrics[metric]:.1f}"
+    value = run.data.metrics[column.metric]
+    return f"{100 * value:.1f}" if column.percent else f"{value:.3f}"
 
 
 def results_table(client: MlflowClient, best_model: str) -> str:
-    """Rows of initialisations, columns of mIoU (%) in pretraining and after transfer."""
-    lines: list[tuple[str, ...]] = [("initialisation", *(title for title, _ in COLUMNS))]
+    """Rows of initialisations, columns of mIoU (%) in pretraining and after transfer, then the S2 selection."""
+    lines: list[tuple[str, ...]] = [("initialisation", *(column.title for column in COLUMNS))]
     for row in ROWS:
         pretrained = latest_run(client, PRETRAIN_EXPERIMENT, row.pretrain_run) if row.pretrain_run else None
         finetuned = latest_run(client, FINETUNE_EXPERIMENT, row.finetune_run) if row.finetune_run else None
@@ -94,7 +114,7 @@ def results_table(client: MlflowClient, best_model: str) -> str:
 
 
 def cells(pretrained: Run | None, finetuned: Run | None) -> list[str]:
-    return [percent(finetuned if metric.startswith("test/") else pretrained, metric) for _, metric in COLUMNS]
+    return [cell(finetuned if column.metric.startswith("test/") else pretrained, column) for column in COLUMNS]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

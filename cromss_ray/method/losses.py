@@ -146,7 +146,7 @@ class CromSSLoss(nn.Module):
     confidences over labelled pixels). :meth:`forward_with_selection` also returns the
     step's per-pixel trust and weight maps (for :class:`~cromss_ray.method.diagnostics.NoiseDiagnostics`),
     :meth:`evaluate` gives the validation loss and :meth:`selection_maps` the per-pixel
-    weight maps for figures.
+    trust and weight maps alone (for validation).
     """
 
     def __init__(
@@ -297,14 +297,13 @@ class CromSSLoss(nn.Module):
         return self._objective(logits, smoothed_target(y, None, (), self.classes), [mask, mask], [mask, mask])
 
     @torch.no_grad()
-    def selection_maps(
-        self, z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor, epoch: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pixel segmentation weights ``(w1, w2)``, each ``(N, H, W)``, that :meth:`forward` uses (spec 6).
+    def selection_maps(self, z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> SelectionMaps:
+        """The per-pixel trust and segmentation weights that :meth:`forward` would use at ``epoch`` (spec 4, 6).
 
-        For figures: 1 is full weight, 0 excluded (also every unlabelled pixel).
+        For validation (figures, noise diagnostics): a weight of 1 is full weight, 0
+        excluded (also every unlabelled pixel); nothing else of the loss is computed.
         """
         logits = (z1.float(), z2.float())
         y, labelled = self._clean_labels(y)
         maps, _, _ = self._weights(logits, y, labelled, epoch)
-        return maps.weights
+        return maps

@@ -5,7 +5,10 @@ share of the training locations with the CromSS objective (spec 2-8); after each
 all workers score their share of the validation locations, and the confusion matrices
 (spec 11) of the S1 branch, the S2 branch and the fused prediction are summed over the
 workers, against the noisy labels (``val/<branch>/<metric>``) and, when the shards have
-them, the clean ones (``val_clean/<branch>/<metric>``). The epoch's flat metrics (with
+them, the clean ones (``val_clean/<branch>/<metric>``). With clean labels, the noise
+diagnostics of the S1 and S2 selection (:class:`~cromss_ray.method.NoiseDiagnostics`) are
+summed over the workers too, on the training and the validation batches
+(``train/<branch>/<metric>``, ``val/<branch>/<metric>``). The epoch's flat metrics (with
 ``epoch``, the number of completed epochs) go to Ray Train, and so to Ray Tune when a
 trial drives the run, with a checkpoint every ``run.checkpoint_frequency`` epochs.
 
@@ -34,7 +37,8 @@ from torch import nn
 from cromss_ray.config import ConfigError, PretrainConfig
 from cromss_ray.data.pipeline import DeviceBatch, pretrain_datasets, to_device
 from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
-from cromss_ray.method import ConfusionMatrix, CromSSLoss, fused_probabilities
+from cromss_ray.method import ConfusionMatrix, CromSSLoss, NoiseDiagnostics, SelectionMaps, fused_probabilities
+from cromss_ray.method.losses import MODALITIES
 from cromss_ray.models.segmenter import BRANCHES
 from cromss_ray.models.stored import network_from_config
 from cromss_ray.tracking.pyfunc import log_pretrained_model
@@ -58,6 +62,8 @@ PROGRESS_KEYS = (
     "train/lr",
 )
 """Metrics shown in the per-epoch progress line."""
+NOISE_METRICS = ("selected_precision", "noise_recall", "noise_auroc", "base_rate")
+"""The noise diagnostics logged per branch as ``<split>/<branch>/<metric>`` when the shards have clean labels."""
 
 
 @dataclass(frozen=True)
@@ -173,19 +179,56 @@ class WorkerContext:
             )
             yield batch, inputs
 
+    def noise_diagnostics(self) -> dict[str, NoiseDiagnostics]:
+        """An empty accumulator per branch whose labels the selection weights (spec 6) when the shards have
+        clean labels, else none."""
+        if not self.meta.has_clean_label:
+            return {}
+        classes, nodata = self.config.model.classes, self.meta.nodata
+        return {branch: NoiseDiagnostics(classes, nodata, self.device) for branch in MODALITIES}
+
+
+def add_noise_evidence(
+    diagnostics: Mapping[str, NoiseDiagnostics], inputs: DeviceBatch, maps: SelectionMaps
+) -> None:
+    """Add a batch's selection of each branch to its accumulator (on the device, no host synchronisation);
+    nothing without accumulators (shards without clean labels)."""
+    if not diagnostics:
+        return
+    for accumulator, trust, weights in zip(diagnostics.values(), maps.trust, maps.weights, strict=True):
+        accumulator.update(inputs.y, inputs.clean_y, weights, trust)
+
+
+def noise_metrics(split: str, diagnostics: Mapping[str, NoiseDiagnostics]) -> dict[str, float]:
+    """The epoch's noise diagnostics of every branch, summed over every rank: ``<split>/<branch>/<metric>``."""
+    metrics = {}
+    for branch, accumulator in diagnostics.items():
+        accumulator.all_reduce(all_reduce_tensor)
+        result = accumulator.compute()
+        metrics.update({f"{split}/{branch}/{name}": result[name] for name in NOISE_METRICS})
+    return metrics
+
 
 def train_epoch(
     context: WorkerContext, state: TrainingState, shard: ray.data.DataIterator, epoch: int
 ) -> dict[str, float]:
-    """One pass over the worker's training share; the loss terms and diagnostics averaged over every rank's steps."""
+    """One pass over the worker's training share; the loss terms and diagnostics averaged over every rank's steps.
+
+    With clean labels, also the noise diagnostics of the selection each step applied,
+    over every rank's training pixels (``train/<branch>/<metric>``, :data:`NOISE_METRICS`).
+    """
     state.model.train()
     sums: dict[str, torch.Tensor] = {}
     steps = 0
+    noise = context.noise_diagnostics()
     for _, inputs in context.batches(shard, training=True):
         with context.precision.autocast():
             z1, z2 = state.model(inputs.x1, inputs.x2)
-        loss, diagnostics = context.criterion(z1, z2, inputs.y, prior=inputs.prior, epoch=epoch)
+        loss, diagnostics, maps = context.criterion.forward_with_selection(
+            z1, z2, inputs.y, prior=inputs.prior, epoch=epoch
+        )
         state.optimise(loss)
+        add_noise_evidence(noise, inputs, maps)
         for key, value in {"loss": loss.detach(), **diagnostics}.items():
             sums[key] = sums.get(key, 0.0) + value.float()
         steps += 1
@@ -195,7 +238,7 @@ def train_epoch(
         )
     totals = all_reduce_sums({**{key: float(value) for key, value in sums.items()}, "steps": steps}, context.device)
     count = totals.pop("steps")
-    return {f"{TRAIN}/{key}": value / count for key, value in totals.items()}
+    return {**{f"{TRAIN}/{key}": value / count for key, value in totals.items()}, **noise_metrics(TRAIN, noise)}
 
 
 def rgb_positions(s2_bands: int) -> list[int]:
@@ -232,7 +275,9 @@ def validate(
     unwrapped network is used, so no DDP collective runs while ranks hold different
     numbers of batches. With ``figures`` (the same on every rank), the first samples of
     the ranks, in rank order, keep their panels and selection weight maps at ``epoch``
-    (spec 6) for figures.
+    (spec 6) for figures. With clean labels, the selection the loss would apply at
+    ``epoch`` is scored on the validation batches as in training (``val/<branch>/<metric>``,
+    :data:`NOISE_METRICS`).
     """
     network.eval()
     classes, nodata, device = context.config.model.classes, context.meta.nodata, context.device
@@ -242,6 +287,7 @@ def validate(
     count = 0
     samples: list[dict[str, Any]] = []
     example = None
+    noise = context.noise_diagnostics()
     positions = rgb_positions(context.config.data.s2_bands)
     for batch, inputs in context.batches(shard, training=False):
         with context.precision.autocast():
@@ -260,8 +306,12 @@ def validate(
             matrix.update(predictions[branch], inputs.y if kind == VAL else inputs.clean_y)
         if example is None:
             example = {"s1": inputs.x1[:1].cpu(), "s2": inputs.x2[:1].cpu()}
-        if len(samples) < figures:
-            drawn = _figure_samples(context, inputs, batch["key"], z1, z2, predictions["fused"], epoch, positions)
+        drawing = len(samples) < figures
+        if noise or drawing:
+            maps = context.criterion.selection_maps(z1, z2, inputs.y, epoch=epoch)
+            add_noise_evidence(noise, inputs, maps)
+        if drawing:
+            drawn = _figure_samples(inputs, batch["key"], maps, predictions["fused"], positions)
             samples.extend(drawn[: figures - len(samples)])
     if figures:
         gathered = all_gather_objects((samples, example))
@@ -277,21 +327,19 @@ def validate(
         for name, value in result.items():
             if isinstance(value, float):
                 metrics[f"{kind}/{branch}/{name}"] = value
+    metrics.update(noise_metrics(VAL, noise))
     return Validation(metrics, confusion, samples, example)
 
 
 def _figure_samples(
-    context: WorkerContext,
     inputs: DeviceBatch,
     keys: torch.Tensor,
-    z1: torch.Tensor,
-    z2: torch.Tensor,
+    maps: SelectionMaps,
     prediction: torch.Tensor,
-    epoch: int,
     positions: Sequence[int],
 ) -> list[dict[str, Any]]:
     """Figure panels per sample of a batch: S2 true colour, labels, fused prediction, selection weights."""
-    weights_s1, weights_s2 = context.criterion.selection_maps(z1, z2, inputs.y, epoch=epoch)
+    weights_s1, weights_s2 = maps.weights
     samples = []
     for index in range(inputs.y.shape[0]):
         sample = {

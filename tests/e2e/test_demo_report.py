@@ -46,8 +46,14 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     log_run(client, "cromss-pretrain", "demo-noisy-baseline", {**clean, "val_clean/s2/miou": 0.9})
     log_run(client, "cromss-pretrain", "demo-noisy-baseline", clean)
     log_run(client, "cromss-pretrain", "demo-noisy-baseline", {"val_clean/s2/miou": 0.99}, status="FAILED")
-    log_run(client, "cromss-pretrain", "demo-cromss-mid", {"val_clean/s2/miou": 0.5})
-    best_run = log_run(client, "cromss-tune", "trial-3", {"val_clean/s2/miou": 0.625, "val_clean/s1/miou": 0.5})
+    selection = {"train/s2/selected_precision": 0.875, "train/s2/base_rate": 0.75, "train/s2/noise_auroc": 0.8125}
+    log_run(client, "cromss-pretrain", "demo-cromss-mid", {"val_clean/s2/miou": 0.5, **selection})
+    best_run = log_run(
+        client,
+        "cromss-tune",
+        "trial-3",
+        {"val_clean/s2/miou": 0.625, "val_clean/s1/miou": 0.5, **selection, "train/s2/noise_auroc": 0.90625},
+    )
     client.create_registered_model("cromss-late-13b")
     version = client.create_model_version("cromss-late-13b", source=f"runs:/{best_run}/model", run_id=best_run)
     client.set_registered_model_alias("cromss-late-13b", "best", version.version)
@@ -60,13 +66,16 @@ def test_table_takes_the_latest_finished_run_of_each_name(demo_store: str) -> No
     result = report(demo_store, "models:/cromss-late-13b@best")
     assert result.returncode == 0, result.stderr
     rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()[2:]}
-    assert rows["random initialisation"][-4:] == ["-", "-", "-", "37.5"]
-    assert rows["noisy-label baseline (mid fusion)"][-4:] == ["25.0", "12.5", "30.0", "-"]
-    assert rows["CromSS, middle fusion"][-4:] == ["50.0", "-", "-", "-"]
-    assert rows["CromSS, late fusion"][-4:] == ["-", "-", "-", "-"]
+    header = result.stdout.splitlines()[0]
+    assert header.index("base rate") < header.index("S2 noise AUROC")
+    assert header.index("S2 selection precision") < header.index("base rate")
+    assert rows["random initialisation"][-7:] == ["-", "-", "-", "37.5", "-", "-", "-"]
+    assert rows["noisy-label baseline (mid fusion)"][-7:] == ["25.0", "12.5", "30.0", "-", "-", "-", "-"]
+    assert rows["CromSS, middle fusion"][-7:] == ["50.0", "-", "-", "-", "87.5", "75.0", "0.812"]
+    assert rows["CromSS, late fusion"][-7:] == ["-", "-", "-", "-", "-", "-", "-"]
     best = next(line for label, line in rows.items() if label.startswith("CromSS, best of the sweep"))
     assert "(models:/cromss-late-13b@best)" in " ".join(best)
-    assert best[-4:] == ["62.5", "50.0", "-", "43.8"]
+    assert best[-7:] == ["62.5", "50.0", "-", "43.8", "87.5", "75.0", "0.906"]
 
 
 def test_a_best_model_that_is_not_an_alias_uri_is_refused(demo_store: str) -> None:

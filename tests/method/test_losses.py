@@ -143,8 +143,10 @@ def test_selection_weights_and_consistency_weights_follow_the_spec_composition()
     y[0, 0] = NODATA
     loss = CromSSLoss(smoothing_factors=(), classes=4, ramp_length=10, consistency="ce")
     epoch = 12  # after the ramp: rho = 0.5, v = entangled prediction confidence
-    w1, w2 = loss.selection_maps(z1, z2, y, epoch)
+    maps = loss.selection_maps(z1, z2, y, epoch)
+    w1, w2 = maps.weights
     c1, c2 = entangle(label_confidence(z1, y), label_confidence(z2, y))
+    torch.testing.assert_close(maps.trust, (c1, c2))
     torch.testing.assert_close(w1, selection_weights(c1, y, 0.5, 4))
     torch.testing.assert_close(w2, selection_weights(c2, y, 0.5, 4))
     v1, v2 = entangle(prediction_confidence(z1), prediction_confidence(z2))
@@ -175,7 +177,7 @@ def test_no_gradient_flows_through_confidences_or_weights():
     total, _ = loss(z1, z2, y, epoch=2)
     grads = torch.autograd.grad(total, (z1, z2))
     # the same objective with weights computed on detached copies as constants
-    w1, w2 = loss.selection_maps(z1.detach(), z2.detach(), y, 2)
+    w1, w2 = loss.selection_maps(z1.detach(), z2.detach(), y, 2).weights
     c1, c2 = entangle(prediction_confidence(z1), prediction_confidence(z2))
     r = math.exp(-5 * (1 - 2 / 4) ** 2)
     v1, v2 = (1 - r) + r * c1, (1 - r) + r * c2

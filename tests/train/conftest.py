@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cromss_ray.config import PretrainConfig, load_config
+from cromss_ray.data.shards import ShardWriter, iter_rows, open_shard
 from cromss_ray.data.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +30,19 @@ def pretrain_locations(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def noisy_only_locations(pretrain_locations: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same locations stored without their clean labels (as real pretraining data come)."""
+    out = tmp_path_factory.mktemp("noisy-only-locations")
+    shards = sorted(str(path) for path in pretrain_locations.glob("*.parquet"))
+    _, meta = open_shard(shards[0])
+    with ShardWriter(out, meta.model_copy(update={"has_clean_label": False})) as writer:
+        for shard in shards:
+            for row in iter_rows(shard):
+                writer.write({name: value for name, value in row.items() if name != "clean_label"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One MLflow sqlite store (with its registry) for the session."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
@@ -38,11 +52,12 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_config(
     pretrain_locations: Path, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., PretrainConfig]:
-    """``tiny_config(name, *overrides)``: ``jobs/configs/pretrain_tiny.yaml`` on the synthetic shards,
-    tracked in the session's store, stored in the session's run folder, registered under ``name``."""
+    """``tiny_config(name, *overrides, data=...)``: ``jobs/configs/pretrain_tiny.yaml`` on the synthetic shards
+    (or the shards in ``data``), tracked in the session's store, stored in the session's run folder,
+    registered under ``name``."""
     storage = tmp_path_factory.mktemp("runs")
 
-    def make(name: str, *overrides: str) -> PretrainConfig:
+    def make(name: str, *overrides: str, data: Path = pretrain_locations) -> PretrainConfig:
         return load_config(
             PretrainConfig,
             TINY_CONFIG,
@@ -54,7 +69,7 @@ def tiny_config(
                 "data.val_fraction=0.5",  # 7 of the 16 locations: an odd count split over 2 workers
                 *overrides,
             ],
-            data=str(pretrain_locations),
+            data=str(data),
             tracking_uri=tracking_uri,
         )
 

@@ -10,18 +10,22 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
 
 from cromss_ray.config import ConfigError, PretrainConfig
+from cromss_ray.data.shards import iter_rows
 from cromss_ray.data.storage import scan_shards
-from cromss_ray.data.transforms import HashSplit
+from cromss_ray.data.transforms import HashSplit, sample_rng, stable_hash
 from cromss_ray.method import build_model
-from cromss_ray.train.pretrain import PretrainResult, build_trainer, run_pretrain
+from cromss_ray.method.losses import MODALITIES
+from cromss_ray.train.pretrain import NOISE_METRICS, PretrainResult, build_trainer, run_pretrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -103,6 +107,65 @@ def test_every_epoch_is_reported_and_logged_with_its_epoch(first_run, tracking_u
     assert outcome.start_epoch == 0
     assert 0.0 <= outcome.metrics["train/s1/selected_share"] <= 1.0
     assert outcome.metrics["train/selection/ratio"] < 1.0, "the 2-epoch ramp must have started selecting"
+
+
+def right_labels(config: PretrainConfig, season_of: Callable[[str], int]) -> dict[str, tuple[int, int]]:
+    """Per location: (right noisy labels, labelled pixels) of the season ``season_of(id)`` picks, whole tile."""
+    counts = {}
+    for shard in sorted(Path(config.data.uri).glob("*.parquet")):
+        for row in iter_rows(str(shard)):
+            season = season_of(row["id"])
+            noisy, clean = row["label"][season], row["clean_label"][season]
+            valid = (noisy < config.model.classes) & (clean < config.model.classes)
+            counts[row["id"]] = (int(np.sum(valid & (noisy == clean))), int(np.sum(valid)))
+    return counts
+
+
+def test_noise_diagnostics_of_both_branches_are_logged_every_epoch(first_run, tracking_uri: str) -> None:
+    config, outcome = first_run
+    client = MlflowClient(tracking_uri)
+    history = {
+        f"{split}/{branch}/{name}": client.get_metric_history(outcome.run_id, f"{split}/{branch}/{name}")
+        for split in ("train", "val")
+        for branch in MODALITIES
+        for name in NOISE_METRICS
+    }
+    for key, metrics in history.items():
+        assert sorted(metric.step for metric in metrics) == [1, 2], key
+        assert all(0.0 <= metric.value <= 1.0 for metric in metrics), key
+    split = HashSplit.for_ids(scan_shards(config.data.uri).read_ids(), config.data.val_fraction)
+    # Validation: every held-out 64 px tile once, in the season its id fixes.
+    held_out = right_labels(config, lambda row_id: stable_hash(row_id, "val-season") % 4)
+    right, labelled = np.sum([counts for row_id, counts in held_out.items() if split.is_val(row_id)], axis=0)
+    for branch in MODALITIES:
+        for metric in history[f"val/{branch}/base_rate"]:
+            assert metric.value == pytest.approx(right / labelled, rel=1e-12)
+    # Training: whole tiles in the season drawn from (seed, epoch, id), flipped or turned (which keeps the
+    # counts); the equal split over 2 workers leaves one of the 9 training locations out of each epoch.
+    for epoch in (0, 1):
+        drawn = right_labels(config, lambda row_id: int(sample_rng(config.run.seed, epoch, row_id).integers(4)))
+        training = [counts for row_id, counts in drawn.items() if not split.is_val(row_id)]
+        right, labelled = np.sum(training, axis=0)
+        possible = [(right - left_right) / (labelled - left_labelled) for left_right, left_labelled in training]
+        for branch in MODALITIES:
+            value = next(metric.value for metric in history[f"train/{branch}/base_rate"] if metric.step == epoch + 1)
+            assert value == pytest.approx(min(possible, key=lambda share: abs(share - value)), rel=1e-12), epoch
+
+
+def test_a_run_without_clean_labels_logs_no_noise_diagnostics(
+    ray_cluster: None, tiny_config, noisy_only_locations: Path, tracking_uri: str
+) -> None:
+    config = tiny_config(
+        "cromss-test-noisy-only",
+        "optim.epochs=1",
+        "run.validation_figures=0",
+        "tracking.log_model=false",
+        data=noisy_only_locations,
+    )
+    outcome = run_pretrain(config)
+    logged = MlflowClient(tracking_uri).get_run(outcome.run_id).data.metrics
+    assert "train/loss" in logged and "val/s2/miou" in logged and "val_clean/s2/miou" not in logged
+    assert not [key for key in (*logged, *outcome.result.metrics) if key.endswith(NOISE_METRICS)]
 
 
 def test_final_confusion_matrices_cover_every_held_out_pixel_once(first_run, tracking_uri: str, tmp_path: Path) -> None:

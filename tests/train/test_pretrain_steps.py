@@ -1,0 +1,144 @@
+"""The pretraining step functions on one worker without Ray: the noise diagnostics they add to the epoch's metrics.
+
+Batches come from an in-memory shard that records what it hands out, so every figure
+can be worked out again directly from those batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cromss_ray.config import PretrainConfig, load_config
+from cromss_ray.data.pipeline import to_device
+from cromss_ray.data.schema import ShardMetadata
+from cromss_ray.data.synth import synth_metadata
+from cromss_ray.method.losses import MODALITIES
+from cromss_ray.models.stored import network_from_config
+from cromss_ray.train.checkpoints import TrainingState
+from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer
+from cromss_ray.train.pretrain import NOISE_METRICS, WorkerContext, build_criterion, train_epoch, validate
+
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pretrain_tiny.yaml"
+SIZE = 32
+BATCHES = 3
+BATCH_SIZE = 2
+EPOCH = 1  # inside the 2-epoch ramp of the tiny config: the selection excludes pixels
+
+
+class RecordedShard:
+    """A shard of fixed synthetic batches (``iter_torch_batches`` as Ray Data's iterator has it)."""
+
+    def __init__(self, meta: ShardMetadata, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        classes = meta.num_classes
+        self.batches = []
+        for index in range(BATCHES):
+            shape = (BATCH_SIZE, SIZE, SIZE)
+            clean = torch.randint(0, classes, shape, generator=generator, dtype=torch.uint8)
+            flipped = torch.rand(shape, generator=generator) < 0.3
+            noisy = torch.where(flipped, (clean + 1) % classes, clean)
+            noisy[:, 0, : 4 + index] = meta.nodata
+            batch = {
+                "key": torch.arange(index * BATCH_SIZE, (index + 1) * BATCH_SIZE),
+                "s1": torch.randint(0, 256, (BATCH_SIZE, 2, SIZE, SIZE), generator=generator, dtype=torch.uint8),
+                "s2": torch.randint(0, 256, (BATCH_SIZE, 13, SIZE, SIZE), generator=generator, dtype=torch.uint8),
+                "label": noisy,
+            }
+            if meta.has_clean_label:
+                batch["clean_label"] = clean
+            self.batches.append(batch)
+
+    def iter_torch_batches(self, batch_size: int, prefetch_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        assert batch_size == BATCH_SIZE
+        yield from self.batches
+
+
+def worker_context(clean_labels: bool) -> WorkerContext:
+    meta = synth_metadata("pretrain").model_copy(update={"has_clean_label": clean_labels})
+    config = load_config(
+        PretrainConfig,
+        TINY_CONFIG,
+        [f"model.classes={meta.num_classes}", f"optim.batch_size={BATCH_SIZE}", f"data.crop={SIZE}"],
+    )
+    device = torch.device("cpu")
+    return WorkerContext(config, meta, device, Precision.on(device, "fp32"), build_criterion(config, meta.nodata))
+
+
+def training_state(context: WorkerContext) -> TrainingState:
+    torch.manual_seed(0)
+    network = network_from_config(context.config)
+    optimizer = build_optimizer(network.parameters(), context.config.optim)
+    scheduler = build_lr_scheduler(optimizer, context.config.optim)
+    return TrainingState(network, optimizer, scheduler, context.precision.grad_scaler())
+
+
+def right_label_share(batches: list[dict[str, torch.Tensor]], classes: int, nodata: int) -> float:
+    """The share of right noisy labels among the pixels where both labels are class labels."""
+    right = counted = 0
+    for batch in batches:
+        noisy, clean = batch["label"].long(), batch["clean_label"].long()
+        valid = (noisy < classes) & (noisy != nodata) & (clean < classes) & (clean != nodata)
+        right += int((valid & (noisy == clean)).sum())
+        counted += int(valid.sum())
+    return right / counted
+
+
+def noise_keys(split: str) -> set[str]:
+    return {f"{split}/{branch}/{name}" for branch in MODALITIES for name in NOISE_METRICS}
+
+
+def test_an_epoch_with_clean_labels_scores_the_selection_of_both_branches() -> None:
+    context = worker_context(clean_labels=True)
+    classes, nodata = context.config.model.classes, context.meta.nodata
+    state = training_state(context)
+    training, held_out = RecordedShard(context.meta, seed=1), RecordedShard(context.meta, seed=2)
+
+    metrics = train_epoch(context, state, training, EPOCH)
+    validation = validate(context, state.model, held_out, EPOCH, figures=0)
+
+    assert noise_keys("train") <= metrics.keys() and noise_keys("val") <= validation.metrics.keys()
+    for split, values in (("train", metrics), ("val", validation.metrics)):
+        for key in noise_keys(split):
+            assert 0.0 <= values[key] <= 1.0, key
+    for branch in MODALITIES:
+        assert metrics[f"train/{branch}/base_rate"] == pytest.approx(
+            right_label_share(training.batches, classes, nodata), abs=1e-12
+        )
+        assert validation.metrics[f"val/{branch}/base_rate"] == pytest.approx(
+            right_label_share(held_out.batches, classes, nodata), abs=1e-12
+        )
+    # Validation scores the selection the loss would apply at this epoch to the held-out batches.
+    state.model.eval()
+    kept, kept_right, labelled = [0.0, 0.0], [0.0, 0.0], 0
+    with torch.no_grad():
+        for batch in held_out.batches:
+            inputs = to_device(batch, context.meta, "cpu", prior="none", classes=classes)
+            z1, z2 = state.model(inputs.x1, inputs.x2)
+            maps = context.criterion.selection_maps(z1, z2, inputs.y, epoch=EPOCH)
+            right = (inputs.y == inputs.clean_y) & (inputs.y < classes)
+            labelled += int((inputs.y < classes).sum())
+            for index, weights in enumerate(maps.weights):
+                kept[index] += float(weights.double().sum())
+                kept_right[index] += float((weights.double() * right).sum())
+    assert max(kept) < labelled, "the selection must exclude some pixels at this epoch"
+    for index, branch in enumerate(MODALITIES):
+        assert validation.metrics[f"val/{branch}/selected_precision"] == pytest.approx(
+            kept_right[index] / kept[index], rel=1e-9
+        )
+
+
+def test_an_epoch_without_clean_labels_logs_no_noise_diagnostics() -> None:
+    context = worker_context(clean_labels=False)
+    state = training_state(context)
+
+    metrics = train_epoch(context, state, RecordedShard(context.meta, seed=1), EPOCH)
+    validation = validate(context, state.model, RecordedShard(context.meta, seed=2), EPOCH, figures=0)
+
+    assert "train/loss" in metrics and "val/s2/miou" in validation.metrics
+    assert not noise_keys("train") & metrics.keys()
+    assert not noise_keys("val") & validation.metrics.keys()
+    assert not any(key.endswith(NOISE_METRICS) for key in (*metrics, *validation.metrics))
