@@ -79,8 +79,12 @@ class ConfusionMatrix:
         both target and prediction, precision of a class never predicted, recall of a
         class never in the target. ``miou`` and ``mf1`` average over the classes with a
         defined score, so a class absent from the whole evaluation set neither helps nor
-        hurts (the reference scored it 1 via smp's ``zero_division``). An empty matrix
-        gives NaN everywhere.
+        hurts. An empty matrix gives NaN everywhere.
+
+        Beside them, the reference's convention (smp's ``zero_division=1``), so that
+        numbers compare with the paper's tables: ``iou_ref`` and ``f1_ref`` score such an
+        absent, never-predicted class 1, and ``miou_ref`` / ``mf1_ref`` average them over
+        all C classes (an empty matrix gives 1).
         """
         matrix = self.matrix.detach().cpu().to(torch.float64)
         true_positive = matrix.diagonal()
@@ -94,6 +98,7 @@ class ConfusionMatrix:
 
         iou = ratio(true_positive, true_positive + false_positive + false_negative)
         f1 = ratio(2 * true_positive, 2 * true_positive + false_positive + false_negative)
+        iou_ref, f1_ref = iou.nan_to_num(1.0), f1.nan_to_num(1.0)
         total = matrix.sum()
         return {
             "oa": (true_positive.sum() / total).item() if total > 0 else math.nan,
@@ -103,5 +108,9 @@ class ConfusionMatrix:
             "f1": f1.tolist(),
             "precision": ratio(true_positive, predicted).tolist(),
             "recall": ratio(true_positive, actual).tolist(),
+            "miou_ref": iou_ref.mean().item(),
+            "mf1_ref": f1_ref.mean().item(),
+            "iou_ref": iou_ref.tolist(),
+            "f1_ref": f1_ref.tolist(),
             "matrix": self.matrix.detach().cpu().clone(),
         }

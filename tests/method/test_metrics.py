@@ -40,6 +40,29 @@ def test_a_class_absent_from_target_and_prediction_is_left_out_of_the_means():
     assert metrics["miou"] == pytest.approx(1 / 3)
 
 
+def test_the_reference_convention_scores_an_absent_class_one_and_averages_over_all_classes():
+    matrix = ConfusionMatrix(4, ignore_index=NODATA)
+    matrix.update(PRED, TARGET)
+    metrics = matrix.compute()
+    # class 3 is neither in the target nor predicted: IoU = F1 = 1 (zero_division = 1);
+    # the others as in test_metrics_by_hand: IoU (1/3, 2/3, 0), F1 (1/2, 4/5, 0)
+    assert metrics["iou_ref"] == pytest.approx([1 / 3, 2 / 3, 0.0, 1.0])
+    assert metrics["f1_ref"] == pytest.approx([1 / 2, 4 / 5, 0.0, 1.0])
+    # means over all 4 classes: (1/3 + 2/3 + 0 + 1) / 4 = 1/2, (1/2 + 4/5 + 0 + 1) / 4 = 0.575
+    assert metrics["miou_ref"] == pytest.approx(1 / 2)
+    assert metrics["mf1_ref"] == pytest.approx(0.575)
+    # our convention leaves class 3 out: mIoU 1/3, mF1 (1/2 + 4/5 + 0) / 3 = 13/30
+    assert metrics["miou"] == pytest.approx(1 / 3)
+    assert metrics["mf1"] == pytest.approx(13 / 30)
+
+
+def test_the_conventions_agree_when_every_class_occurs():
+    metrics = _filled().compute()
+    assert metrics["iou_ref"] == pytest.approx(metrics["iou"])
+    assert metrics["miou_ref"] == pytest.approx(metrics["miou"])
+    assert metrics["mf1_ref"] == pytest.approx(metrics["mf1"])
+
+
 def test_logits_are_reduced_by_argmax():
     logits = torch.nn.functional.one_hot(PRED, 3).permute(0, 2, 1).float()
     matrix = ConfusionMatrix(3, ignore_index=NODATA)
@@ -58,7 +81,9 @@ def test_batches_accumulate_merge_and_all_reduce():
     assert split.matrix.sum().item() == 10
     assert split.compute()["miou"] == pytest.approx(1 / 3)
     split.reset()
-    assert split.matrix.sum().item() == 0 and math.isnan(split.compute()["oa"])
+    empty = split.compute()
+    assert split.matrix.sum().item() == 0 and math.isnan(empty["oa"]) and math.isnan(empty["miou"])
+    assert empty["miou_ref"] == 1.0 and empty["mf1_ref"] == 1.0  # every class absent and never predicted
 
 
 def test_bad_updates_are_named():
