@@ -60,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     """score a registered model on a downstream test split.
 
     Predict every tile of a downstream shard set and print OA, mIoU, mF1 and per-class scores
-    from one confusion matrix (spec 11).
+    from one confusion matrix, and mIoU and mF1 in the reference's convention (spec 11).
     """
     from cromss_ray.tracking.registry import ModelNotFoundError
     from cromss_ray.inference.evaluate import evaluate_model, format_evaluation
