@@ -154,25 +154,7 @@ class ModalitySpec(BaseModel):
 
 
 S1_DB_RANGE = (-30.0, 5.0)
-"""Backscatter in dB that the networks see as 0 .. 1 (the synthetic uint8 storage spans the same range)."""
-
-
-def network_affine(spec: ModalitySpec) -> tuple[float, float]:
-    """``(scale, offset)`` with ``stored * scale + offset`` the network input of a modality (spec 9).
-
-    Superseded by :func:`cromss_ray.data.scaling.network_input` (the reference's rule);
-    kept for the prediction and model-registry callers until they switch over.
-    The reference feeds the released uint8 images divided by 255, values in [0, 1]. So
-    reflectance and 'normalized' values enter as stored (times scale, plus offset), and
-    backscatter in dB is mapped linearly from :data:`S1_DB_RANGE` onto [0, 1] (values
-    outside the range fall slightly outside [0, 1]; nothing is clipped). Every path into
-    a network (training batches, evaluation, GeoTIFF prediction, registered models)
-    scales through this one rule.
-    """
-    if spec.unit != "dB":
-        return spec.scale, spec.offset
-    low, high = S1_DB_RANGE
-    return spec.scale / (high - low), (spec.offset - low) / (high - low)
+"""Backscatter in dB that the synthetic pretraining shards store as uint8 0 .. 255 (``data.synth``)."""
 
 
 class ShardMetadata(BaseModel):

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cromss_ray.arguments import add_command, MODEL_HELP, TRACKING_HELP, fail
+from cromss_ray.data.schema import REPRESENTATIONS
 from cromss_ray.models import MODEL_TILE
 
 BRANCH_HELP = "for a pretrained CromSS model: predict from 's1' or 's2' alone (default: fused)"
@@ -31,11 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--s2", type=Path, metavar="S2.tif", help="Sentinel-2 GeoTIFF (all 13 L1C bands or the model's)"
     )
     predict.add_argument("--out", required=True, type=Path, metavar="PRED.tif", help="class-map GeoTIFF to write")
-    for modality in ("s1", "s2"):
-        for part in ("scale", "offset"):
-            predict.add_argument(
-                f"--{modality}-{part}", type=float, help=f"model input = stored * scale + offset for {modality.upper()}"
-            )
+    for modality, physical in (("s1", "float32 backscatter in dB"), ("s2", "uint16 L1C digital numbers")):
+        predict.add_argument(
+            f"--{modality}-representation",
+            choices=REPRESENTATIONS,
+            help=f"the {modality.upper()} GeoTIFF holds the raw product: 'physical' ({physical}) or 'v8' (the "
+            "released uint8 codes); default: stored as the model's inputs declare",
+        )
+
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, its branch, the windows and the store: what ``evaluate`` and ``predict`` share."""
@@ -56,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     """score a registered model on a downstream test split.
 
     Predict every tile of a downstream shard set and print OA, mIoU, mF1 and per-class scores
-    from one confusion matrix (spec 11).
+    from one confusion matrix, and mIoU and mF1 in the reference's convention (spec 11).
     """
     from cromss_ray.tracking.registry import ModelNotFoundError
     from cromss_ray.inference.evaluate import evaluate_model, format_evaluation
@@ -80,26 +84,25 @@ def _predict(args: argparse.Namespace) -> int:
     """predict a class-map GeoTIFF from Sentinel-1/2 GeoTIFFs.
 
     Predict a class map on the grid and CRS of the input GeoTIFFs (any size), tiled with overlap
-    and blended so there are no seams. Input values are scaled as the model's training shards
-    were (fine-tuned models) or as raw products, S1 in dB and S2 L1C digital numbers (pretrained
-    models), unless --s1-scale ... say otherwise.
+    and blended so there are no seams. The model scales the images itself by the reference's
+    rule (spec 9): they must be stored as its inputs declare (a fine-tuned model: like its
+    training shards; a pretrained one: the raw products, S1 dB and S2 L1C digital numbers,
+    unless registered otherwise), or as --s1-representation / --s2-representation say.
     """
     import torch
 
     from cromss_ray.models.geotiff import predict_geotiff
-    from cromss_ray.models.segmenter import Scaling
+    from cromss_ray.models.segmenter import product_input
     from cromss_ray.tracking.registry import ModelNotFoundError, load_segmenter
 
     try:
         segmenter = load_segmenter(args.model, branch=args.branch, tracking_uri=args.tracking_uri)
-        scaling = dict(segmenter.scaling)
+        inputs = dict(segmenter.inputs)
         for modality in ("s1", "s2"):
-            scale, offset = getattr(args, f"{modality}_scale"), getattr(args, f"{modality}_offset")
-            default = scaling[modality]
-            scaling[modality] = Scaling(
-                default.scale if scale is None else scale, default.offset if offset is None else offset
-            )
-        segmenter = replace(segmenter, scaling=scaling)
+            representation = getattr(args, f"{modality}_representation")
+            if representation is not None:
+                inputs[modality] = product_input(modality, representation)
+        segmenter = replace(segmenter, inputs=inputs)
         segmenter.network.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         out = predict_geotiff(
             segmenter,

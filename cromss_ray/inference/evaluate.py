@@ -4,7 +4,7 @@ The model is pulled from the registry and every tile of the shards scored whole 
 :func:`~cromss_ray.models.scoring.score_tiles` (tiled and blended above ``tile`` pixels),
 all tiles in one confusion matrix, ignored pixels (the shards' no-data value) left out:
 overall accuracy, per-class IoU, F1, precision and recall, and their unweighted means
-mIoU and mF1. Runs in this process (on a GPU when there is one); no Ray cluster is needed.
+mIoU and mF1, and beside them mIoU and mF1 in the reference's convention (spec 11). Runs in this process (on a GPU when there is one); no Ray cluster is needed.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import torch
 
 from cromss_ray.data.schema import DATASET_NAMES
 from cromss_ray.data.storage import TileSet, scan_shards
-from cromss_ray.models.scoring import check_tiles, score_tiles
+from cromss_ray.models.scoring import SUMMARY_SCORES, check_tiles, score_tiles
 from cromss_ray.models import MODEL_TILE
 from cromss_ray.models.segmenter import DEFAULT_BATCH_SIZE, BranchName
 from cromss_ray.tracking.registry import load_segmenter
 
-SUMMARY_SCORES = ("oa", "miou", "mf1")
 CLASS_SCORES = ("iou", "f1", "precision", "recall")
 
 
@@ -39,7 +38,7 @@ class EvaluationResult:
     scores: dict[str, Any]
 
     def metrics(self, split: str = "test") -> dict[str, float]:
-        """``<split>/<branch>/oa``, ``miou`` and ``mf1``, as a transfer run logs them."""
+        """``<split>/<branch>/oa``, ``miou``, ``mf1``, ``miou_ref`` and ``mf1_ref``, as a transfer run logs them."""
         return {f"{split}/{self.branch}/{name}": float(self.scores[name]) for name in SUMMARY_SCORES}
 
     @property
@@ -103,4 +102,8 @@ def format_evaluation(result: EvaluationResult) -> str:
         lines.append(f"{name:<{width}}  {cells}")
     lines.append("-" * len(header))
     lines.append(f"OA {_percent(scores['oa'])}  mIoU {_percent(scores['miou'])}  mF1 {_percent(scores['mf1'])}  (%)")
+    lines.append(
+        f"reference convention (a class absent from the truth and never predicted scores 100): "
+        f"mIoU {_percent(scores['miou_ref'])}  mF1 {_percent(scores['mf1_ref'])}  (%)"
+    )
     return "\n".join(lines)

@@ -21,11 +21,9 @@ from cromss_ray.models.segmenter import (
     ALL_S2_BANDS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_TILE,
-    Scaling,
     Segmenter,
     iter_probability_rows,
 )
-
 
 
 @dataclass(frozen=True)
@@ -35,11 +33,11 @@ class _Source:
     path: Path
     dataset: rasterio.DatasetReader
     indexes: list[int]
-    scaling: Scaling
 
 
 def _open_source(segmenter: Segmenter, modality: str, path: Path) -> _Source:
-    """Open ``path`` and pick its bands: S1 needs 2, S2 the model's subset or all 13."""
+    """Open ``path`` and pick its bands: S1 needs 2, S2 the model's subset or all 13, of the dtype the
+    segmenter's inputs declare."""
     try:
         dataset = rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
@@ -53,7 +51,15 @@ def _open_source(segmenter: Segmenter, modality: str, path: Path) -> _Source:
         dataset.close()
         expected = f"{wanted} or {ALL_S2_BANDS}" if modality == "s2" else str(wanted)
         raise ValueError(f"{path}: has {count} bands, a {modality.upper()} input needs {expected}")
-    return _Source(path, dataset, indexes, segmenter.scaling[modality])
+    spec = segmenter.inputs[modality]
+    dtypes = set(dataset.dtypes)
+    if dtypes != {spec.dtype}:
+        dataset.close()
+        raise ValueError(
+            f"{path}: holds {'/'.join(sorted(dtypes))} values, a {modality.upper()} input of this model is "
+            f"{spec.dtype} ({spec.representation} values{f' in {spec.unit}' if spec.unit else ''})"
+        )
+    return _Source(path, dataset, indexes)
 
 
 def _check_same_grid(sources: Sequence[_Source]) -> None:
@@ -99,10 +105,10 @@ def predict_geotiff(
 ) -> Path:
     """Write the class map of Sentinel-1/2 GeoTIFFs to ``out``, on their grid and in their CRS.
 
-    The inputs the segmenter needs must share size, transform and CRS; stored values are
-    scaled with ``segmenter.scaling``. The output is a one-band uint8 GeoTIFF of class
-    indices with the class colours and names (tag ``classes``), ``NODATA`` (255) where an
-    input is masked. It is written under a temporary name and renamed when complete.
+    The inputs the segmenter needs must share size, transform and CRS and hold the dtype
+    of ``segmenter.inputs``; their values become model inputs by the rule of spec 9. The
+    output is a one-band uint8 GeoTIFF of class indices with the class colours and names
+    (tag ``classes``), ``NODATA`` (255) where an input is masked. It is written under a temporary name and renamed when complete.
     """
     paths = {"s1": s1, "s2": s2}
     missing = [modality for modality in segmenter.modalities if paths[modality] is None]
@@ -123,7 +129,7 @@ def predict_geotiff(
         def read_rows(first: int, stop: int) -> dict[str, np.ndarray]:
             window = Window(0, first, width, stop - first)
             return {
-                modality: source.scaling.apply(source.dataset.read(source.indexes, window=window))
+                modality: segmenter.network_input(modality, source.dataset.read(source.indexes, window=window))
                 for modality, source in zip(segmenter.modalities, sources, strict=True)
             }
 

@@ -9,7 +9,7 @@ prints for its model and test shards.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,10 @@ from cromss_ray.data.transforms import band_indices
 from cromss_ray.method import ConfusionMatrix
 from cromss_ray.models import MODEL_TILE
 from cromss_ray.models.segmenter import DEFAULT_BATCH_SIZE, Segmenter, predict_array
-from cromss_ray.models.stored import scaling_of
 
+SUMMARY_SCORES = ("oa", "miou", "mf1", "miou_ref", "mf1_ref")
+"""The whole-set scores a transfer run logs and ``cromss evaluate`` reports (``ConfusionMatrix.compute`` keys):
+``_ref`` in the reference's convention (spec 11)."""
 MIN_PROBABILITY = 1e-12
 """Floor of a predicted probability in the cross-entropy of :class:`TileScores` (log 0 is infinite)."""
 
@@ -29,7 +31,8 @@ MIN_PROBABILITY = 1e-12
 @dataclass
 class TileScores:
     """What :func:`score_tiles` accumulates: the confusion matrix, the cross-entropy sum over labelled
-    pixels, their count, the tiles scored and the first tile's model input ``(1, bands, H, W)``."""
+    pixels, their count, the tiles scored and the first tile's stored image ``(1, bands, H, W)`` float32
+    (the segmenter's bands, as its registered model takes them)."""
 
     matrix: ConfusionMatrix
     loss_sum: float = 0.0
@@ -64,20 +67,23 @@ def score_tiles(
 ) -> TileScores:
     """Predict every row (a decoded downstream tile) whole and score it against its label.
 
-    Stored values are scaled as ``meta`` declares and cut to the segmenter's S2 band
-    subset (spec 9); each tile is predicted by :func:`~cromss_ray.models.segmenter.predict_array`
-    (tiled and blended above ``tile`` pixels). The confusion matrix lies on the
-    segmenter's device, ready for an all-reduce over workers.
+    The stored images are cut to the segmenter's S2 band subset and made model inputs by
+    the rule of spec 9 as ``meta`` declares their storage, the same inputs the training
+    batches give (:func:`~cromss_ray.data.pipeline.to_device`); each tile is predicted by
+    :func:`~cromss_ray.models.segmenter.predict_array` (tiled and blended above ``tile``
+    pixels). The confusion matrix lies on the segmenter's device, ready for an all-reduce
+    over workers.
     """
     bands = band_indices(meta, segmenter.s2_bands)
-    scaling = scaling_of(meta)
+    segmenter = replace(segmenter, inputs={"s1": meta.s1, "s2": meta.s2})
     scores = TileScores(ConfusionMatrix(meta.num_classes, meta.nodata, segmenter.device))
     for row in rows:
-        inputs = {
-            modality: scaling[modality].apply(row[modality][bands] if modality == "s2" else row[modality])
-            for modality in segmenter.modalities
+        images = {
+            modality: row[modality][bands] if modality == "s2" else row[modality] for modality in segmenter.modalities
         }
-        prediction = predict_array(segmenter, **inputs, tile=tile, overlap=overlap, batch_size=batch_size)
+        prediction = predict_array(
+            segmenter, **images, tile=tile, overlap=overlap, batch_size=batch_size, stored=True
+        )
         label = torch.from_numpy(row["label"].astype(np.int64))
         scores.matrix.update(torch.from_numpy(prediction.classes), label)
         labelled = label != meta.nodata
@@ -87,5 +93,5 @@ def score_tiles(
         scores.pixels += int(labelled.sum())
         scores.tiles += 1
         if scores.example is None:
-            scores.example = inputs[segmenter.modalities[-1]][None]
+            scores.example = images[segmenter.modalities[-1]][None].astype(np.float32)
     return scores

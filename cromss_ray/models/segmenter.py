@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cromss_ray.data.schema import S1_BAND_NAMES, S2_BAND_NAMES, S2_BAND_SUBSETS, ModalitySpec, network_affine
+from cromss_ray.data.scaling import network_input
+from cromss_ray.data.schema import (
+    MODALITY_BANDS,
+    S1_BAND_NAMES,
+    S2_BAND_NAMES,
+    S2_BAND_SUBSETS,
+    ModalitySpec,
+    Representation,
+    s2_subset_names,
+)
 from cromss_ray.method import CromSSNet, fused_probabilities
 
 BranchName = Literal["s1", "s2", "fused"]
@@ -46,27 +55,18 @@ OVERLAP_SHARE = 4
 """Without an explicit overlap, windows overlap by a quarter of the tile."""
 
 
-@dataclass(frozen=True)
-class Scaling:
-    """How stored pixel values become model inputs: ``value = stored * scale + offset`` (spec 9)."""
-
-    scale: float = 1.0
-    offset: float = 0.0
-
-    def apply(self, stored: np.ndarray) -> np.ndarray:
-        values = stored.astype(np.float32)
-        if self.scale != 1.0:
-            values *= np.float32(self.scale)
-        if self.offset != 0.0:
-            values += np.float32(self.offset)
-        return values
-
-
-PRODUCT_SCALING: dict[str, Scaling] = {
-    "s1": Scaling(*network_affine(ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"))),
-    "s2": Scaling(*network_affine(ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"))),
+PRODUCT_INPUTS: dict[str, ModalitySpec] = {
+    "s1": ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical"),
+    "s2": ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance", representation="physical"),
 }
-"""The raw products: S1 backscatter in dB (mapped onto [0, 1]), S2 L1C digital numbers (reflectance x 10 000)."""
+"""The raw products: S1 backscatter in dB (float32), S2 L1C digital numbers (uint16, reflectance x 10 000)."""
+
+
+def product_input(modality: str, representation: Representation) -> ModalitySpec:
+    """How ``modality``'s raw product arrives: physical (:data:`PRODUCT_INPUTS`) or the released uint8 v8 codes."""
+    if representation == "physical":
+        return PRODUCT_INPUTS[modality]
+    return ModalitySpec(dtype="uint8", bands=MODALITY_BANDS[modality], representation="v8")
 
 
 def output_stride(network: nn.Module) -> int:
@@ -91,14 +91,16 @@ class Segmenter:
 
     ``network`` is a :class:`~cromss_ray.method.CromSSNet` (``branch`` 's1', 's2' or
     'fused') or a single-modality network taking ``branch``'s image (a fine-tuned smp
-    model). ``scaling`` maps each modality's stored GeoTIFF values to model inputs.
+    model). ``inputs`` says per modality how the values given to it are stored
+    (dtype, unit, representation; its band names are not used): :meth:`network_input`
+    makes them model inputs by the one rule of spec 9.
     """
 
     network: nn.Module
     branch: BranchName
     s2_bands: int
     class_names: tuple[str, ...]
-    scaling: Mapping[str, Scaling] = field(default_factory=lambda: dict(PRODUCT_SCALING))
+    inputs: Mapping[str, ModalitySpec] = field(default_factory=lambda: dict(PRODUCT_INPUTS))
 
     def __post_init__(self) -> None:
         if self.branch not in BRANCHES:
@@ -125,6 +127,14 @@ class Segmenter:
     def bands(self, modality: str) -> int:
         """The band count the network takes for ``modality``."""
         return S1_BANDS if modality == "s1" else self.s2_bands
+
+    def band_names(self, modality: str) -> tuple[str, ...]:
+        """The names of the bands the network takes for ``modality``, in its order."""
+        return S1_BAND_NAMES if modality == "s1" else s2_subset_names(self.s2_bands)
+
+    def network_input(self, modality: str, stored: np.ndarray) -> np.ndarray:
+        """float32 model input (spec 9) of ``modality``'s network bands (bands, H, W) stored as :attr:`inputs` say."""
+        return network_input(stored, self.inputs[modality].with_bands(self.band_names(modality)))
 
     @torch.no_grad()
     def probabilities(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -309,13 +319,17 @@ def predict_array(
     tile: int = DEFAULT_TILE,
     overlap: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    stored: bool = False,
 ) -> Prediction:
-    """Class map and probabilities of images (bands, H, W) already scaled to model inputs.
+    """Class map and probabilities of images (bands, H, W): model inputs, or with ``stored`` images
+    stored as the segmenter's :attr:`~Segmenter.inputs` declare (made model inputs by spec 9's rule).
 
     ``s2`` holds the model's S2 bands or all 13 L1C bands (the subset is taken, spec 9);
     only the images the segmenter needs are required. Tiled and blended (module docstring).
     """
     arrays = _checked_arrays(segmenter, {"s1": s1, "s2": s2})
+    if stored:
+        arrays = {modality: segmenter.network_input(modality, image) for modality, image in arrays.items()}
     height, width = next(iter(arrays.values())).shape[1:]
     probabilities = np.empty((len(segmenter.class_names), height, width), dtype=np.float32)
 

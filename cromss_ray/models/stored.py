@@ -2,8 +2,10 @@
 
 Both kinds are kept as the same files: ``model.pt`` (the state dict) and ``config.yaml``
 (a :class:`~cromss_ray.config.PretrainConfig` or :class:`~cromss_ray.config.FinetuneConfig`),
-plus ``shard_metadata.json`` for a fine-tuned network (the classes, ignore value and pixel
-scaling of the shards it learnt from). :func:`load_stored` rebuilds either from them with
+plus the storage of the images it takes, so raw input is scaled by the model itself with
+the rule of spec 9: ``shard_metadata.json`` for a fine-tuned network (the classes, ignore
+value and image storage of the shards it learnt from), ``inputs.json`` for a pretrained
+one (:class:`ModelInputs`, the raw products unless given). :func:`load_stored` rebuilds either from them with
 the one builder per kind (:func:`network_from_config`, :func:`transfer_network`), so no
 module is pickled; the MLflow pyfunc models and the registry keep and pull these files.
 """
@@ -16,17 +18,18 @@ from typing import TypeVar
 
 import torch
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch import nn
 
 from cromss_ray.config import ConfigError, FinetuneConfig, PretrainConfig, build_config, to_yaml
-from cromss_ray.data.schema import CLASS_SCHEMES, ShardMetadata, network_affine
+from cromss_ray.data.schema import CLASS_SCHEMES, ModalitySpec, ShardMetadata
 from cromss_ray.method import CromSSNet, build_model, build_segmentation_model
-from cromss_ray.models.segmenter import PRODUCT_SCALING, S1_BANDS, BranchName, Scaling, Segmenter
+from cromss_ray.models.segmenter import PRODUCT_INPUTS, S1_BANDS, BranchName, Segmenter
 
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 SHARDS_FILE = "shard_metadata.json"
+INPUTS_FILE = "inputs.json"
 
 Config = TypeVar("Config", PretrainConfig, FinetuneConfig)
 
@@ -66,32 +69,50 @@ def transfer_network(config: FinetuneConfig, classes: int) -> nn.Module:
     return build_segmentation_model(config.model.decoder, config.model.encoder, input_bands(config), classes)
 
 
-def scaling_of(meta: ShardMetadata) -> dict[str, Scaling]:
-    """How the training shards' stored values became model inputs, per modality (:func:`network_affine`)."""
-    return {modality: Scaling(*network_affine(spec)) for modality, spec in (("s1", meta.s1), ("s2", meta.s2))}
+class ModelInputs(BaseModel):
+    """How the images a pretrained model takes are stored, per modality (``inputs.json``, spec 9)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    s1: ModalitySpec = PRODUCT_INPUTS["s1"]
+    s2: ModalitySpec = PRODUCT_INPUTS["s2"]
+
+    @model_validator(mode="after")
+    def _declared(self) -> ModelInputs:
+        for modality in ("s1", "s2"):
+            if getattr(self, modality).representation is None:
+                raise ValueError(f"{modality} does not say which representation it holds ('physical' or 'v8')")
+        return self
+
+    def by_modality(self) -> dict[str, ModalitySpec]:
+        return {"s1": self.s1, "s2": self.s2}
 
 
 def transfer_segmenter(network: nn.Module, config: FinetuneConfig, meta: ShardMetadata) -> Segmenter:
-    """A transfer network as a segmenter: its branch and bands, the shards' classes and scaling."""
-    return Segmenter(network, config.model.branch, config.data.s2_bands, tuple(meta.classes), scaling_of(meta))
+    """A transfer network as a segmenter: its branch and bands, the shards' classes and image storage."""
+    inputs = {"s1": meta.s1, "s2": meta.s2}
+    return Segmenter(network, config.model.branch, config.data.s2_bands, tuple(meta.classes), inputs)
 
 
 @dataclass(frozen=True)
 class PretrainedModel:
-    """A stored pretrained network (CPU, eval mode), its config and, when pulled from a registry, its origin."""
+    """A stored pretrained network (CPU, eval mode), its config, the storage of its input images and,
+    when pulled from a registry, its origin."""
 
     model: CromSSNet
     config: PretrainConfig
+    inputs: ModelInputs
     name: str | None = None
     version: int | None = None
     run_id: str | None = None
 
     def segmenter(self, branch: BranchName | None = None) -> Segmenter:
-        """Fused (default) or one branch's prediction of the raw products (:data:`PRODUCT_SCALING`)."""
+        """Fused (default) or one branch's prediction of images stored as :attr:`inputs` say."""
         classes = self.config.model.classes
         pretrain_classes = CLASS_SCHEMES["pretrain"]
         names = pretrain_classes if classes == len(pretrain_classes) else tuple(map(str, range(classes)))
-        return Segmenter(self.model, branch or "fused", self.config.data.s2_bands, tuple(names), dict(PRODUCT_SCALING))
+        inputs = self.inputs.by_modality()
+        return Segmenter(self.model, branch or "fused", self.config.data.s2_bands, tuple(names), inputs)
 
 
 @dataclass(frozen=True)
@@ -113,11 +134,28 @@ class FinetunedModel:
 StoredModel = PretrainedModel | FinetunedModel
 
 
-def load_stored(weights: Path, config_file: Path, shards_file: Path | None = None) -> StoredModel:
-    """The network stored as ``model.pt`` + ``config.yaml`` (+ ``shard_metadata.json`` when fine-tuned),
-    on the CPU, in eval mode."""
+def read_inputs(path: Path | None) -> ModelInputs:
+    """A pretrained model's ``inputs.json``; errors name the file (a model stored without one predates
+    spec 9's rule)."""
+    if path is None:
+        raise ValueError(
+            f"the pretrained model has no {INPUTS_FILE}: it was stored before its inputs followed the rule of spec 9; "
+            "store it again"
+        )
+    try:
+        return ModelInputs.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def load_stored(
+    weights: Path, config_file: Path, shards_file: Path | None = None, inputs_file: Path | None = None
+) -> StoredModel:
+    """The network stored as ``model.pt`` + ``config.yaml`` + ``shard_metadata.json`` (fine-tuned) or
+    ``inputs.json`` (pretrained), on the CPU, in eval mode."""
     if shards_file is None:
         config = read_config(config_file, PretrainConfig)
+        inputs = read_inputs(inputs_file)
         network = network_from_config(config)
     else:
         config = read_config(config_file, FinetuneConfig)
@@ -126,7 +164,7 @@ def load_stored(weights: Path, config_file: Path, shards_file: Path | None = Non
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     network.eval()
     if shards_file is None:
-        return PretrainedModel(network, config)
+        return PretrainedModel(network, config, inputs)
     return FinetunedModel(network, config, meta)
 
 
@@ -137,15 +175,23 @@ def save_weights(network: nn.Module, path: Path) -> Path:
 
 
 def save_stored(
-    folder: Path, network: nn.Module, config: BaseModel, meta: ShardMetadata | None = None
+    folder: Path,
+    network: nn.Module,
+    config: BaseModel,
+    meta: ShardMetadata | None = None,
+    inputs: ModelInputs | None = None,
 ) -> dict[str, Path]:
-    """Write ``model.pt``, ``config.yaml`` (and ``shard_metadata.json`` with ``meta``) into ``folder``;
-    the paths by file name. ``config`` is stored as given (redact credentials before)."""
+    """Write ``model.pt``, ``config.yaml`` and ``shard_metadata.json`` (``meta``, fine-tuned) or
+    ``inputs.json`` (``inputs``, default the raw products; pretrained) into ``folder``; the paths by
+    file name. ``config`` is stored as given (redact credentials before)."""
     files = {WEIGHTS_FILE: save_weights(network, folder / WEIGHTS_FILE), CONFIG_FILE: folder / CONFIG_FILE}
     files[CONFIG_FILE].write_text(to_yaml(config))
     if meta is not None:
         files[SHARDS_FILE] = folder / SHARDS_FILE
         files[SHARDS_FILE].write_text(meta.model_dump_json(indent=2))
+    else:
+        files[INPUTS_FILE] = folder / INPUTS_FILE
+        files[INPUTS_FILE].write_text((inputs or ModelInputs()).model_dump_json(indent=2))
     return files
 
 

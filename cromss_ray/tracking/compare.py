@@ -1,10 +1,12 @@
 """``cromss compare EXPERIMENT``: test scores of transfer runs side by side, as in the paper's tables (spec 11).
 
 Every finished transfer run of the experiment (tagged ``cromss.task=finetune`` with a
-test mIoU) contributes its ``test/<branch>/miou`` and ``test/<branch>/oa``. Runs are
-grouped by dataset, initialisation, branch, decoder and encoder mode, and scores of a
-group averaged. The printed table has one row per dataset, initialisation and branch
-and one column per decoder and encoder mode, each cell ``mIoU / OA`` in percent: the
+test mIoU) contributes its ``test/<branch>/miou``, ``test/<branch>/miou_ref`` (the
+reference's convention, spec 11: a class absent from the truth and never predicted
+scores 1; NaN for runs that did not log it) and ``test/<branch>/oa``. Runs are grouped
+by dataset, initialisation, branch, decoder and encoder mode, and scores of a group
+averaged. The printed table has one row per dataset, initialisation and branch and one
+column per decoder and encoder mode, each cell ``mIoU / mIoU_ref / OA`` in percent: the
 layout of the paper's transfer tables. The same groups, one per line, are written as
 CSV: into a file, or as ``comparison.csv`` (with the table as ``comparison.txt``) of a
 new run of the experiment tagged ``cromss.task=compare``.
@@ -16,7 +18,7 @@ import csv
 import io
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -42,6 +44,7 @@ CSV_ARTIFACT = "comparison.csv"
 TABLE_ARTIFACT = "comparison.txt"
 PAGE_SIZE = 500
 MODE_ORDER = ("frozen", "fine-tuned")
+CELLS_LEGEND = "cells: test mIoU / mIoU_ref (the reference's convention, absent classes score 1) / OA (%)"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class TransferScore:
     decoder: str
     encoder_mode: str
     miou: float
+    miou_ref: float
     oa: float
 
 
@@ -69,6 +73,7 @@ class ComparisonRow:
     encoder_mode: str
     runs: int
     miou: float
+    miou_ref: float
     oa: float
 
 
@@ -118,6 +123,7 @@ def transfer_scores(client: MlflowClient, experiment: str) -> list[TransferScore
                 decoder=tags.get(DECODER_TAG, "?"),
                 encoder_mode=tags.get(ENCODER_MODE_TAG, "?"),
                 miou=miou,
+                miou_ref=metrics.get(f"test/{branch}/miou_ref", math.nan),
                 oa=oa,
             )
         )
@@ -133,12 +139,18 @@ def summarise(scores: Sequence[TransferScore]) -> list[ComparisonRow]:
         ComparisonRow(
             *key,
             runs=len(members),
-            miou=math.fsum(member.miou for member in members) / len(members),
-            oa=math.fsum(member.oa for member in members) / len(members),
+            miou=_mean(member.miou for member in members),
+            miou_ref=_mean(member.miou_ref for member in members),
+            oa=_mean(member.oa for member in members),
         )
         for key, members in groups.items()
     ]
     return sorted(rows, key=lambda row: (row.dataset, row.init, row.branch, row.decoder, _mode_rank(row.encoder_mode)))
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.fsum(values) / len(values)
 
 
 def _mode_rank(mode: str) -> tuple[int, str]:
@@ -148,11 +160,13 @@ def _mode_rank(mode: str) -> tuple[int, str]:
 
 def _cell(row: ComparisonRow) -> str:
     runs = f" (n={row.runs})" if row.runs > 1 else ""
-    return f"{100 * row.miou:.2f} / {100 * row.oa:.2f}{runs}"
+    values = (row.miou, row.miou_ref, row.oa)
+    scores = " / ".join(f"{100 * value:.2f}" if math.isfinite(value) else "-" for value in values)
+    return f"{scores}{runs}"
 
 
 def format_table(rows: Sequence[ComparisonRow]) -> str:
-    """Rows: dataset, initialisation, branch; columns: decoder and encoder mode; cells: test mIoU / OA (%)."""
+    """Rows: dataset, initialisation, branch; columns: decoder and encoder mode; cells: :data:`CELLS_LEGEND`."""
     if not rows:
         return "no transfer runs with test scores"
     columns = sorted({(row.decoder, row.encoder_mode) for row in rows}, key=lambda c: (c[0], _mode_rank(c[1])))
@@ -169,7 +183,7 @@ def format_table(rows: Sequence[ComparisonRow]) -> str:
         return "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
 
     rule = "-" * len(render(header))
-    return "\n".join([render(header), rule, *(render(line) for line in body), rule, "cells: test mIoU / OA (%)"])
+    return "\n".join([render(header), rule, *(render(line) for line in body), rule, CELLS_LEGEND])
 
 
 def to_csv(rows: Sequence[ComparisonRow]) -> str:

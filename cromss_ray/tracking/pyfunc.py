@@ -3,17 +3,23 @@
 A logged model keeps the files of a stored network (:mod:`cromss_ray.models.stored`) as
 its artifacts; what kind it is, and so what it predicts, follows from those files.
 
-A pretrained network takes a dict of two float32 arrays, already scaled the way the
-trainer feeds them: ``"s1"`` ``(N, 2, H, W)`` (VV, VH) and ``"s2"`` ``(N, B, H, W)``,
-the model's B Sentinel-2 bands (spec 9), any N, H and W (padded to the encoder stride,
-the outputs cropped back). Output: ``"classes"`` ``(N, H, W)`` int64 and
-``"probabilities"`` ``(N, C, H, W)`` float32 of the fused prediction (spec 1), and the
-same with ``s1_`` / ``s2_`` prefixes for each branch alone. Param ``batch_size`` (8).
+Both take images as they are stored, not scaled: the model scales them itself by the
+one rule of spec 9 (:mod:`cromss_ray.data.scaling`), with the storage kept among its
+files (``inputs.json`` for a pretrained model, by default the raw products: S1 backscatter
+in dB, S2 L1C digital numbers; the training shards' ``shard_metadata.json`` for a
+fine-tuned one). The arrays are float32 whatever the storage (digital numbers and v8
+codes are exact in float32).
 
-A fine-tuned network takes its branch's image only (``{"s2": (N, B, H, W)}``), scaled
-like its training shards, tiled and blended above ``tile`` pixels
-(:func:`~cromss_ray.models.segmenter.predict_array`); output ``"classes"`` and
-``"probabilities"``. Params ``batch_size``, ``tile``, ``overlap``.
+A pretrained network takes a dict of two arrays: ``"s1"`` ``(N, 2, H, W)`` (VV, VH) and
+``"s2"`` ``(N, B, H, W)``, the model's B Sentinel-2 bands (spec 9), any N, H and W
+(padded to the encoder stride, the outputs cropped back). Output: ``"classes"``
+``(N, H, W)`` int64 and ``"probabilities"`` ``(N, C, H, W)`` float32 of the fused
+prediction (spec 1), and the same with ``s1_`` / ``s2_`` prefixes for each branch alone.
+Param ``batch_size`` (8).
+
+A fine-tuned network takes its branch's image only (``{"s2": (N, B, H, W)}``), tiled and
+blended above ``tile`` pixels (:func:`~cromss_ray.models.segmenter.predict_array`);
+output ``"classes"`` and ``"probabilities"``. Params ``batch_size``, ``tile``, ``overlap``.
 
 Nothing is pickled and nothing is downloaded at load time: the stateless
 :class:`CromSSPyfunc` is stored as source (``pyfunc_code.py``, an MLflow "model from
@@ -49,6 +55,7 @@ from cromss_ray.models.segmenter import (
 )
 from cromss_ray.models.stored import (
     FinetunedModel,
+    ModelInputs,
     check_matches_config,
     load_stored,
     pretrain_part,
@@ -103,12 +110,13 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
         model_input,
         params: dict[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Images by modality, float32 -> class maps and probabilities (module docstring)."""
+        """Stored images by modality -> class maps and probabilities (module docstring)."""
         params = params or {}
+        segmenter = self.stored.segmenter()
         if not isinstance(self.stored, FinetunedModel):
             batch_size = int(params.get("batch_size", MAPS_BATCH_SIZE))
-            return predict_maps(self.stored.model, model_input["s1"], model_input["s2"], batch_size)
-        segmenter = self.stored.segmenter()
+            s1, s2 = (segmenter.network_input(modality, model_input[modality]) for modality in ("s1", "s2"))
+            return predict_maps(self.stored.model, s1, s2, batch_size)
         predictions = [
             predict_array(
                 segmenter,
@@ -116,6 +124,7 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
                 tile=int(params.get("tile", MODEL_TILE)),
                 overlap=int(params.get("overlap", MODEL_OVERLAP)),
                 batch_size=int(params.get("batch_size", DEFAULT_BATCH_SIZE)),
+                stored=True,
             )
             for image in model_input[segmenter.branch]
         ]
@@ -170,6 +179,7 @@ def log_registered_model(
     *,
     network: torch.nn.Module,
     meta: ShardMetadata | None = None,
+    inputs: ModelInputs | None = None,
     signature: ModelSignature,
     input_example: Mapping[str, np.ndarray],
     registry_name: str,
@@ -182,7 +192,8 @@ def log_registered_model(
 
     The logged model is named ``model`` and carries ``config``'s flattened params; its
     artifacts are the stored network (``network``, ``config`` with credentials redacted,
-    and ``meta`` for a fine-tuned one, :func:`~cromss_ray.models.stored.save_stored`).
+    and ``meta`` for a fine-tuned one or ``inputs`` for a pretrained one,
+    :func:`~cromss_ray.models.stored.save_stored`).
     The pyfunc is :class:`CromSSPyfunc` from code; the ``cromss_ray`` package is logged
     as its code path and the inference packages are pinned (:func:`pinned_requirements`).
     ``epoch`` is the step the model is logged at; the version gets ``description`` and
@@ -193,7 +204,7 @@ def log_registered_model(
         experiment_id=tracker.experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id, params=config_params(config)
     )
     with TemporaryDirectory() as folder, using_tracking_uri(tracker.tracking_uri):
-        files = save_stored(Path(folder), network, redacted_config(config), meta)
+        files = save_stored(Path(folder), network, redacted_config(config), meta, inputs)
         Model.log(
             artifact_path=None,
             name=MODEL_NAME,
@@ -229,6 +240,7 @@ def log_pretrained_model(
     tracker: RunTracker,
     registry_name: str,
     aliases: Sequence[str],
+    inputs: ModelInputs | None = None,
     input_example: Mapping[str, Any] | None = None,
     epoch: int | None = None,
     version_tags: Mapping[str, Any] | None = None,
@@ -237,8 +249,10 @@ def log_pretrained_model(
 
     Returns the new version of ``registry_name``. ``@latest`` is MLflow's built-in
     alias for the newest version, so ``"latest"`` in ``aliases`` needs (and gets) no
-    assignment. ``input_example`` (``{"s1": ..., "s2": ...}``) is stored cut to one
-    32 x 32 px image. ``epoch`` is the step the model is logged at (the run's metrics
+    assignment. ``inputs`` is how the images the pyfunc takes are stored (default the
+    raw products, :class:`~cromss_ray.models.stored.ModelInputs`). ``input_example``
+    (``{"s1": ..., "s2": ...}``, stored as ``inputs`` say) is stored cut to one 32 x 32 px
+    image. ``epoch`` is the step the model is logged at (the run's metrics
     of that step are copied to the logged model); ``version_tags`` go on the model
     version (e.g. its validation scores).
     """
@@ -249,6 +263,7 @@ def log_pretrained_model(
         tracker,
         config,
         network=model,
+        inputs=inputs or ModelInputs(),
         signature=model_signature(config.data.s2_bands, config.model.classes),
         input_example=example_input(config.data.s2_bands, input_example),
         registry_name=registry_name,

@@ -27,6 +27,7 @@ from cromss_ray.config import TrackingConfig
 from cromss_ray.models.segmenter import BranchName, Segmenter
 from cromss_ray.models.stored import (
     CONFIG_FILE,
+    INPUTS_FILE,
     SHARDS_FILE,
     WEIGHTS_FILE,
     FinetunedModel,
@@ -46,8 +47,14 @@ MODEL_NAME = "model"
 WEIGHTS_ARTIFACT = "weights"
 CONFIG_ARTIFACT = "config"
 SHARDS_ARTIFACT = "shard_metadata"
+INPUTS_ARTIFACT = "inputs"
 """The artifact only fine-tuned models have: their training shards' metadata."""
-ARTIFACT_FILES = {WEIGHTS_ARTIFACT: WEIGHTS_FILE, CONFIG_ARTIFACT: CONFIG_FILE, SHARDS_ARTIFACT: SHARDS_FILE}
+ARTIFACT_FILES = {
+    WEIGHTS_ARTIFACT: WEIGHTS_FILE,
+    CONFIG_ARTIFACT: CONFIG_FILE,
+    SHARDS_ARTIFACT: SHARDS_FILE,
+    INPUTS_ARTIFACT: INPUTS_FILE,
+}
 """The pyfunc's artifact keys and the stored-network files they hold."""
 
 
@@ -238,10 +245,15 @@ def download_cromss_model(
     return location, files
 
 
-def stored_files(artifacts: Mapping[str, str | Path]) -> tuple[Path, Path, Path | None]:
-    """The weights, config and (fine-tuned models only) shard-metadata files of a pyfunc's artifacts."""
-    shards = artifacts.get(SHARDS_ARTIFACT)
-    return Path(artifacts[WEIGHTS_ARTIFACT]), Path(artifacts[CONFIG_ARTIFACT]), Path(shards) if shards else None
+def stored_files(artifacts: Mapping[str, str | Path]) -> tuple[Path, Path, Path | None, Path | None]:
+    """The weights, config, shard-metadata (fine-tuned) and inputs (pretrained) files of a pyfunc's artifacts."""
+    shards, inputs = artifacts.get(SHARDS_ARTIFACT), artifacts.get(INPUTS_ARTIFACT)
+    return (
+        Path(artifacts[WEIGHTS_ARTIFACT]),
+        Path(artifacts[CONFIG_ARTIFACT]),
+        Path(shards) if shards else None,
+        Path(inputs) if inputs else None,
+    )
 
 
 def load_cromss_model(
@@ -281,8 +293,8 @@ def load_segmenter(
 
     A fine-tuned model predicts from its own branch (``branch``, when given, must name
     it) and reads inputs stored like its training shards. A pretrained CromSS model
-    predicts fused (default) or from ``branch`` 's1' / 's2' and reads the raw products
-    (S1 in dB, S2 L1C digital numbers; :data:`~cromss_ray.models.segmenter.PRODUCT_SCALING`).
+    predicts fused (default) or from ``branch`` 's1' / 's2' and reads images stored as its
+    ``inputs.json`` says (by default the raw products, S1 in dB and S2 L1C digital numbers).
     """
     stored = load_cromss_model(model_uri, tracking_uri=tracking_uri)
     if isinstance(stored, FinetunedModel):

@@ -50,7 +50,7 @@ from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, to
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import TileSet
 from cromss_ray.method import ConfusionMatrix, encoder_state_dict, load_encoder_state, load_reference_checkpoint
-from cromss_ray.models.scoring import score_tiles
+from cromss_ray.models.scoring import SUMMARY_SCORES, score_tiles
 from cromss_ray.models.segmenter import output_stride, pad_to_multiple
 from cromss_ray.models.stored import transfer_network, transfer_segmenter
 from cromss_ray.tracking.finetuned import TransferSource, default_registry_name, log_finetuned_model, run_tags
@@ -453,7 +453,7 @@ def _summed_evaluation(
     result = matrix.compute()
     metrics = {
         f"{split}/loss": totals["loss"] / totals["pixels"] if totals["pixels"] else math.nan,
-        **{f"{split}/{branch}/{name}": result[name] for name in ("oa", "miou", "mf1")},
+        **{f"{split}/{branch}/{name}": result[name] for name in SUMMARY_SCORES},
     }
     for score in ("iou", "f1"):
         for class_name, value in zip(context.meta.classes, result[score], strict=True):

@@ -20,7 +20,6 @@ from cromss_ray.data.schema import (
     ModalitySpec,
     ShardFile,
     ShardMetadata,
-    network_affine,
     read_metadata,
 )
 
@@ -53,24 +52,6 @@ def test_class_schemes_match_spec_10() -> None:
         "barren",
     )
     assert NODATA == 255
-
-
-@pytest.mark.parametrize(
-    ("spec", "stored", "network_input"),
-    [
-        # the released uint8 data: divided by 255, as the reference does (spec 9)
-        (ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=1 / 255, unit="normalized"), [0, 51, 255], [0, 0.2, 1]),
-        # raw S1 backscatter: -30 .. 5 dB onto 0 .. 1, linearly, not clipped
-        (ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB"), [-30, -12.5, 5, -37], [0, 0.5, 1, -0.2]),
-        # synthetic uint8 S1: 0 .. 255 are -30 .. 5 dB, so the network sees stored / 255
-        (ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, scale=35 / 255, offset=-30, unit="dB"), [0, 51, 255], [0, 0.2, 1]),
-        # raw S2 L1C digital numbers: reflectance
-        (ModalitySpec(dtype="uint16", bands=S2_BAND_NAMES, scale=1e-4, unit="reflectance"), [0, 2500, 10000], [0, 0.25, 1]),
-    ],
-)
-def test_network_inputs_by_hand(spec: ModalitySpec, stored: list[float], network_input: list[float]) -> None:
-    scale, offset = network_affine(spec)
-    assert [value * scale + offset for value in stored] == pytest.approx(network_input, abs=1e-9)
 
 
 def test_band_subsets_match_spec_9() -> None:

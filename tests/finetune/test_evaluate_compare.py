@@ -5,16 +5,25 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
-from finetune_helpers import TILE, Pretrained, Shards
+import torch
+from finetune_helpers import ENCODER, PRETRAINED_BANDS, TEST_TILE, TILE, Pretrained, Shards
 from mlflow import MlflowClient
 
 from cromss_ray.cli import main
+from cromss_ray.data.pipeline import to_device
 from cromss_ray.data.schema import DW_CLASSES
+from cromss_ray.data.storage import TileSet, scan_shards
+from cromss_ray.data.transforms import band_indices
+from cromss_ray.inference.evaluate import EvaluationResult, evaluate_model, format_evaluation
+from cromss_ray.method import ConfusionMatrix, build_segmentation_model
+from cromss_ray.models.scoring import score_tiles
+from cromss_ray.models.segmenter import Segmenter
 from cromss_ray.tracking.compare import ComparisonRow, TransferScore, format_table, summarise, to_csv
-from cromss_ray.inference.evaluate import evaluate_model
 from cromss_ray.train.finetune import FinetuneResult
 
 
@@ -43,9 +52,11 @@ def test_evaluate_command_prints_the_registered_test_scores(
 ):
     uri = f"models:/{frozen_run.registry_name}/{frozen_run.version}"
     assert main(["evaluate", "--model", uri, "--data", str(dw_shards.test), "--tracking-uri", store]) == 0
-    scores = {name: 100 * frozen_run.test_metrics[f"test/s2/{name}"] for name in ("oa", "miou", "mf1")}
-    expected = f"OA {scores['oa']:.2f}  mIoU {scores['miou']:.2f}  mF1 {scores['mf1']:.2f}  (%)"
-    assert expected in capsys.readouterr().out
+    names = ("oa", "miou", "mf1", "miou_ref", "mf1_ref")
+    scores = {name: 100 * frozen_run.test_metrics[f"test/s2/{name}"] for name in names}
+    out = capsys.readouterr().out
+    assert f"OA {scores['oa']:.2f}  mIoU {scores['miou']:.2f}  mF1 {scores['mf1']:.2f}  (%)" in out
+    assert f"mIoU {scores['miou_ref']:.2f}  mF1 {scores['mf1_ref']:.2f}  (%)" in out.splitlines()[-1]
 
 
 def test_evaluate_command_prints_the_table(
@@ -74,17 +85,17 @@ def test_pretrained_model_is_evaluated_fused_on_dw_classes(pretrained: Pretraine
 
 def test_summary_and_table_by_hand():
     scores = [
-        TransferScore("a", "dw", "m/1", "s2", "Unet", "frozen", 0.40, 0.70),
-        TransferScore("b", "dw", "m/1", "s2", "Unet", "frozen", 0.50, 0.80),
-        TransferScore("c", "dw", "m/1", "s2", "Unet", "fine-tuned", 0.55, 0.82),
-        TransferScore("d", "dw", "random", "s2", "FPN", "fine-tuned", 0.30, 0.60),
+        TransferScore("a", "dw", "m/1", "s2", "Unet", "frozen", 0.40, 0.50, 0.70),
+        TransferScore("b", "dw", "m/1", "s2", "Unet", "frozen", 0.50, 0.60, 0.80),
+        TransferScore("c", "dw", "m/1", "s2", "Unet", "fine-tuned", 0.55, 0.55, 0.82),
+        TransferScore("d", "dw", "random", "s2", "FPN", "fine-tuned", 0.30, math.nan, 0.60),
     ]
     rows = summarise(scores)
-    assert rows == [
-        ComparisonRow("dw", "m/1", "s2", "Unet", "frozen", 2, pytest.approx(0.45), pytest.approx(0.75)),
-        ComparisonRow("dw", "m/1", "s2", "Unet", "fine-tuned", 1, 0.55, 0.82),
-        ComparisonRow("dw", "random", "s2", "FPN", "fine-tuned", 1, 0.30, 0.60),
+    assert rows[:2] == [
+        ComparisonRow("dw", "m/1", "s2", "Unet", "frozen", 2, pytest.approx(0.45), pytest.approx(0.55), pytest.approx(0.75)),
+        ComparisonRow("dw", "m/1", "s2", "Unet", "fine-tuned", 1, 0.55, 0.55, 0.82),
     ]
+    assert rows[2].miou == 0.30 and math.isnan(rows[2].miou_ref) and rows[2].oa == 0.60
     table = format_table(rows).splitlines()
     assert table[0].split() == [
         "dataset",
@@ -98,11 +109,58 @@ def test_summary_and_table_by_hand():
         "fine-tuned",
     ]
     assert (
-        "45.00 / 75.00 (n=2)" in table[2] and "55.00 / 82.00" in table[2] and table[2].startswith("SSL4EO-S12@DW  m/1")
+        "45.00 / 55.00 / 75.00 (n=2)" in table[2]
+        and "55.00 / 55.00 / 82.00" in table[2]
+        and table[2].startswith("SSL4EO-S12@DW  m/1")
     )
-    assert "30.00 / 60.00" in table[3]
+    assert "30.00 / - / 60.00" in table[3]
+    assert table[-1].startswith("cells: test mIoU / mIoU_ref")
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
     assert parsed[0]["runs"] == "2" and float(parsed[0]["miou"]) == pytest.approx(0.45)
+    assert float(parsed[0]["miou_ref"]) == pytest.approx(0.55)
+
+
+def test_evaluation_prints_both_conventions_by_hand():
+    """Three classes, the last absent from the truth and never predicted (spec 11): ours averages over the
+    two scored classes, the reference's scores the third 1 and averages over all three."""
+    matrix = ConfusionMatrix(3, 255)
+    matrix.update(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]))
+    result = EvaluationResult("models:/m/1", "data", "s2", "dw", ("a", "b", "c"), 1, matrix.compute())
+    # IoU a = 1/2, b = 2/3; F1 a = 2/3, b = 4/5; c: NaN (ours), 1 (reference)
+    metrics = result.metrics()
+    assert metrics["test/s2/miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert metrics["test/s2/miou_ref"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert metrics["test/s2/mf1_ref"] == pytest.approx((2 / 3 + 4 / 5 + 1) / 3)
+    lines = format_evaluation(result).splitlines()
+    assert lines[-2] == "OA 75.00  mIoU 58.33  mF1 73.33  (%)"
+    assert lines[-1].endswith("mIoU 72.22  mF1 82.22  (%)") and "reference convention" in lines[-1]
+
+
+def test_evaluation_scores_the_inputs_training_batches_give(dw_shards: Shards):
+    """Whole-tile scoring (``cromss evaluate`` and a run's test split) feeds the network the same inputs
+    as the training batches (spec 9): with one window per tile, the same class maps."""
+    torch.manual_seed(4)
+    network = build_segmentation_model("Unet", ENCODER, PRETRAINED_BANDS, len(DW_CLASSES)).eval()
+    tiles = TileSet(scan_shards(str(dw_shards.test)))
+    meta = tiles.meta
+    assert meta.s2.representation == "physical" and meta.s2.dtype == "uint16"
+    segmenter = Segmenter(network, "s2", PRETRAINED_BANDS, DW_CLASSES, {"s1": meta.s1, "s2": meta.s2})
+    scores = score_tiles(segmenter, tiles.rows(), meta, tile=TEST_TILE)
+    expected = ConfusionMatrix(meta.num_classes, meta.nodata)
+    bands = band_indices(meta, PRETRAINED_BANDS)
+    rows = list(tiles.rows())
+    for row in rows:
+        batch = {
+            name: torch.from_numpy(np.array(row[name][bands] if name == "s2" else row[name]))[None]
+            for name in ("s1", "s2", "label")
+        }
+        inputs = to_device(batch, meta, "cpu", prior="none")
+        with torch.no_grad():
+            expected.update(network(inputs.x2).argmax(dim=1), inputs.y)
+    assert scores.tiles == 3
+    assert torch.equal(scores.matrix.matrix, expected.matrix)
+    assert scores.example.dtype == np.float32, "the registered model's example: stored values, as it takes them"
+    np.testing.assert_array_equal(scores.example[0], rows[0]["s2"][bands])
 
 
 def test_compare_command_tabulates_and_logs_the_runs(
@@ -123,6 +181,7 @@ def test_compare_command_tabulates_and_logs_the_runs(
     rows = list(csv.DictReader(io.StringIO(logged)))
     frozen = next(row for row in rows if row["decoder"] == "Unet" and row["encoder_mode"] == "frozen")
     assert float(frozen["miou"]) == pytest.approx(frozen_run.test_metrics["test/s2/miou"])
+    assert float(frozen["miou_ref"]) == pytest.approx(frozen_run.test_metrics["test/s2/miou_ref"])
     out_file = tmp_path / "comparison.csv"
     assert main(["compare", "cromss-finetune", "--tracking-uri", store, "--out", str(out_file)]) == 0
     assert out_file.read_text() == logged

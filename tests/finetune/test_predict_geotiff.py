@@ -1,8 +1,10 @@
-"""GeoTIFF class maps (cromss_ray.models.geotiff.predict_geotiff and ``cromss predict``): grid, CRS, scaling, no-data."""
+"""GeoTIFF class maps (cromss_ray.models.geotiff.predict_geotiff and ``cromss predict``): grid, CRS, the input
+rule of spec 9 on raw products and v8 codes, no-data, bad inputs."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,12 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from cromss_ray.cli import build_parser, main
-from cromss_ray.data.schema import DW_CLASSES, NODATA, S2_BAND_SUBSETS
+from cromss_ray.data.scaling import network_input
+from cromss_ray.data.schema import DW_CLASSES, NODATA, S2_BAND_SUBSETS, s2_subset_names
 from cromss_ray.method import build_model, build_segmentation_model
 from cromss_ray.models.geotiff import predict_geotiff
 from cromss_ray.models import MODEL_TILE
-from cromss_ray.models.segmenter import PRODUCT_SCALING, Segmenter, predict_array
+from cromss_ray.models.segmenter import PRODUCT_INPUTS, Segmenter, predict_array, product_input
 from cromss_ray.train.finetune import FinetuneResult
 
 HEIGHT, WIDTH = 70, 90
@@ -68,8 +71,45 @@ def test_class_map_keeps_grid_and_crs_and_matches_the_array_prediction(segmenter
         assert json.loads(written.tags()["classes"]) == list(DW_CLASSES)
         assert written.colormap(1)[0][:3] == (0x41, 0x9B, 0xDF)
         classes = written.read(1)
-    expected = predict_array(segmenter, s2=PRODUCT_SCALING["s2"].apply(s2), tile=32, overlap=8)
+    subset = s2[list(S2_BAND_SUBSETS[PRETRAINED_BANDS])]
+    model_input = network_input(subset, PRODUCT_INPUTS["s2"].with_bands(s2_subset_names(PRETRAINED_BANDS)))
+    expected = predict_array(segmenter, s2=model_input, tile=32, overlap=8)
     np.testing.assert_array_equal(classes, expected.classes)
+
+
+def _v8(raw: np.ndarray, modality: str) -> np.ndarray:
+    """The released uint8 codes of a raw product: the network input times 255."""
+    codes = network_input(raw, PRODUCT_INPUTS[modality]) * 255
+    np.testing.assert_array_equal(codes, np.rint(codes))
+    return np.rint(codes).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fused() -> Segmenter:
+    torch.manual_seed(2)
+    return Segmenter(build_model("mid", "resnet18", s2_bands=13).eval(), "fused", 13, DW_CLASSES)
+
+
+def test_raw_products_and_their_v8_codes_give_the_same_class_map(fused: Segmenter, tmp_path: Path):
+    """Spec 9: S1 dB float32 and S2 L1C uint16 go through the rule; the v8 uint8 codes are only divided by 255."""
+    s1, s2 = _s1_db(), _s2_digital_numbers()
+    s2[:, :5] = 12000  # above mu + 2 sigma of every band: code 255
+    s1[:, -3:] = -40.0  # below mu - 2 sigma: code 0
+    raw = predict_geotiff(
+        fused, tmp_path / "raw.tif", s1=_write(tmp_path / "s1.tif", s1), s2=_write(tmp_path / "s2.tif", s2), tile=64
+    )
+    v8_inputs = {modality: product_input(modality, "v8") for modality in ("s1", "s2")}
+    v8 = predict_geotiff(
+        replace(fused, inputs=v8_inputs),
+        tmp_path / "v8.tif",
+        s1=_write(tmp_path / "s1-v8.tif", _v8(s1, "s1")),
+        s2=_write(tmp_path / "s2-v8.tif", _v8(s2, "s2")),
+        tile=64,
+    )
+    with rasterio.open(raw) as from_raw, rasterio.open(v8) as from_v8:
+        raw_classes, v8_classes = from_raw.read(1), from_v8.read(1)
+    np.testing.assert_array_equal(raw_classes, v8_classes)
+    assert len(np.unique(raw_classes)) > 1
 
 
 def test_masked_input_pixels_become_nodata(segmenter: Segmenter, tmp_path: Path):
@@ -91,6 +131,12 @@ def test_bad_inputs_are_named_and_leave_no_output(segmenter: Segmenter, tmp_path
         predict_geotiff(segmenter, out, s1=_write(tmp_path / "s1.tif", _s1_db()))
     with pytest.raises(ValueError, match="cannot open"):
         predict_geotiff(segmenter, out, s2=tmp_path / "missing.tif")
+    codes = _write(tmp_path / "codes.tif", _s2_digital_numbers().astype(np.uint8))
+    with pytest.raises(ValueError, match=r"codes.tif: holds uint8 values, a S2 input of this model is uint16 \(physical"):
+        predict_geotiff(segmenter, out, s2=codes)
+    v8_segmenter = replace(segmenter, inputs={"s2": product_input("s2", "v8")})
+    with pytest.raises(ValueError, match=r"s2.tif: holds uint16 values, a S2 input of this model is uint8 \(v8"):
+        predict_geotiff(v8_segmenter, out, s2=_write(tmp_path / "s2.tif", _s2_digital_numbers()))
     fused = Segmenter(
         build_model("mid", "resnet18", s2_bands=PRETRAINED_BANDS).eval(), "fused", PRETRAINED_BANDS, DW_CLASSES
     )
@@ -129,6 +175,25 @@ def test_predict_command_with_a_pretrained_model(pretrained: Pretrained, store: 
     with rasterio.open(out) as written:
         assert written.crs == CRS_UTM and written.transform == TRANSFORM and written.shape == (HEIGHT, WIDTH)
         assert written.tags()["branch"] == branch
+
+
+def test_predict_command_reads_v8_codes_when_told(pretrained: Pretrained, store: str, tmp_path: Path):
+    """The registered model scales raw products itself; --s1/--s2-representation v8 reads the released
+    codes of the same scene to the same class map."""
+    s1, s2 = _s1_db(), _s2_digital_numbers()[list(S2_BAND_SUBSETS[PRETRAINED_BANDS])]
+    model = ["--model", f"models:/{pretrained.name}@best", "--tile", "64", "--tracking-uri", store]
+    raw = ["--s1", str(_write(tmp_path / "s1.tif", s1)), "--s2", str(_write(tmp_path / "s2.tif", s2))]
+    assert main(["predict", *model, *raw, "--out", str(tmp_path / "raw.tif")]) == 0
+    v8_s2 = np.rint(network_input(s2, PRODUCT_INPUTS["s2"].with_bands(s2_subset_names(PRETRAINED_BANDS))) * 255)
+    codes = [
+        *("--s1", str(_write(tmp_path / "s1-v8.tif", _v8(s1, "s1")))),
+        *("--s2", str(_write(tmp_path / "s2-v8.tif", v8_s2.astype(np.uint8)))),
+    ]
+    assert main(["predict", *model, *codes, "--out", str(tmp_path / "v8.tif")]) == 1, "uint8 is not the raw product"
+    told = ["--s1-representation", "v8", "--s2-representation", "v8"]
+    assert main(["predict", *model, *codes, *told, "--out", str(tmp_path / "v8.tif")]) == 0
+    with rasterio.open(tmp_path / "raw.tif") as from_raw, rasterio.open(tmp_path / "v8.tif") as from_codes:
+        np.testing.assert_array_equal(from_raw.read(1), from_codes.read(1))
 
 
 def test_predict_command_names_a_missing_model(store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]):

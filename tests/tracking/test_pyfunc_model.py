@@ -18,7 +18,8 @@ from tracking_helpers import ENCODER, tiny_config, unique
 from cromss_ray.config import PretrainConfig, TuneConfig
 from cromss_ray.method import build_model, fused_probabilities
 from cromss_ray.tracking import set_alias
-from cromss_ray.models.segmenter import predict_maps
+from cromss_ray.data.scaling import network_input
+from cromss_ray.models.segmenter import PRODUCT_INPUTS, predict_maps
 from cromss_ray.tracking.pyfunc import example_input, log_pretrained_model, model_signature
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.models.stored import check_matches_config, pretrain_part
@@ -155,7 +156,7 @@ def test_the_logged_model_carries_signature_example_and_pinned_requirements(regi
     assert mlmodel.signature.inputs.input_names() == ["s1", "s2"]
     assert mlmodel.saved_input_example_info["type"] == "ndarray"
     flavor = mlmodel.flavors["python_function"]
-    assert set(flavor["artifacts"]) == {"weights", "config"} and flavor["code"] == "code"
+    assert set(flavor["artifacts"]) == {"weights", "config", "inputs"} and flavor["code"] == "code"
     assert not any(name.endswith(".pkl") for name in os.listdir(folder))
     requirements = open(os.path.join(folder, "requirements.txt")).read().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
@@ -210,10 +211,19 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
+def _raw_products(n: int, height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """S1 backscatter in dB and S2 L1C digital numbers, as float32 (the pyfunc's tensor type)."""
+    rng = np.random.default_rng(seed)
+    s1 = rng.uniform(-30, 5, size=(n, 2, height, width)).astype(np.float32)
+    s2 = rng.integers(0, 6000, size=(n, 13, height, width)).astype(np.float32)
+    return s1, s2
+
+
 def test_the_registered_model_predicts_in_a_fresh_process(registered, tmp_path):
+    """The pulled pyfunc takes raw products (its ``inputs.json``) and scales them itself by spec 9's rule."""
     sizes = [(2, 37, 50), (1, 64, 64)]
     for index, (n, height, width) in enumerate(sizes):
-        s1, s2 = _inputs(n, height, width, 13, seed=index)
+        s1, s2 = _raw_products(n, height, width, seed=index)
         np.savez(tmp_path / f"input_{index}.npz", s1=s1, s2=s2)
     environment = {
         **os.environ,
@@ -235,7 +245,8 @@ def test_the_registered_model_predicts_in_a_fresh_process(registered, tmp_path):
         assert report[str(index)]["probabilities"] == [[n, 9, height, width], "float32"]
         assert report[str(index)]["s1_probabilities"] == [[n, 9, height, width], "float32"]
         inputs, outputs = np.load(tmp_path / f"input_{index}.npz"), np.load(tmp_path / f"output_{index}.npz")
-        expected = predict_maps(registered.model, inputs["s1"], inputs["s2"])
+        scaled = {modality: network_input(inputs[modality], PRODUCT_INPUTS[modality]) for modality in ("s1", "s2")}
+        expected = predict_maps(registered.model, scaled["s1"], scaled["s2"])
         assert np.allclose(outputs["probabilities"], expected["probabilities"], atol=1e-5)
         assert (outputs["s2_classes"] == expected["s2_classes"]).mean() > 0.99
     assert "dtype of input float64 does not match expected dtype float32" in report["float64"]
