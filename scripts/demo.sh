@@ -113,14 +113,22 @@ stop_ray() {
 }
 
 step() {  # name, description, command...: run once, log to $LOGS/<name>.log, remember success
-    local name=$1 description=$2 started=$SECONDS
+    # The whole output (Ray's and MLflow's lines included) goes to the step's log; the
+    # console shows cromss's own progress and summary lines from it (scripts/demo_console.sed).
+    local name=$1 description=$2 started=$SECONDS log=$LOGS/$1.log pid
     shift 2
     if [[ -f $DONE/$name ]]; then
         say "$description: done in an earlier run, reusing"
         return
     fi
-    say "$description (log: ${LOGS#"$PWD"/}/$name.log)"
-    "$@" 2>&1 | tee "$LOGS/$name.log" || fail "$description failed; see $LOGS/$name.log"
+    say "$description (log: ${log#"$PWD"/})"
+    "$@" > "$log" 2>&1 &
+    pid=$!
+    tail -n +1 -f --pid="$pid" "$log" | sed -nEu -f scripts/demo_console.sed
+    if ! wait "$pid"; then
+        tail -n 25 "$log" >&2
+        fail "$description failed; the last lines of its log are above, the whole log is $log"
+    fi
     touch "$DONE/$name"
     echo "... $description: $((SECONDS - started)) s"
 }
@@ -157,7 +165,7 @@ fi
 
 DEMO_STARTED=$SECONDS
 mkdir -p "$LOGS" "$DONE" "$RUNS"
-# Progress is one line per epoch from each run; Ray Data's per-operator bars would bury it.
+# Progress is one line per epoch from each run; Ray Data's per-operator bars would fill the logs.
 export RAY_DATA_DISABLE_PROGRESS_BARS=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 setup_environment
 make_shards pretrain "$PRETRAIN_DATA" "$PRETRAIN_LOCATIONS"

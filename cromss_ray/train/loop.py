@@ -228,7 +228,11 @@ def run_worker(task: Task, inputs: WorkerInput) -> dict[str, Any] | None:
             if tracker is not None:
                 tracker.log_metrics(metrics, completed)
                 seconds = time.perf_counter() - started
-                logger.info(progress_line(task.name, completed, epochs, metrics, task.progress_keys, seconds))
+                logger.info(
+                    progress_line(
+                        task.name, config.run.name, completed, epochs, metrics, task.progress_keys, seconds
+                    )
+                )
                 if completed % config.run.checkpoint_frequency == 0 or completed == epochs:
                     meta = checkpoint_meta(tracker, completed, metrics, **inputs.checkpoint_extra)
                     write = partial(state.save, config=config, meta=meta)

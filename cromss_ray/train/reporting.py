@@ -10,11 +10,20 @@ import ray.train
 
 
 def progress_line(
-    task: str, epoch: int, epochs: int, metrics: Mapping[str, float], keys: Sequence[str], seconds: float
+    task: str,
+    run_name: str,
+    epoch: int,
+    epochs: int,
+    metrics: Mapping[str, float],
+    keys: Sequence[str],
+    seconds: float,
 ) -> str:
-    """``[cromss TASK] epoch E/N  key value ...  (S s)``: the ``keys`` present in ``metrics``."""
+    """``[cromss TASK] RUN epoch E/N  key value ...  (S s)``: the ``keys`` present in ``metrics``.
+
+    The run name tells apart the interleaved lines of runs sharing one console (sweep trials).
+    """
     values = "  ".join(f"{key} {metrics[key]:.4g}" for key in keys if key in metrics)
-    return f"[cromss {task}] epoch {epoch}/{epochs}  {values}  ({seconds:.1f} s)"
+    return f"[cromss {task}] {run_name} epoch {epoch}/{epochs}  {values}  ({seconds:.1f} s)"
 
 
 def report_epoch(
