@@ -12,7 +12,7 @@ import torch
 from finetune_helpers import ENCODER, PRETRAINED_BANDS, TINY_CONFIG, Pretrained, Shards, tiny_config
 
 from cromss_ray.cli import main
-from cromss_ray.config import ConfigError, FinetuneConfig, build_config
+from cromss_ray.config import ConfigError, FinetuneConfig, build_config, load_config
 from cromss_ray.method import build_segmentation_model
 from cromss_ray.tracking.finetuned import TransferSource
 from cromss_ray.tracking.registry import ModelNotFoundError
@@ -132,6 +132,51 @@ def test_a_crop_the_decoder_cannot_take_is_named():
     with pytest.raises(ConfigError, match=message):
         with_training_crop(fpn(500), 32)
     assert with_training_crop(fpn(512), 32).data.crop == 512
+
+
+PAPER_CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "decoder", "source", "crop"),
+    [
+        ("dw", "DeepLabV3Plus", "models:/cromss-late-9b@latest", 496),
+        ("osm", "FPN", "models:/cromss-mid-13b@latest", 480),
+        ("dfc2020", "PSPNet", "models:/cromss-mid-13b@latest", 496),
+    ],
+)
+def test_the_paper_configs_hold_spec_11s_recipe_for_each_cell(dataset: str, decoder: str, source: str, crop: int):
+    path = PAPER_CONFIGS / f"finetune_paper_{dataset}.yaml"
+    config = load_config(FinetuneConfig, path)
+    optim, data, model = config.optim, config.data, config.model
+    assert (optim.loss, optim.optimizer, optim.lr, optim.batch_size, optim.epochs) == ("ce+dice", "adam", 5e-4, 32, 50)
+    assert (optim.scheduler, optim.lr_floor, optim.cosine_epochs) == ("cosine", 1e-5, 40)
+    assert data.val_fraction == 0 and data.test_uri and data.crop is None
+    assert (model.init, model.decoder, model.encoder, model.frozen_batch_norm) == (source, decoder, "resnet50", "adapt")
+    assert (model.branch, model.encoder_mode) == ("s2", "frozen")
+    check_finetune_config(config)
+    assert with_training_crop(config, check_network(config, None)).data.crop == crop
+    for branch, mode in (("s1", "finetune"), ("s1", "frozen"), ("s2", "finetune")):
+        cell = load_config(FinetuneConfig, path, [f"model.branch={branch}", f"model.encoder_mode={mode}"])
+        check_finetune_config(cell)
+        assert (cell.model.branch, cell.model.encoder_mode) == (branch, mode)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.loss=bce", r"optim.loss: Input should be 'ce', 'dice', 'ce\+dice' or 'focal'"),
+        ("model.frozen_batch_norm=frozen", r"model.frozen_batch_norm: Input should be 'adapt' or 'fixed'"),
+        ("data.train_fraction=0", r"data.train_fraction: Input should be greater than 0"),
+        ("data.train_count=0", r"data.train_count: Input should be greater than or equal to 1"),
+        ("data.crop=4", r"data.crop: Input should be greater than or equal to 8"),
+    ],
+)
+def test_bad_recipe_options_are_named(override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        build_config(FinetuneConfig, {}, [override])
+    with pytest.raises(ConfigError, match=r"data: Value error, set at most one of train_fraction and train_count"):
+        build_config(FinetuneConfig, {}, ["data.train_fraction=0.5", "data.train_count=3"])
 
 
 def test_encoder_mode_rules():
