@@ -252,11 +252,10 @@ def with_training_crop(config: FinetuneConfig, stride: int) -> FinetuneConfig:
         tree["data"]["crop"] = default_crop(stride)
         return build_config(FinetuneConfig, tree)
     if crop % stride:
-        below, above = crop // stride * stride, (crop // stride + 1) * stride
+        nearest = " or ".join(str(size) for size in (crop // stride * stride, (crop // stride + 1) * stride) if size)
         raise ConfigError(
             f"data.crop: {crop} is not a multiple of {stride}, the output stride of {config.model.decoder} with "
-            f"{config.model.encoder}; use {below or above} or {above}, or leave data.crop out "
-            f"({default_crop(stride)} from the decoder)"
+            f"{config.model.encoder}; use {nearest}, or leave data.crop out ({default_crop(stride)} from the decoder)"
         )
     return config
 

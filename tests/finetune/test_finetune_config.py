@@ -132,6 +132,8 @@ def test_a_crop_the_decoder_cannot_take_is_named():
     with pytest.raises(ConfigError, match=message):
         with_training_crop(fpn(500), 32)
     assert with_training_crop(fpn(512), 32).data.crop == 512
+    with pytest.raises(ConfigError, match=r"data.crop: 24 is not a multiple of 32, .*; use 32, or leave"):
+        with_training_crop(fpn(24), 32)
 
 
 PAPER_CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"

@@ -138,6 +138,8 @@ def test_random_baseline_runs_from_the_command_line(
             "--set",
             "optim.epochs=1",
             "--set",
+            "data.crop=null",
+            "--set",
             "optim.batch_size=2",
             "--set",
             "scaling.num_workers=1",
