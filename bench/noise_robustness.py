@@ -290,6 +290,7 @@ def transfer(
         f"model.decoder={args.decoder}",
         f"model.encoder={args.encoder}",
         f"model.encoder_mode={mode}",
+        "model.frozen_batch_norm=fixed",
         f"data.crop={args.size}",
         f"data.s2_bands={S2_BANDS}",
         "data.prefetch_batches=0",
@@ -309,7 +310,7 @@ def transfer(
     if encoder_state is not None:
         load_encoder_state(network, encoder_state)
     if mode == FROZEN:
-        finetune.freeze_encoder(network)
+        finetune.freeze_encoder(network, config.model.frozen_batch_norm)
     network.to(device)
     precision = Precision.on(device, config.scaling.precision)
     context = finetune.WorkerContext(config, meta, device, precision)

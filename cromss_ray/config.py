@@ -110,6 +110,18 @@ class OptimConfig(Section):
     step_size: int = Field(default=30, ge=1)
     epochs: int = Field(default=200, ge=1)
     batch_size: int = Field(default=128, ge=1, description="Samples per worker per step.")
+    lr_floor: float = Field(default=0.0, ge=0.0, description="Where the cosine schedule ends (spec 11: 1e-5).")
+    cosine_epochs: int | None = Field(
+        default=None, ge=1, description="Epochs of the cosine decay, then held at lr_floor; empty: all epochs."
+    )
+
+    @model_validator(mode="after")
+    def _cosine_within_run(self) -> OptimConfig:
+        if self.lr_floor >= self.lr:
+            raise ValueError(f"lr_floor ({self.lr_floor}) must be below lr ({self.lr})")
+        if self.cosine_epochs is not None and self.cosine_epochs > self.epochs:
+            raise ValueError(f"cosine_epochs ({self.cosine_epochs}) exceeds epochs ({self.epochs})")
+        return self
 
 
 class ScalingConfig(Section):
@@ -171,9 +183,25 @@ class DownstreamDataConfig(ShardReadChecks):
     test_uri: str | None = Field(default=None, description="Test split; without it the val split is the test split.")
     s3_endpoint: str | None = None
     s2_bands: Literal[13, 12, 9, 3] = 13
-    crop: int = Field(default=256, ge=8)
-    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    crop: int | None = Field(
+        default=None, ge=8, description="Training crop; empty: from the decoder's output stride (spec 11: 480 or 496)."
+    )
+    val_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Tiles held out for validation; 0: all train (spec 11)."
+    )
+    train_fraction: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Train on this share of the training tiles, drawn by run.seed."
+    )
+    train_count: int | None = Field(
+        default=None, ge=1, description="Train on this many of the training tiles, drawn by run.seed."
+    )
     prefetch_batches: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _one_subset_size(self) -> DownstreamDataConfig:
+        if self.train_fraction is not None and self.train_count is not None:
+            raise ValueError("set at most one of train_fraction and train_count")
+        return self
 
 
 class TransferModelConfig(Section):
@@ -190,7 +218,18 @@ class TransferModelConfig(Section):
     decoder: str = Field(default="Unet", description="Any segmentation-models-pytorch architecture name.")
     encoder: str = Field(default="resnet50", description="Used with init 'random'; else taken from the source.")
     encoder_mode: Literal["frozen", "finetune"] = "finetune"
+    frozen_batch_norm: Literal["adapt", "fixed"] = Field(
+        default="adapt",
+        description="While frozen, 'adapt' keeps the encoder's batch norm training (the reference, spec 11), "
+        "'fixed' keeps its statistics.",
+    )
     unfreeze_epoch: int | None = Field(default=None, ge=0, description="Frozen warm-up, then fine-tuned from here.")
+
+
+class FinetuneOptimConfig(OptimConfig):
+    """Fine-tuning's optimisation: the shared options plus the segmentation loss (spec 11: 'ce+dice')."""
+
+    loss: Literal["ce", "dice", "ce+dice", "focal"] = "ce"
 
 
 class FinetuneConfig(Section):
@@ -198,7 +237,9 @@ class FinetuneConfig(Section):
 
     data: DownstreamDataConfig = Field(default_factory=DownstreamDataConfig)
     model: TransferModelConfig = Field(default_factory=TransferModelConfig)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(scheduler="cosine", lr=1e-3, epochs=50, batch_size=16))
+    optim: FinetuneOptimConfig = Field(
+        default_factory=lambda: FinetuneOptimConfig(scheduler="cosine", lr=1e-3, epochs=50, batch_size=16)
+    )
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="cromss-finetune"))
     tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="cromss-finetune"))

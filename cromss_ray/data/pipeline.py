@@ -55,7 +55,7 @@ import ray.data
 import torch
 from ray.data.expressions import col
 
-from cromss_ray.config import DataConfig, DownstreamDataConfig
+from cromss_ray.config import ConfigError, DataConfig, DownstreamDataConfig
 from cromss_ray.data.scaling import V8_MAX, input_rule
 from cromss_ray.data.schema import ModalitySpec, ShardMetadata, s2_subset_names
 from cromss_ray.data.storage import (
@@ -67,7 +67,7 @@ from cromss_ray.data.storage import (
     resolve_filesystem,
     scan_shards,
 )
-from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw
+from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw, TrainingSubset
 from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
 
 __all__ = [
@@ -336,11 +336,19 @@ def downstream_datasets(
 
     Training: random crop, flips and rotation per sample; validation / test: centre crop
     (the whole tile when it is smaller). Labels keep the ignore value ``meta.nodata``.
-    ``test_tiles`` reads the test (else validation) rows whole, outside Ray Data.
+    With ``cfg.train_fraction`` or ``cfg.train_count`` only a :class:`TrainingSubset` of the
+    training rows (those not held out), drawn by ``seed``, trains. ``test_tiles`` reads the
+    test (else validation) rows whole, outside Ray Data. ``cfg.crop`` must be set (a transfer
+    run derives it from the decoder).
     """
+    if cfg.crop is None:
+        raise ConfigError("data.crop: no training crop is set (a transfer run derives it from the decoder)")
     shards = scan_shards(cfg.uri, cfg.s3_endpoint, allow_incomplete=cfg.allow_incomplete)
     meta = shards.meta
     split = _split(shards, None, cfg)
+    keep, num_train = split.train_keep, split.num_train
+    if cfg.train_fraction is not None or cfg.train_count is not None:
+        keep, num_train = _training_subset(shards, split, cfg, seed)
     clock, skipped = EpochClock.create(), SkippedRows.create()
     checks = {"on_bad_row": cfg.on_bad_row, "skipped": skipped}
     train_udf = CutSamples(
@@ -348,7 +356,7 @@ def downstream_datasets(
         cfg.s2_bands,
         cfg.crop,
         SampleDraw(True, seed, rotation_probability, clock.read),
-        keep=split.train_keep,
+        keep=keep,
         seasons_out=False,
         **checks,
     )
@@ -365,7 +373,20 @@ def downstream_datasets(
         test_udf = CutSamples(test_shards.meta, cfg.s2_bands, cfg.crop, SampleDraw(False), seasons_out=False, **checks)
         test, num_test = _read(test_shards, test_udf), test_shards.num_rows
         tiles = TileSet(test_shards, **checks)
-    return DownstreamDatasets(train, val, test, meta, split.num_train, split.num_val, num_test, clock, skipped, tiles)
+    return DownstreamDatasets(train, val, test, meta, num_train, split.num_val, num_test, clock, skipped, tiles)
+
+
+def _training_subset(
+    shards: ShardSet, split: _Split, cfg: DownstreamDataConfig, seed: int
+) -> tuple[TrainingSubset, int]:
+    """The seeded subset of the training rows ``cfg`` asks for, and how many rows it keeps."""
+    ids = [row_id for row_id in shards.read_ids() if split.train_keep is None or split.train_keep(row_id)]
+    key = "data.train_count" if cfg.train_count is not None else "data.train_fraction"
+    try:
+        subset = TrainingSubset.draw(ids, seed, fraction=cfg.train_fraction, count=cfg.train_count)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc} in {cfg.uri} (after the validation split)") from None
+    return subset, sum(1 for row_id in ids if subset(row_id))
 
 
 @dataclass

@@ -90,6 +90,42 @@ class HashSplit:
         return cls(threshold)
 
 
+@dataclass(frozen=True)
+class TrainingSubset:
+    """The training rows a label-efficiency run keeps (spec 11 trains on all of them): a seeded draw.
+
+    Called with a row id, says whether the row trains. :meth:`draw` permutes the distinct
+    training ids by ``seed`` and keeps a prefix, so the subset depends only on the ids and
+    the seed (not on the shard layout or row order), and with one seed a smaller subset lies
+    inside every larger one.
+    """
+
+    ids: frozenset[str]
+
+    def __call__(self, row_id: str) -> bool:
+        return row_id in self.ids
+
+    @classmethod
+    def draw(
+        cls, ids: list[str], seed: int, *, fraction: float | None = None, count: int | None = None
+    ) -> TrainingSubset:
+        """``count`` of the distinct ``ids``, or ``round(fraction * n)`` of them (at least one).
+
+        Raises ValueError when ``count`` exceeds the number of distinct ids, or when neither
+        or both of ``fraction`` and ``count`` are given.
+        """
+        if (fraction is None) == (count is None):
+            raise ValueError("give exactly one of fraction and count")
+        pool = sorted(set(ids))
+        size = count if count is not None else max(1, round(fraction * len(pool)))
+        if size > len(pool):
+            raise ValueError(f"{size} training tiles asked for, but only {len(pool)} are there")
+        order = np.random.default_rng([seed & UINT64_MASK, stable_hash("training-subset", "subset")]).permutation(
+            len(pool)
+        )
+        return cls(frozenset(pool[index] for index in order[:size]))
+
+
 FLIP_PROBABILITY = 0.5
 """Spec 9: a sample is flipped with this probability, then horizontally, vertically or both, equally likely."""
 MAX_ROTATION_DEGREES = 90.0

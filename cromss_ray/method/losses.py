@@ -86,6 +86,44 @@ def weighted_dice(probs: torch.Tensor, target: torch.Tensor, weights: torch.Tens
     return ((1.0 - dice) * present).mean()
 
 
+SegmentationLossKind = Literal["ce", "dice", "ce+dice", "focal"]
+SEGMENTATION_LOSS_KINDS: tuple[str, ...] = ("ce", "dice", "ce+dice", "focal")
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    kind: SegmentationLossKind = "ce",
+    ignore_index: int = 255,
+    focal_gamma: float = 2.0,
+) -> torch.Tensor:
+    """The loss of a transfer step on hard labels (spec 11): spec 8's terms with one-hot targets.
+
+    ``logits`` (N, C, H, W) and ``labels`` (N, H, W). Pixels labelled ``ignore_index`` (or
+    outside ``0 .. C-1``) have weight 0, so they leave both the cross-entropy mean and the
+    Dice sums (prediction and target alike). 'ce' is the mean cross-entropy over labelled
+    pixels; 'dice' the soft Dice of spec 8 over all C classes (a class absent from the
+    batch's labels scores loss 0 and still counts in the mean); 'ce+dice' their sum (the
+    reference recipe); 'focal' the softmax focal loss of :func:`weighted_focal`.
+    """
+    if kind not in SEGMENTATION_LOSS_KINDS:
+        raise ValueError(f"segmentation loss must be one of {SEGMENTATION_LOSS_KINDS}, got {kind!r}")
+    classes = logits.shape[1]
+    labels = labels.long()
+    labelled = (labels != ignore_index) & (labels >= 0) & (labels < classes)
+    weights = labelled.to(logits.dtype)
+    target = F.one_hot(torch.where(labelled, labels, 0), classes).movedim(-1, 1).to(logits.dtype)
+    log_probs = F.log_softmax(logits, dim=1)
+    if kind == "focal":
+        return weighted_focal(log_probs, target, weights, focal_gamma)
+    loss = logits.new_zeros(())
+    if kind in ("ce", "ce+dice"):
+        loss = loss + weighted_cross_entropy(log_probs, target, weights)
+    if kind in ("dice", "ce+dice"):
+        loss = loss + weighted_dice(log_probs.exp(), target, weights)
+    return loss
+
+
 def consistency_loss(
     log_p1: torch.Tensor,
     log_p2: torch.Tensor,

@@ -7,16 +7,24 @@ S2 band subset are the source's (:func:`effective_config`); the classes and the 
 value come from the downstream shards (spec 10).
 
 Every worker builds the single-modality smp network (any architecture), loads the
-encoder, and trains it with cross-entropy on its share of the training tiles. A
-'frozen' encoder (the whole run, or until ``model.unfreeze_epoch``) has no trainable
-parameters and stays in eval mode, so its batch-norm statistics do not move either.
-After each epoch the validation split is scored from one confusion matrix summed over
-the workers (spec 11: ``val/<branch>/oa``, ``miou``, ``mf1``, per-class IoU and F1), on
-the centre crops of ``data.crop`` pixels the pipeline cuts. After the last epoch the test
-split (``data.test_uri``, else the validation rows) is scored on whole tiles with the
-scoring of ``cromss evaluate`` (:func:`cromss_ray.models.scoring.score_tiles`; each
-worker its share of the shard files, the confusion matrices summed): the registered
+encoder, and trains it with ``optim.loss`` (cross-entropy, Dice, both, or focal; spec 11's
+recipe is CE + Dice) on its share of the training tiles (or a seeded subset of them,
+``data.train_fraction`` / ``data.train_count``), cut to ``data.crop`` pixels (when not
+given, derived from the decoder's output stride: :func:`default_crop`). A 'frozen'
+encoder (the whole run, or until ``model.unfreeze_epoch``) has no trainable parameters;
+with ``model.frozen_batch_norm`` 'adapt' (the reference) its batch norm still trains, so
+its running statistics follow the downstream data, with 'fixed' it stays in eval mode.
+After each epoch the validation split, when there is one, is scored from one confusion
+matrix summed over the workers (spec 11: ``val/<branch>/oa``, ``miou``, ``mf1``, per-class
+IoU and F1), on the centre crops the pipeline cuts. After the last epoch the test split
+(``data.test_uri``, else the validation rows) is scored on whole tiles with the scoring
+of ``cromss evaluate`` (:func:`cromss_ray.models.scoring.score_tiles`; each worker its
+share of the shard files, the confusion matrices summed): the registered
 ``test/<branch>/...`` scores are what ``cromss evaluate`` prints for the model and data.
+No validation score selects a model: the last epoch's network is tested and registered
+(as the reference reports it) and checkpoints are kept by recency, so a run without a
+validation split (``data.val_fraction`` 0, the reference's recipe) is complete as long
+as it has a test split.
 
 Rank 0 owns the MLflow run (experiment ``cromss-finetune``): the config, per-epoch
 metrics, the confusion matrices as JSON and figures, and at the end the model,
@@ -49,7 +57,13 @@ from cromss_ray.config import ConfigError, FinetuneConfig, build_config
 from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import TileSet
-from cromss_ray.method import ConfusionMatrix, encoder_state_dict, load_encoder_state, load_reference_checkpoint
+from cromss_ray.method import (
+    ConfusionMatrix,
+    encoder_state_dict,
+    load_encoder_state,
+    load_reference_checkpoint,
+    segmentation_loss,
+)
 from cromss_ray.models.scoring import SUMMARY_SCORES, score_tiles
 from cromss_ray.models.segmenter import output_stride, pad_to_multiple
 from cromss_ray.models.stored import transfer_network, transfer_segmenter
@@ -196,11 +210,12 @@ def check_against_data(config: FinetuneConfig, datasets: DownstreamDatasets) -> 
         raise ConfigError("data: neither validation tiles (data.val_fraction) nor a test split (data.test_uri)")
 
 
-def check_network(config: FinetuneConfig, classes: int, encoder_state: Mapping[str, torch.Tensor] | None) -> None:
-    """Build the network once on the driver: an unknown decoder or encoder, or an encoder state
-    that does not fit, fails here with the config key rather than on every worker."""
+def check_network(config: FinetuneConfig, encoder_state: Mapping[str, torch.Tensor] | None) -> int:
+    """Build the network once on the driver and return its output stride: an unknown decoder or
+    encoder, or an encoder state that does not fit, fails here with the config key rather than on
+    every worker. (The head is built for two classes; neither check depends on the class count.)"""
     try:
-        network = transfer_network(config, classes)
+        network = transfer_network(config, classes=2)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"model.decoder / model.encoder: cannot build the network: {exc}") from None
     if encoder_state is not None:
@@ -208,6 +223,41 @@ def check_network(config: FinetuneConfig, classes: int, encoder_state: Mapping[s
             load_encoder_state(network, encoder_state)
         except ValueError as exc:
             raise ConfigError(f"model.init: the {config.model.branch} encoder of {config.model.init}: {exc}") from None
+    return output_stride(network)
+
+
+REFERENCE_TILE_SIDE = 510
+"""The smallest SSL4EO-S12@DW / @OSM tile side, which the reference's training crops fit (spec 10-11)."""
+DILATED_CROP_MULTIPLE = 16
+"""The multiple the reference's crops take for decoders of output stride below 32 (DeepLabV3+, PSPNet)."""
+
+
+def default_crop(stride: int) -> int:
+    """The reference's training crop for a network of output ``stride`` (spec 11).
+
+    The largest multiple of ``max(stride, 16)`` within a 510 px tile: 480 for stride 32
+    (U-Net, FPN, ...), 496 for DeepLabV3+ (16) and PSPNet (8). Smaller tiles (DFC2020's
+    256 px) are taken whole.
+    """
+    multiple = max(stride, DILATED_CROP_MULTIPLE)
+    return REFERENCE_TILE_SIDE // multiple * multiple
+
+
+def with_training_crop(config: FinetuneConfig, stride: int) -> FinetuneConfig:
+    """``config`` with ``data.crop`` set: the given crop when the network's ``stride`` divides it, else a
+    ConfigError naming the key; without one, :func:`default_crop`."""
+    crop = config.data.crop
+    if crop is None:
+        tree = config.model_dump(mode="json")
+        tree["data"]["crop"] = default_crop(stride)
+        return build_config(FinetuneConfig, tree)
+    if crop % stride:
+        nearest = " or ".join(str(size) for size in (crop // stride * stride, (crop // stride + 1) * stride) if size)
+        raise ConfigError(
+            f"data.crop: {crop} is not a multiple of {stride}, the output stride of {config.model.decoder} with "
+            f"{config.model.encoder}; use {nearest}, or leave data.crop out ({default_crop(stride)} from the decoder)"
+        )
+    return config
 
 
 @dataclass(frozen=True)
@@ -235,17 +285,18 @@ def build_trainer(
 ) -> PreparedRun:
     """The TorchTrainer of one transfer run and what it was built from (driver side; Ray must be initialised).
 
-    The effective config has the source's encoder and bands. ``initialisation`` is
+    The effective config has the source's encoder and bands and the training crop the decoder
+    takes (:func:`with_training_crop`). ``initialisation`` is
     ``resolve_init(config)`` when the caller resolved it already.
     """
     check_finetune_config(config)
     initialisation = initialisation or resolve_init(config)
     config = effective_config(config, initialisation.source)
+    config = with_training_crop(config, check_network(config, initialisation.encoder_state))
     check_checkpoint(config)
     datasets = downstream_datasets(config.data, seed=config.run.seed)
     check_against_data(config, datasets)
     meta = datasets.meta
-    check_network(config, meta.num_classes, initialisation.encoder_state)
     registry_name = default_registry_name(config, meta)
     state = initialisation.encoder_state
     inputs = worker_input(
@@ -299,11 +350,17 @@ def encoder_frozen(config: FinetuneConfig, epoch: int) -> bool:
     return model.unfreeze_epoch is not None and epoch < model.unfreeze_epoch
 
 
-def freeze_encoder(network: nn.Module) -> None:
-    """No encoder parameter trains and the whole encoder stays in eval mode (batch-norm statistics fixed).
+def freeze_encoder(network: nn.Module, batch_norm: str) -> None:
+    """No encoder parameter trains; the encoder's batch norm follows ``batch_norm`` (spec 11).
 
-    smp's ``freeze_encoder`` keeps ``network.train()`` away from the encoder from then on.
+    'adapt' (the reference) only stops the gradients: ``network.train()`` still puts the
+    encoder's batch norm in training mode, so its running statistics follow the downstream
+    data. 'fixed' keeps the whole encoder in eval mode (smp's ``freeze_encoder`` keeps
+    ``network.train()`` away from it from then on), so its statistics do not move.
     """
+    if batch_norm == "adapt":
+        network.encoder.requires_grad_(False)
+        return
     network.freeze_encoder()
     network.encoder.eval()
 
@@ -365,18 +422,22 @@ def unfreeze_if_due(context: WorkerContext, state: TrainingState, epoch: int) ->
 def train_epoch(
     context: WorkerContext, state: TrainingState, shard: ray.data.DataIterator, epoch: int
 ) -> dict[str, float]:
-    """One pass over the worker's training share; the cross-entropy over labelled pixels of every rank."""
+    """One pass over the worker's training share with ``optim.loss`` (spec 11).
+
+    ``train/loss`` is the batches' losses weighted by their labelled pixels, over every rank
+    (for 'ce' the cross-entropy over all labelled pixels).
+    """
     state.model.train()
-    nodata = context.meta.nodata
+    nodata, kind = context.meta.nodata, context.config.optim.loss
     loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
     pixels = torch.zeros((), dtype=torch.int64, device=context.device)
     for image, label in context.batches(shard, training=True):
         with context.precision.autocast():
             logits = state.model(image)
-        batch_sum = F.cross_entropy(logits.float(), label, ignore_index=nodata, reduction="sum")
+        loss = segmentation_loss(logits.float(), label, kind, ignore_index=nodata)
         labelled = (label != nodata).sum()
-        state.optimise(batch_sum / labelled.clamp_min(1))
-        loss_sum += batch_sum.detach().double()
+        state.optimise(loss)
+        loss_sum += loss.detach().double() * labelled
         pixels += labelled
     totals = all_reduce_sums({"loss": float(loss_sum), "pixels": int(pixels)}, context.device)
     if totals["pixels"] == 0:
@@ -465,8 +526,9 @@ def _summed_evaluation(
 @dataclass
 class FinetuneTask:
     """Fine-tuning as a :class:`~cromss_ray.train.loop.Task`: the single-modality network from the source
-    encoder (frozen while the config says so), cross-entropy, validation of its branch, and at the end
-    the test split scored on whole tiles and the model registered."""
+    encoder (frozen while the config says so), ``optim.loss``, validation of its branch when there is a
+    validation split, and at the end the test split scored on whole tiles and the last epoch's model
+    registered."""
 
     context: WorkerContext
     inputs: WorkerInput
@@ -496,7 +558,7 @@ class FinetuneTask:
         if saved is None and transfer.encoder_state is not None:
             load_encoder_state(network, ray.get(transfer.encoder_state))
         if encoder_frozen(config, int(saved["epoch"]) if saved else 0):
-            freeze_encoder(network)
+            freeze_encoder(network, config.model.frozen_batch_norm)
         return prepare_training(network, config.optim, self.context.precision, checkpoint), saved
 
     def before_epoch(self, state: TrainingState, epoch: int, tracker: RunTracker | None) -> None:

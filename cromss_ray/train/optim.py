@@ -8,6 +8,7 @@ plateau schedule on the validation loss).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import (
-    CosineAnnealingLR,
     ExponentialLR,
+    LambdaLR,
     LRScheduler,
     ReduceLROnPlateau,
     StepLR,
@@ -65,6 +66,26 @@ def build_optimizer(parameters: Iterable[nn.Parameter], optim: OptimConfig) -> t
     return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
+@dataclass(frozen=True)
+class CosineToFloor:
+    """The cosine schedule as a factor of ``lr`` per zero-based epoch: from ``lr`` down to ``floor`` over
+    ``epochs`` epochs, then held at ``floor`` (spec 11: 5e-4 to 1e-5 over 40 of 50 epochs).
+
+    Epoch e < epochs trains at ``floor + (lr - floor) (1 + cos(pi e / epochs)) / 2``; every later epoch
+    at ``floor``. With ``epochs`` the whole run and ``floor`` 0 it is plain cosine annealing.
+    """
+
+    lr: float
+    floor: float
+    epochs: int
+
+    def __call__(self, epoch: int) -> float:
+        if epoch >= self.epochs:
+            return self.floor / self.lr
+        cosine = (1.0 + math.cos(math.pi * epoch / self.epochs)) / 2.0
+        return (self.floor + (self.lr - self.floor) * cosine) / self.lr
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> LearningRateScheduler | None:
     """The per-epoch learning-rate schedule (plateau on the validation loss is the reference, spec 9)."""
     if optim.scheduler == "plateau":
@@ -72,7 +93,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> 
     if optim.scheduler == "exponential":
         return ExponentialLR(optimizer, gamma=optim.gamma)
     if optim.scheduler == "cosine":
-        return CosineAnnealingLR(optimizer, T_max=optim.epochs)
+        return LambdaLR(optimizer, CosineToFloor(optim.lr, optim.lr_floor, optim.cosine_epochs or optim.epochs))
     if optim.scheduler == "step":
         return StepLR(optimizer, step_size=optim.step_size, gamma=optim.gamma)
     return None

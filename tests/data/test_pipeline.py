@@ -15,9 +15,10 @@ import pytest
 import ray
 import torch
 
-from cromss_ray.config import DataConfig, DownstreamDataConfig
+from cromss_ray.config import ConfigError, DataConfig, DownstreamDataConfig
 from cromss_ray.data import network_input
 from cromss_ray.data.pipeline import (
+    DownstreamDatasets,
     EpochClock,
     SkippedRows,
     downstream_datasets,
@@ -400,6 +401,26 @@ def test_skipped_bad_rows_are_left_out_and_counted_every_epoch(
     counter = SkippedRows.named(data.skipped.name)
     assert counter.count() == 2
     assert all(f"row '{bad_id}', field 'label'" in message for message in counter.messages())
+
+
+def test_a_training_subset_trains_its_seeded_share_of_the_training_tiles(
+    ray_cluster: None, dw_shards: Path
+) -> None:
+    def subset(seed: int, **size: float) -> DownstreamDatasets:
+        cfg = DownstreamDataConfig(uri=str(dw_shards), crop=32, val_fraction=0.25, **size)
+        return downstream_datasets(cfg, seed=seed)
+
+    whole = subset(0)
+    data = subset(3, train_count=4)
+    assert (data.num_train, data.num_val) == (4, whole.num_val)
+    rows = stored_rows(dw_shards)
+    trained = {rows[key]["id"] for key in samples(data.train)}
+    held_out = {rows[key]["id"] for key in samples(whole.val)}
+    assert len(trained) == 4 and not trained & held_out
+    assert {rows[key]["id"] for key in samples(subset(3, train_count=4).train)} == trained
+    assert subset(3, train_fraction=0.5).num_train == round(0.5 * whole.num_train)
+    with pytest.raises(ConfigError, match=rf"data.train_count: 99 training tiles asked for, but only {whole.num_train}"):
+        subset(3, train_count=99)
 
 
 def test_bad_imagery_or_labels_fail_fine_tuning_instead_of_a_device_assert(

@@ -22,6 +22,7 @@ from cromss_ray.data.transforms import (
     CutSamples,
     Geometry,
     HashSplit,
+    TrainingSubset,
     SampleDraw,
     band_indices,
     centre_geometry,
@@ -304,6 +305,46 @@ def test_hash_split_without_fraction_or_with_one_id_holds_out_nothing() -> None:
     split = HashSplit.for_ids(["a", "b", "c"], 0.0)
     assert not any(split.is_val(row_id) for row_id in "abc")
     assert HashSplit.for_ids(["only", "only"], 0.99) == HashSplit(0.0)
+
+
+def test_training_subset_sizes_by_count_and_fraction() -> None:
+    ids = [f"tile-{index}" for index in range(10)]
+    assert len(TrainingSubset.draw(ids, 0, count=3).ids) == 3
+    assert len(TrainingSubset.draw(ids, 0, fraction=0.25).ids) == 2  # round(2.5) to the even 2
+    assert len(TrainingSubset.draw(ids, 0, fraction=0.01).ids) == 1
+    assert TrainingSubset.draw(ids, 0, fraction=1.0).ids == frozenset(ids)
+    assert len(TrainingSubset.draw([*ids, *ids], 0, count=10).ids) == 10  # distinct ids
+    subset = TrainingSubset.draw(ids, 0, count=4)
+    assert [row_id for row_id in ids if subset(row_id)] == sorted(subset.ids, key=ids.index)
+    with pytest.raises(ValueError, match=r"11 training tiles asked for, but only 10 are there"):
+        TrainingSubset.draw(ids, 0, count=11)
+    with pytest.raises(ValueError, match=r"exactly one of fraction and count"):
+        TrainingSubset.draw(ids, 0, fraction=0.5, count=2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ids=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=40, unique=True),
+    seed=st.integers(0, 2**32),
+    shuffle_seed=st.integers(0, 1000),
+    data=st.data(),
+)
+def test_training_subset_is_a_function_of_ids_and_seed_and_nested(
+    ids: list[str], seed: int, shuffle_seed: int, data: st.DataObject
+) -> None:
+    """The same seed draws the same tiles whatever the row order; a smaller subset lies in a larger one."""
+    small = data.draw(st.integers(1, len(ids)))
+    large = data.draw(st.integers(small, len(ids)))
+    shuffled = random.Random(shuffle_seed).sample(ids, len(ids))
+    drawn = TrainingSubset.draw(ids, seed, count=small)
+    assert drawn == TrainingSubset.draw(shuffled, seed, count=small)
+    assert len(drawn.ids) == small and drawn.ids <= set(ids)
+    assert drawn.ids <= TrainingSubset.draw(ids, seed, count=large).ids
+
+
+def test_training_subsets_differ_between_seeds() -> None:
+    ids = [f"tile-{index}" for index in range(100)]
+    assert TrainingSubset.draw(ids, 0, count=10) != TrainingSubset.draw(ids, 1, count=10)
 
 
 def test_sample_rng_is_a_function_of_seed_epoch_and_id() -> None:

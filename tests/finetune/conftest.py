@@ -17,6 +17,7 @@ import pytest
 import torch
 from finetune_helpers import (
     ENCODER,
+    FROZEN_RUN_LR_FLOOR,
     PRETRAINED_BANDS,
     PRETRAINED_NAME,
     TEST_TILE,
@@ -81,13 +82,19 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def frozen_run(ray_cluster, store: str, storage: Path, dw_shards: Shards, pretrained: Pretrained) -> FinetuneResult:
-    """U-Net on S2 from ``models:/cromss-mid-9b@best``, encoder frozen, 2 epochs on 2 workers (DW-like)."""
+    """U-Net on S2 from ``models:/cromss-mid-9b@best``, encoder frozen with its batch norm fixed, 2 epochs
+    on 2 workers (DW-like), with the reference's CE + Dice and a cosine that reaches its floor after
+    epoch 1 and holds it."""
     config = tiny_config(
         dw_shards,
         store,
         storage,
         f"model.init=models:/{pretrained.name}@best",
         "model.encoder_mode=frozen",
+        "model.frozen_batch_norm=fixed",
+        "optim.loss=ce+dice",
+        f"optim.lr_floor={FROZEN_RUN_LR_FLOOR}",
+        "optim.cosine_epochs=1",
     )
     return run_finetune(config)
 

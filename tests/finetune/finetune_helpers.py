@@ -17,6 +17,8 @@ TILE = 32
 """Side of the training tiles, and the crop (validation: centre crops of it)."""
 TEST_TILE = 64
 """Side of the test tiles, which the test split scores whole."""
+FROZEN_RUN_LR_FLOOR = 2e-4
+"""The learning-rate floor of the session's frozen run, reached after its first epoch and held."""
 _names = itertools.count()
 
 

@@ -12,18 +12,22 @@ import torch
 from finetune_helpers import ENCODER, PRETRAINED_BANDS, TINY_CONFIG, Pretrained, Shards, tiny_config
 
 from cromss_ray.cli import main
-from cromss_ray.config import ConfigError, FinetuneConfig, build_config
+from cromss_ray.config import ConfigError, FinetuneConfig, build_config, load_config
 from cromss_ray.method import build_segmentation_model
 from cromss_ray.tracking.finetuned import TransferSource
 from cromss_ray.tracking.registry import ModelNotFoundError
 from cromss_ray.train.finetune import (
     build_trainer,
     check_finetune_config,
+    check_network,
+    default_crop,
     effective_config,
     encoder_frozen,
     freeze_encoder,
+    is_frozen,
     metric_slug,
     resolve_init,
+    with_training_crop,
 )
 
 
@@ -40,20 +44,30 @@ def test_encoder_modes_by_epoch():
     assert [encoder_frozen(fine_tuned, epoch) for epoch in range(4)] == [False] * 4
 
 
-def test_frozen_encoder_keeps_weights_and_batchnorm_statistics_through_a_training_step():
+@pytest.mark.parametrize("batch_norm", ["adapt", "fixed"])
+def test_frozen_encoder_keeps_its_weights_and_its_batchnorm_statistics_only_when_fixed(batch_norm: str):
+    """Spec 11: a frozen encoder never changes its weights; 'adapt' (the reference) lets its batch-norm
+    running statistics follow the data, 'fixed' keeps them."""
     torch.manual_seed(0)
     network = build_segmentation_model("FPN", ENCODER, 4, 3)
-    freeze_encoder(network)
+    freeze_encoder(network, batch_norm)
     before = {key: value.clone() for key, value in network.encoder.state_dict().items()}
     decoder_before = next(network.decoder.parameters()).clone()
     optimizer = torch.optim.Adam(network.parameters(), lr=0.1, weight_decay=0.1)
     network.train()
-    assert not any(module.training for module in network.encoder.modules())
+    norms = [module for module in network.encoder.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert all(module.training == (batch_norm == "adapt") for module in norms)
     loss = network(torch.randn(2, 4, 64, 64)).square().mean()
     loss.backward()
     optimizer.step()
-    for key, value in network.encoder.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    after = network.encoder.state_dict()
+    statistics = {key for key in after if key.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert statistics and is_frozen(network)
+    for key, value in after.items():
+        if key in statistics and batch_norm == "adapt":
+            assert not torch.equal(value, before[key]), key
+        else:
+            assert torch.equal(value, before[key]), key
     assert not torch.equal(next(network.decoder.parameters()), decoder_before)
 
 
@@ -91,6 +105,80 @@ def test_transfer_source_tags_and_labels():
         "cromss.init": "random",
         "cromss.init_uri": "random",
     }
+
+
+@pytest.mark.parametrize(
+    ("decoder", "stride", "crop"),
+    [("Unet", 32, 480), ("FPN", 32, 480), ("DeepLabV3Plus", 16, 496), ("PSPNet", 8, 496)],
+)
+def test_the_crop_follows_the_decoder_when_not_given(decoder: str, stride: int, crop: int):
+    """Spec 11: 480 px for stride-32 decoders, 496 px for DeepLabV3+ / PSPNet (the largest multiple of
+    max(stride, 16) within a 510 px DW / OSM tile)."""
+    config = build_config(FinetuneConfig, {"model": {"decoder": decoder, "encoder": ENCODER}})
+    assert config.data.crop is None
+    assert check_network(config, None) == stride
+    assert with_training_crop(config, stride).data.crop == crop
+    assert default_crop(64) == 448
+
+
+def test_a_crop_the_decoder_cannot_take_is_named():
+    def fpn(crop: int) -> FinetuneConfig:
+        return build_config(FinetuneConfig, {"model": {"decoder": "FPN", "encoder": ENCODER}, "data": {"crop": crop}})
+
+    message = (
+        r"data.crop: 500 is not a multiple of 32, the output stride of FPN with resnet18; "
+        r"use 480 or 512, or leave data.crop out \(480 from the decoder\)"
+    )
+    with pytest.raises(ConfigError, match=message):
+        with_training_crop(fpn(500), 32)
+    assert with_training_crop(fpn(512), 32).data.crop == 512
+    with pytest.raises(ConfigError, match=r"data.crop: 24 is not a multiple of 32, .*; use 32, or leave"):
+        with_training_crop(fpn(24), 32)
+
+
+PAPER_CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "decoder", "source", "crop"),
+    [
+        ("dw", "DeepLabV3Plus", "models:/cromss-late-9b@latest", 496),
+        ("osm", "FPN", "models:/cromss-mid-13b@latest", 480),
+        ("dfc2020", "PSPNet", "models:/cromss-mid-13b@latest", 496),
+    ],
+)
+def test_the_paper_configs_hold_spec_11s_recipe_for_each_cell(dataset: str, decoder: str, source: str, crop: int):
+    path = PAPER_CONFIGS / f"finetune_paper_{dataset}.yaml"
+    config = load_config(FinetuneConfig, path)
+    optim, data, model = config.optim, config.data, config.model
+    assert (optim.loss, optim.optimizer, optim.lr, optim.batch_size, optim.epochs) == ("ce+dice", "adam", 5e-4, 32, 50)
+    assert (optim.scheduler, optim.lr_floor, optim.cosine_epochs) == ("cosine", 1e-5, 40)
+    assert data.val_fraction == 0 and data.test_uri and data.crop is None
+    assert (model.init, model.decoder, model.encoder, model.frozen_batch_norm) == (source, decoder, "resnet50", "adapt")
+    assert (model.branch, model.encoder_mode) == ("s2", "frozen")
+    check_finetune_config(config)
+    assert with_training_crop(config, check_network(config, None)).data.crop == crop
+    for branch, mode in (("s1", "finetune"), ("s1", "frozen"), ("s2", "finetune")):
+        cell = load_config(FinetuneConfig, path, [f"model.branch={branch}", f"model.encoder_mode={mode}"])
+        check_finetune_config(cell)
+        assert (cell.model.branch, cell.model.encoder_mode) == (branch, mode)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.loss=bce", r"optim.loss: Input should be 'ce', 'dice', 'ce\+dice' or 'focal'"),
+        ("model.frozen_batch_norm=frozen", r"model.frozen_batch_norm: Input should be 'adapt' or 'fixed'"),
+        ("data.train_fraction=0", r"data.train_fraction: Input should be greater than 0"),
+        ("data.train_count=0", r"data.train_count: Input should be greater than or equal to 1"),
+        ("data.crop=4", r"data.crop: Input should be greater than or equal to 8"),
+    ],
+)
+def test_bad_recipe_options_are_named(override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        build_config(FinetuneConfig, {}, [override])
+    with pytest.raises(ConfigError, match=r"data: Value error, set at most one of train_fraction and train_count"):
+        build_config(FinetuneConfig, {}, ["data.train_fraction=0.5", "data.train_count=3"])
 
 
 def test_encoder_mode_rules():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from finetune_helpers import (
     ENCODER,
+    FROZEN_RUN_LR_FLOOR,
     PRETRAINED_BANDS,
-    TILE,
     TINY_CONFIG,
     Pretrained,
     Shards,
@@ -62,10 +62,16 @@ def test_frozen_run_takes_encoder_and_bands_from_the_source(frozen_run: Finetune
     assert frozen_run.registry_name == "cromss-ft-dw-unet"
 
 
-def test_frozen_run_logs_validation_per_epoch_and_test_at_the_end(
+def test_frozen_run_logs_its_recipe_validation_per_epoch_and_test_at_the_end(
     frozen_run: FinetuneResult, store: str, tmp_path: Path
 ):
     client = MlflowClient(store)
+    rates = client.get_metric_history(frozen_run.run_id, "train/lr")
+    assert [m.step for m in rates] == [1, 2]
+    assert [m.value for m in rates] == pytest.approx([1e-3, FROZEN_RUN_LR_FLOOR]), "cosine to the floor, then held"
+    params = client.get_run(frozen_run.run_id).data.params
+    assert params["optim.loss"] == "ce+dice" and params["model.frozen_batch_norm"] == "fixed"
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(frozen_run.run_id, "train/loss"))
     history = client.get_metric_history(frozen_run.run_id, "val/s2/miou")
     assert [point.step for point in history] == [1, 2]
     assert all(0.0 <= point.value <= 1.0 for point in history)
@@ -132,7 +138,7 @@ def test_random_baseline_runs_from_the_command_line(
             "--set",
             "optim.epochs=1",
             "--set",
-            f"data.crop={TILE}",
+            "data.crop=null",
             "--set",
             "optim.batch_size=2",
             "--set",
@@ -149,6 +155,9 @@ def test_random_baseline_runs_from_the_command_line(
     assert code == 0
     assert "initialised from random" in out and "registered model cromss-ft-dw-fpn version" in out
     assert "test/s2/miou" in out
+    run_id = out.split("MLflow run ", 1)[1].split()[0]
+    params = MlflowClient(store).get_run(run_id).data.params
+    assert params["data.crop"] == "480", "FPN's crop from the decoder (the whole 32 px tiles train)"
 
 
 def test_paper_checkpoint_initialises_the_encoder(tmp_path: Path):

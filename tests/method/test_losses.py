@@ -13,6 +13,7 @@ from cromss_ray.method import (
     entangle,
     label_confidence,
     prediction_confidence,
+    segmentation_loss,
     selection_weights,
     smoothing_prior,
     weighted_cross_entropy,
@@ -275,3 +276,77 @@ def test_loss_is_finite_for_extreme_logits_and_a_single_class_batch(seed, consis
     total.backward()
     assert bool(torch.isfinite(z1.grad).all())
     assert math.isfinite(loss.evaluate(z1, z2, y)[0].item())
+
+
+# Three classes, two labelled pixels and one ignored; class 2 is absent from the labels.
+# Pixel a: p = (1/4, 1/2, 1/4), label 1; pixel b: p = (1/2, 1/4, 1/4), label 0. Logits are
+# log-probabilities (softmax gives them back).
+TRANSFER_LOGITS = _log_probs((0.25, 0.5, 0.25), (0.5, 0.25, 0.25), (0.9, 0.05, 0.05))
+TRANSFER_LABELS = torch.tensor([[[1, 0, NODATA]]])
+# Dice: class 0 I = 1/2, U = (1/4 + 1/2) + 1 = 7/4, loss 1 - 4/7 = 3/7; class 1 the same;
+# class 2 has no target mass (loss 0) but counts: (3/7 + 3/7 + 0) / 3 = 2/7.
+TRANSFER_DICE = 2 / 7
+TRANSFER_CE = LN(2)  # -ln(1/2) at both labelled pixels
+TRANSFER_FOCAL = (1 - 0.5) ** 2 * LN(2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("ce", TRANSFER_CE),
+        ("dice", TRANSFER_DICE),
+        ("ce+dice", TRANSFER_CE + TRANSFER_DICE),
+        ("focal", TRANSFER_FOCAL),
+    ],
+)
+def test_transfer_losses_by_hand(kind: str, expected: float):
+    loss = segmentation_loss(TRANSFER_LOGITS, TRANSFER_LABELS, kind, ignore_index=NODATA)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_transfer_cross_entropy_is_torchs_with_the_ignore_index():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, generator=generator)
+    labels = torch.randint(0, 4, (2, 5, 6), generator=generator)
+    labels[0, :2] = NODATA
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=NODATA)
+    assert float(segmentation_loss(logits, labels, "ce")) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_unknown_transfer_loss_is_named():
+    with pytest.raises(ValueError, match=r"segmentation loss must be one of .*'ce\+dice'.*got 'bce'"):
+        segmentation_loss(TRANSFER_LOGITS, TRANSFER_LABELS, "bce")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["ce", "dice", "ce+dice", "focal"]),
+    scale=st.floats(0.0, 50.0),
+)
+def test_transfer_losses_ignore_what_ignored_pixels_predict(seed: int, kind: str, scale: float):
+    """Ignored pixels leave every loss and its gradient alone, and losses are finite and non-negative."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 4, 4, generator=generator)
+    labels = torch.randint(0, 3, (2, 4, 4), generator=generator)
+    labels[:, 0] = NODATA
+    other = logits.clone()
+    other[:, :, 0] = scale * torch.randn(2, 3, 4, generator=generator)
+    other.requires_grad_(True)
+    loss = segmentation_loss(other, labels, kind)
+    loss.backward()
+    value = float(loss.detach())
+    assert math.isfinite(value) and value >= 0.0
+    assert value == pytest.approx(float(segmentation_loss(logits, labels, kind)), rel=1e-5, abs=1e-7)
+    assert torch.count_nonzero(other.grad[:, :, 0]) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_confident_correct_predictions_approach_zero_dice_and_focal_stays_below_cross_entropy(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (1, 4, 4), generator=generator)
+    perfect = 30.0 * torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).float()
+    assert float(segmentation_loss(perfect, labels, "dice")) < 1e-6
+    logits = torch.randn(1, 3, 4, 4, generator=generator)
+    assert float(segmentation_loss(logits, labels, "focal")) <= float(segmentation_loss(logits, labels, "ce"))

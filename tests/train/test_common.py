@@ -10,7 +10,7 @@ import ray.data
 import ray.train
 import torch
 import yaml
-from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, ReduceLROnPlateau, StepLR
+from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, ReduceLROnPlateau, StepLR
 
 from cromss_ray.config import ConfigError, OptimConfig, PretrainConfig, RunConfig, ScalingConfig, build_config
 from cromss_ray.train.checkpoints import TrainingState, check_resumable, load_model_state, read_meta
@@ -32,7 +32,7 @@ def test_precision_autocasts_only_on_a_gpu() -> None:
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("plateau", ReduceLROnPlateau), ("exponential", ExponentialLR), ("cosine", CosineAnnealingLR), ("step", StepLR)],
+    [("plateau", ReduceLROnPlateau), ("exponential", ExponentialLR), ("cosine", LambdaLR), ("step", StepLR)],
 )
 def test_each_schedule_name_builds_its_scheduler(name: str, kind: type) -> None:
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(scheduler=name))
@@ -50,6 +50,65 @@ def test_the_plateau_schedule_halves_the_rate_after_patience_epochs_without_a_be
         rates.append(optimizer.param_groups[0]["lr"])
     # Epoch 1 sets the best loss; the 2nd bad epoch in a row exceeds patience 1; 0.5 is a new best.
     assert rates == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+
+
+def _rates(optim: OptimConfig) -> list[float]:
+    """The learning rate each epoch trains at, stepping the schedule after every epoch."""
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
+    scheduler = build_lr_scheduler(optimizer, optim)
+    rates = []
+    for _ in range(optim.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        step_lr_scheduler(scheduler, float("nan"))
+    return rates
+
+
+def test_the_reference_cosine_falls_to_the_floor_over_40_epochs_then_holds() -> None:
+    """Spec 11: 5e-4 to 1e-5 over epochs 0..39, then 1e-5 until epoch 49; by hand, with
+    lr(e) = 1e-5 + 4.9e-4 (1 + cos(pi e / 40)) / 2."""
+    rates = _rates(OptimConfig(scheduler="cosine", lr=5e-4, lr_floor=1e-5, cosine_epochs=40, epochs=50))
+    assert len(rates) == 50
+    assert rates[0] == pytest.approx(5e-4, rel=1e-9)
+    assert rates[10] == pytest.approx(1e-5 + 4.9e-4 * (1 + 2**-0.5) / 2, rel=1e-9)  # 4.28241e-4
+    assert rates[20] == pytest.approx(2.55e-4, rel=1e-9)
+    assert rates[30] == pytest.approx(1e-5 + 4.9e-4 * (1 - 2**-0.5) / 2, rel=1e-9)  # 8.1759e-5
+    assert rates[39] > 1e-5
+    assert rates[40:] == pytest.approx([1e-5] * 10, rel=1e-9)
+    assert all(a > b for a, b in zip(rates[:40], rates[1:41]))
+
+
+def test_cosine_without_floor_or_length_anneals_to_zero_over_the_run() -> None:
+    rates = _rates(OptimConfig(scheduler="cosine", lr=1.0, epochs=4))
+    assert rates == pytest.approx([1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2])
+
+
+def test_the_cosine_schedule_resumes_from_its_state() -> None:
+    optim = OptimConfig(scheduler="cosine", lr=5e-4, lr_floor=1e-5, cosine_epochs=4, epochs=6)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
+    scheduler = build_lr_scheduler(optimizer, optim)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    resumed_optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed = build_lr_scheduler(resumed_optimizer, optim)
+    resumed.load_state_dict(scheduler.state_dict())
+    resumed_optimizer.step()
+    resumed.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": 1e-3, "lr_floor": 1e-3}, r"optim\n?.*lr_floor \(0.001\) must be below lr \(0.001\)"),
+        ({"epochs": 50, "cosine_epochs": 60}, r"optim\n?.*cosine_epochs \(60\) exceeds epochs \(50\)"),
+    ],
+)
+def test_bad_schedule_options_are_named(options: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(PretrainConfig, {"optim": options})
 
 
 def test_optimiser_names_and_hyperparameters() -> None:
