@@ -71,8 +71,14 @@ class CromSSConfig(Section):
     loss_terms: str = "cd"
     consistency: Literal["ce", "kl", "mse", "none"] = "ce"
     consistency_weight: float = Field(default=1.0, ge=0.0)
+    smoothing: bool = Field(
+        default=True,
+        description="Off: training targets are the one-hot noisy labels; smoothing_factors and prior are unused.",
+    )
     smoothing_factors: list[float] = Field(default_factory=lambda: [0.15, 0.05])
-    prior: Literal["t", "s", "ts", "none"] = "ts"
+    prior: Literal["t", "s", "ts", "none"] = Field(
+        default="ts", description="'none': the uniform prior 1 / C (smoothing still on, with weight a + b)."
+    )
     selection: bool = True
     final_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
     ramp: Literal["exp", "linear", "none"] = "exp"
@@ -162,6 +168,14 @@ class PretrainConfig(Section):
     def registry_name(self) -> str:
         """``cromss-<fusion>-<bands>b`` unless the config names one."""
         return self.tracking.registry_name or f"cromss-{self.model.fusion}-{self.data.s2_bands}b"
+
+    def smoothing_factors(self) -> tuple[float, ...]:
+        """The factors of the training targets (spec 2): none when ``cromss.smoothing`` is off."""
+        return tuple(self.cromss.smoothing_factors) if self.cromss.smoothing else ()
+
+    def training_prior(self) -> str:
+        """The prior kind the training batches need: ``cromss.prior``, or 'none' when nothing is smoothed."""
+        return self.cromss.prior if self.smoothing_factors() else "none"
 
 
 class DownstreamDataConfig(ShardReadChecks):

@@ -86,7 +86,7 @@ def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> Torch
     """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised)."""
     check_checkpoint(config)
     datasets = pretrain_datasets(
-        config.data, seed=config.run.seed, prior=config.cromss.prior, sigma=config.cromss.prior_sigma
+        config.data, seed=config.run.seed, prior=config.training_prior(), sigma=config.cromss.prior_sigma
     )
     if datasets.val is None or datasets.num_val == 0:
         raise ConfigError(
@@ -139,7 +139,7 @@ def build_criterion(config: PretrainConfig, ignore_index: int) -> CromSSLoss:
         loss_terms=cromss.loss_terms,
         consistency=cromss.consistency,
         consistency_weight=cromss.consistency_weight,
-        smoothing_factors=cromss.smoothing_factors,
+        smoothing_factors=config.smoothing_factors(),
         selection=cromss.selection,
         final_ratio=cromss.final_ratio,
         ramp=cromss.ramp,
@@ -165,7 +165,7 @@ class WorkerContext:
         self, shard: ray.data.DataIterator, *, training: bool
     ) -> Iterator[tuple[dict[str, torch.Tensor], DeviceBatch]]:
         """The shard's batches as tensors on the device, scaled, with the prior when training (spec 2, 9)."""
-        prior = self.config.cromss.prior if training else "none"
+        prior = self.config.training_prior() if training else "none"
         for batch in shard.iter_torch_batches(
             batch_size=self.config.optim.batch_size, prefetch_batches=self.config.data.prefetch_batches
         ):

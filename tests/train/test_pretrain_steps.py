@@ -6,13 +6,14 @@ can be worked out again directly from those batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from cromss_ray.config import PretrainConfig, load_config
+from cromss_ray.config import PretrainConfig, build_config, load_config
 from cromss_ray.data.pipeline import to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.synth import synth_metadata
@@ -142,3 +143,45 @@ def test_an_epoch_without_clean_labels_logs_no_noise_diagnostics() -> None:
     assert not noise_keys("train") & metrics.keys()
     assert not noise_keys("val") & validation.metrics.keys()
     assert not any(key.endswith(NOISE_METRICS) for key in (*metrics, *validation.metrics))
+
+
+def _logits(*pixels: tuple[float, float]) -> torch.Tensor:
+    """(1, 2, 1, P) logits (log-probabilities) whose pixel i has the probabilities ``pixels[i]``."""
+    return torch.tensor(pixels).log().T.reshape(1, 2, 1, len(pixels))
+
+
+# Labels 0, 0, 1, 1. S1 gives its labels 0.5, 0.75, 0.5, 0.75, S2 0.5 everywhere, so the entangled
+# label confidences (spec 4) are 0.75 * c1 = (3/8, 9/16, 3/8, 9/16) for S1 and 0.25 + 0.25 * c1 =
+# (3/8, 7/16, 3/8, 7/16) for S2. With rho = 0.5 every class keeps its most confident pixel at
+# weight 1 and scales the other by c / tau (spec 6): w1 = (2/3, 1, 2/3, 1), w2 = (6/7, 1, 6/7, 1).
+SMOOTHING_OFF_Z1 = _logits((0.5, 0.5), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75))
+SMOOTHING_OFF_Z2 = _logits((0.5, 0.5), (0.5, 0.5), (0.5, 0.5), (0.5, 0.5))
+SMOOTHING_OFF_Y = torch.tensor([[[0, 0, 1, 1]]])
+LN2, LN43 = math.log(2), math.log(4 / 3)
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        # plain CE of the one-hot noisy labels: S1 (ln 2 + ln 4/3) / 2, S2 ln 2
+        (False, (LN2 + LN43) / 2 + LN2),
+        # the selection-weighted CE of the one-hot labels: S1 (2/3 ln 2 + ln 4/3) / (5/3); S2 ln 2 whatever w2
+        (True, (2 / 3 * LN2 + LN43) * 3 / 5 + LN2),
+    ],
+)
+def test_smoothing_off_trains_on_the_one_hot_noisy_labels(selection: bool, expected: float) -> None:
+    overrides = [
+        f"cromss.selection={str(selection).lower()}",
+        "cromss.loss_terms=c",
+        "cromss.consistency=none",
+        "cromss.ramp=none",
+        "model.classes=2",
+    ]
+    config = build_config(PretrainConfig, {}, ["cromss.smoothing=false", *overrides])
+    # a prior that smoothing would pull the targets towards; off, it changes nothing, and none is computed
+    prior = torch.nn.functional.one_hot(1 - SMOOTHING_OFF_Y, 2).permute(0, 3, 1, 2).float()
+    loss, _ = build_criterion(config, 255)(SMOOTHING_OFF_Z1, SMOOTHING_OFF_Z2, SMOOTHING_OFF_Y, prior=prior)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert config.training_prior() == "none"
+    smoothed = build_criterion(build_config(PretrainConfig, {}, overrides), 255)
+    assert float(smoothed(SMOOTHING_OFF_Z1, SMOOTHING_OFF_Z2, SMOOTHING_OFF_Y, prior=prior)[0]) > expected + 0.05
