@@ -17,6 +17,7 @@ from cromss_ray.config import PretrainConfig, build_config, load_config
 from cromss_ray.data.pipeline import to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.synth import synth_metadata
+from cromss_ray.method import SingleModalityLoss, SingleModalityNet
 from cromss_ray.method.losses import MODALITIES
 from cromss_ray.models.stored import network_from_config
 from cromss_ray.train.checkpoints import TrainingState
@@ -58,12 +59,12 @@ class RecordedShard:
         yield from self.batches
 
 
-def worker_context(clean_labels: bool) -> WorkerContext:
+def worker_context(clean_labels: bool, *overrides: str) -> WorkerContext:
     meta = synth_metadata("pretrain").model_copy(update={"has_clean_label": clean_labels})
     config = load_config(
         PretrainConfig,
         TINY_CONFIG,
-        [f"model.classes={meta.num_classes}", f"optim.batch_size={BATCH_SIZE}", f"data.crop={SIZE}"],
+        [f"model.classes={meta.num_classes}", f"optim.batch_size={BATCH_SIZE}", f"data.crop={SIZE}", *overrides],
     )
     device = torch.device("cpu")
     return WorkerContext(config, meta, device, Precision.on(device, "fp32"), build_criterion(config, meta.nodata))
@@ -143,6 +144,47 @@ def test_an_epoch_without_clean_labels_logs_no_noise_diagnostics() -> None:
     assert not noise_keys("train") & metrics.keys()
     assert not noise_keys("val") & validation.metrics.keys()
     assert not any(key.endswith(NOISE_METRICS) for key in (*metrics, *validation.metrics))
+
+
+@pytest.mark.parametrize("modality", ["s1", "s2"])
+def test_the_single_modality_baseline_trains_and_scores_its_one_branch(modality: str) -> None:
+    context = worker_context(True, "model.fusion=single", f"model.modality={modality}")
+    classes, nodata = context.config.model.classes, context.meta.nodata
+    state = training_state(context)
+    assert isinstance(state.model, SingleModalityNet) and state.model.modality == modality
+    training, held_out = RecordedShard(context.meta, seed=1), RecordedShard(context.meta, seed=2)
+
+    metrics = train_epoch(context, state, training, EPOCH)
+    validation = validate(context, state.model, held_out, EPOCH, figures=2)
+
+    other = "s2" if modality == "s1" else "s1"
+    assert {"train/loss", f"train/loss/ce/{modality}", f"train/loss/dice/{modality}"} <= metrics.keys()
+    assert {f"val/{modality}/miou", f"val_clean/{modality}/miou", "val/loss"} <= validation.metrics.keys()
+    everything = (*metrics, *validation.metrics, *validation.confusion)
+    assert not [key for key in everything if f"/{other}/" in key or "fused" in key or "consistency" in key]
+    assert validation.example is not None and validation.example.keys() == {modality}
+    assert [sorted(key for key in sample if key.startswith("weights_")) for sample in validation.samples] == [
+        [f"weights_{modality}"]
+    ] * 2
+    # Every labelled pixel keeps weight 1: the kept pixels are right as often as the labels are,
+    # nothing is excluded, and the trust (its own label confidence) still ranks the labels.
+    for split, values, shard in (("train", metrics, training), ("val", validation.metrics, held_out)):
+        base_rate = right_label_share(shard.batches, classes, nodata)
+        assert values[f"{split}/{modality}/base_rate"] == pytest.approx(base_rate, abs=1e-12)
+        assert values[f"{split}/{modality}/selected_precision"] == pytest.approx(base_rate, rel=1e-9)
+        assert values[f"{split}/{modality}/noise_recall"] == 0.0
+        assert 0.0 <= values[f"{split}/{modality}/noise_auroc"] <= 1.0
+    # the validation loss is the objective of the one branch on the one-hot labels
+    state.model.eval()
+    losses, samples = 0.0, 0
+    with torch.no_grad():
+        for batch in held_out.batches:
+            inputs = to_device(batch, context.meta, "cpu", prior="none", classes=classes)
+            z = state.model(inputs.x1 if modality == "s1" else inputs.x2)
+            loss, _ = SingleModalityLoss(modality, "cd", classes=classes).evaluate(z, inputs.y)
+            losses += float(loss) * inputs.y.shape[0]
+            samples += inputs.y.shape[0]
+    assert validation.metrics["val/loss"] == pytest.approx(losses / samples, rel=1e-6)
 
 
 def _logits(*pixels: tuple[float, float]) -> torch.Tensor:
