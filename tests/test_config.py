@@ -160,3 +160,15 @@ def test_a_sweep_that_may_train_the_s1_baseline_names_its_metric():
         )
     named = build_config(TuneConfig, {**with_s1, "tune": {**space["tune"], "metric": "val/s1/miou"}})
     assert named.tune.metric == "val/s1/miou"
+
+
+def test_the_single_s2_baseline_config_is_the_paper_config_on_s2_alone():
+    configs = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    paper = load_config(PretrainConfig, configs / "pretrain_paper.yaml")
+    single = load_config(PretrainConfig, configs / "pretrain_single_s2.yaml")
+    for section in ("data", "optim", "scaling", "tracking"):
+        assert getattr(single, section) == getattr(paper, section), section
+    assert (single.model.fusion, single.model.modality) == ("single", "s2")
+    assert single.registry_name() == "cromss-single-s2-13b"
+    assert single.model.encoder == paper.model.encoder and single.cromss.loss_terms == paper.cromss.loss_terms
+    assert single.smoothing_factors() == () and single.training_prior() == "none"

@@ -234,7 +234,9 @@ class CromSSLoss(_SegmentationObjective):
         if not 0.0 <= final_ratio <= 1.0:
             raise ValueError(f"final_ratio must lie in [0, 1], got {final_ratio}")
         if ramp_length < 0 or consistency_weight < 0:
-            raise ValueError(f"need ramp_length >= 0 and consistency_weight >= 0, got {ramp_length}, {consistency_weight}")
+            raise ValueError(
+                f"need ramp_length >= 0 and consistency_weight >= 0, got {ramp_length}, {consistency_weight}"
+            )
         factors = tuple(float(f) for f in smoothing_factors)
         if len(factors) > 2 or any(f < 0 for f in factors) or sum(factors) > 1:
             raise ValueError(f"smoothing_factors takes at most two non-negative factors summing to <= 1, got {factors}")

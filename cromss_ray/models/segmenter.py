@@ -91,9 +91,10 @@ class Segmenter:
 
     ``network`` is a :class:`~cromss_ray.method.CromSSNet` (``branch`` 's1', 's2' or
     'fused') or a single-modality network taking ``branch``'s image (a fine-tuned smp
-    model, or the pretrained :class:`~cromss_ray.method.SingleModalityNet` of that modality). ``inputs`` says per modality how the values given to it are stored
-    (dtype, unit, representation; its band names are not used): :meth:`network_input`
-    makes them model inputs by the one rule of spec 9.
+    model, or the pretrained :class:`~cromss_ray.method.SingleModalityNet` of that modality).
+    ``inputs`` says per modality how the values given to it are stored (dtype, unit,
+    representation; its band names are not used): :meth:`network_input` makes them model
+    inputs by the one rule of spec 9.
     """
 
     network: nn.Module

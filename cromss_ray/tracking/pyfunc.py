@@ -283,9 +283,9 @@ def log_pretrained_model(
     assignment. ``inputs`` is how the images the pyfunc takes are stored (default the
     raw products, :class:`~cromss_ray.models.stored.ModelInputs`). ``input_example``
     (``{"s1": ..., "s2": ...}``, only the modality of the single-modality baseline, stored as
-    ``inputs`` say) is stored cut to one 32 x 32 px image. ``epoch`` is the step the model is logged at (the run's metrics
-    of that step are copied to the logged model); ``version_tags`` go on the model
-    version (e.g. its validation scores).
+    ``inputs`` say) is stored cut to one 32 x 32 px image. ``epoch`` is the step the model
+    is logged at (the run's metrics of that step are copied to the logged model);
+    ``version_tags`` go on the model version (e.g. its validation scores).
     """
     config = pretrain_part(config)
     check_matches_config(model, config)

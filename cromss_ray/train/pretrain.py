@@ -321,7 +321,9 @@ def validate(
     classes, nodata, device = context.config.model.classes, context.meta.nodata, context.device
     label_kinds = (VAL, f"{VAL}_clean") if context.meta.has_clean_label else (VAL,)
     matrices = {
-        (kind, branch): ConfusionMatrix(classes, nodata, device) for kind in label_kinds for branch in context.predictions
+        (kind, branch): ConfusionMatrix(classes, nodata, device)
+        for kind in label_kinds
+        for branch in context.predictions
     }
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = 0

@@ -236,7 +236,7 @@ def test_a_few_optimisation_steps_lower_the_loss(fusion):
 def test_single_modality_baseline_is_one_unet_with_the_references_names():
     torch.manual_seed(2)
     network = build_single_model("s1", ENCODER, bands=2, classes=5).eval()
-    reference = smp.Unet(ENCODER, encoder_weights=None, in_channels=2, classes=5, decoder_channels=(256, 128, 64, 32, 16))
+    reference = smp.Unet(ENCODER, encoder_weights=None, in_channels=2, classes=5)
     assert network.state_dict().keys() == reference.state_dict().keys()
     assert network.fusion == "single" and network.modalities == ("s1",)
     x = torch.randn(2, 2, SIZE, SIZE)

@@ -1,5 +1,5 @@
 """The single-modality baseline as a registered model (spec 11): stored and loaded back, predicted
-through the pyfunc from its one modality, and its encoder pulled for a transfer run (no Ray)."""
+through the pyfunc from its one modality, its encoder pulled for a transfer run and exported (no Ray)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from tracking_helpers import ENCODER, tiny_config, unique
 
+from cromss_ray.cli import main
 from cromss_ray.config import ConfigError, FinetuneConfig, build_config
 from cromss_ray.method import SingleModalityNet, build_segmentation_model, build_single_model, load_encoder_state
 from cromss_ray.models.segmenter import PRODUCT_INPUTS, predict_array
@@ -21,7 +22,7 @@ SIZE = 64
 CLASSES = 9
 
 
-def test_a_single_modality_model_registers_predicts_and_transfers_its_encoder(store):
+def test_a_single_modality_model_registers_predicts_and_transfers_its_encoder(store, tmp_path, capsys):
     torch.manual_seed(3)
     model = build_single_model("s2", ENCODER, bands=13, classes=CLASSES).eval()
     config = tiny_config(model={"fusion": "single", "modality": "s2"})
@@ -65,3 +66,13 @@ def test_a_single_modality_model_registers_predicts_and_transfers_its_encoder(st
         torch.testing.assert_close(network.encoder.state_dict()[key], value)
     with pytest.raises(ConfigError, match=r"model.branch: 's1'.*single-modality S2 baseline: it has no S1 encoder"):
         resolve_init(transfer.model_copy(update={"model": transfer.model.model_copy(update={"branch": "s1"})}))
+
+    # cromss export: its one encoder, and a clear refusal of the other
+    out = tmp_path / "encoder.pt"
+    assert main(["export", "--model", uri, "--branch", "s2", "--out", str(out), "--tracking-uri", store]) == 0
+    assert "13 input bands" in capsys.readouterr().out
+    assert torch.load(out, weights_only=True).keys() == model.encoder.state_dict().keys()
+    missing = tmp_path / "s1.pt"
+    assert main(["export", "--model", uri, "--branch", "s1", "--out", str(missing), "--tracking-uri", store]) == 1
+    assert "single-modality S2 network has no S1 encoder" in capsys.readouterr().err
+    assert not missing.exists()
