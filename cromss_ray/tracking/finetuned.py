@@ -32,6 +32,7 @@ INIT_TAG = "cromss.init"
 DECODER_TAG = "cromss.decoder"
 ENCODER_MODE_TAG = "cromss.encoder_mode"
 BRANCH_TAG = "cromss.branch"
+SOURCE_FUSION_TAG = "cromss.source_fusion"
 """Run tags of a transfer run, read back by ``cromss compare`` (:mod:`cromss_ray.tracking.compare`)."""
 
 
@@ -70,7 +71,7 @@ class TransferSource:
             "cromss.source_model": self.name,
             "cromss.source_version": self.version,
             "cromss.source_run_id": self.run_id,
-            "cromss.source_fusion": self.fusion,
+            SOURCE_FUSION_TAG: self.fusion,
         }
         return {key: str(value) for key, value in tags.items() if value is not None}
 
