@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.common import Section, machine_section, mean_std, publish, resolve_device
@@ -55,13 +54,12 @@ from cromss_ray.data.synth import synthesize
 from cromss_ray.data.transforms import CutSamples, SampleDraw
 from cromss_ray.method import (
     ConfusionMatrix,
+    SingleModalityLoss,
     build_model,
     build_segmentation_model,
+    build_single_model,
     encoder_state_dict,
     load_encoder_state,
-    smoothed_target,
-    weighted_cross_entropy,
-    weighted_dice,
 )
 from cromss_ray.train import finetune, pretrain
 from cromss_ray.train.checkpoints import TrainingState
@@ -228,18 +226,11 @@ def pretrain_multimodal(
     return scores, encoder_state_dict(network, "s2")
 
 
-def noisy_segmentation_loss(logits: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
-    """Cross-entropy plus Dice on the noisy labels, every labelled pixel at weight 1 (spec 8 without CromSS)."""
-    log_probs = F.log_softmax(logits.float(), dim=1)
-    target = smoothed_target(y, None, (), classes)
-    labelled = ((y >= 0) & (y < classes)).float()
-    return weighted_cross_entropy(log_probs, target, labelled) + weighted_dice(log_probs.exp(), target, labelled)
-
-
 def pretrain_s2_only(
     args: argparse.Namespace, sets: SyntheticSets, noise: float, seed: int, device: torch.device
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """(i): an S2-only U-Net on the same batches and noisy labels; clean-label mIoU and its encoder."""
+    """(i): the platform's single-modality S2 baseline (spec 11: the same U-Net, CE + Dice on the noisy labels,
+    every labelled pixel at weight 1) on the same batches; clean-label mIoU and its encoder."""
     clock = EpochCounter()
     train = training_shard(
         sets.pretrain[noise], args.size, seed, clock, labels_all=False, rotation=ROTATION_PROBABILITY
@@ -247,14 +238,15 @@ def pretrain_s2_only(
     heldout = evaluation_shard(sets.heldout[noise], args.size)
     meta = train.cut.meta
     torch.manual_seed(seed)
-    network = build_segmentation_model("Unet", args.encoder, S2_BANDS, meta.num_classes).to(device)
+    network = build_single_model("s2", args.encoder, S2_BANDS, meta.num_classes).to(device)
+    criterion = SingleModalityLoss("s2", "cd", classes=meta.num_classes, ignore_index=meta.nodata)
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr, weight_decay=1e-8)
     for epoch in range(args.epochs):
         clock.epoch = epoch
         network.train()
         for batch in train.iter_torch_batches(batch_size=args.batch):
             inputs = to_device(batch, meta, device, prior="none")
-            loss = noisy_segmentation_loss(network(inputs.x2), inputs.y, meta.num_classes)
+            loss, _ = criterion(network(inputs.x2), inputs.y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -58,9 +58,14 @@ class DataConfig(ShardReadChecks):
 
 
 class ModelConfig(Section):
-    """The multimodal network (spec 1)."""
+    """The multimodal network (spec 1), or the single-modality baseline (spec 11)."""
 
-    fusion: Literal["mid", "late"] = "mid"
+    fusion: Literal["mid", "late", "single"] = Field(
+        default="mid",
+        description="'single': the baseline, one U-Net on model.modality trained on the one-hot noisy labels "
+        "(no selection, smoothing or consistency; the cromss section's other keys are unused).",
+    )
+    modality: Literal["s1", "s2"] = Field(default="s2", description="The one modality of fusion 'single'.")
     encoder: str = "resnet50"
     classes: int = Field(default=9, ge=2)
 
@@ -71,8 +76,14 @@ class CromSSConfig(Section):
     loss_terms: str = "cd"
     consistency: Literal["ce", "kl", "mse", "none"] = "ce"
     consistency_weight: float = Field(default=1.0, ge=0.0)
+    smoothing: bool = Field(
+        default=True,
+        description="Off: training targets are the one-hot noisy labels; smoothing_factors and prior are unused.",
+    )
     smoothing_factors: list[float] = Field(default_factory=lambda: [0.15, 0.05])
-    prior: Literal["t", "s", "ts", "none"] = "ts"
+    prior: Literal["t", "s", "ts", "none"] = Field(
+        default="ts", description="'none': the uniform prior 1 / C (smoothing still on, with weight a + b)."
+    )
     selection: bool = True
     final_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
     ramp: Literal["exp", "linear", "none"] = "exp"
@@ -172,8 +183,24 @@ class PretrainConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def registry_name(self) -> str:
-        """``cromss-<fusion>-<bands>b`` unless the config names one."""
-        return self.tracking.registry_name or f"cromss-{self.model.fusion}-{self.data.s2_bands}b"
+        """``cromss-<fusion>-<bands>b`` (``cromss-single-s2-<bands>b``, ``cromss-single-s1`` for the
+        baseline) unless the config names one."""
+        if self.tracking.registry_name:
+            return self.tracking.registry_name
+        if self.model.fusion != "single":
+            return f"cromss-{self.model.fusion}-{self.data.s2_bands}b"
+        return "cromss-single-s1" if self.model.modality == "s1" else f"cromss-single-s2-{self.data.s2_bands}b"
+
+    def smoothing_factors(self) -> tuple[float, ...]:
+        """The factors of the training targets (spec 2): none when ``cromss.smoothing`` is off or for the
+        single-modality baseline."""
+        if not self.cromss.smoothing or self.model.fusion == "single":
+            return ()
+        return tuple(self.cromss.smoothing_factors)
+
+    def training_prior(self) -> str:
+        """The prior kind the training batches need: ``cromss.prior``, or 'none' when nothing is smoothed."""
+        return self.cromss.prior if self.smoothing_factors() else "none"
 
 
 class DownstreamDataConfig(ShardReadChecks):
@@ -295,6 +322,26 @@ class TuneConfig(PretrainConfig):
                     f"search_space key '{key}' is not a pretraining config key (nor an element 'key.N' of a list)"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _metric_every_trial_logs(self) -> TuneConfig:
+        """The default metric is an S2 score, which a single-modality S1 trial does not log."""
+        single_s1 = "single" in self._values("model.fusion") and "s1" in self._values("model.modality")
+        if self.tune.metric is None and single_s1:
+            raise ValueError(
+                "tune.metric: a trial may train the single-modality S1 baseline, which logs no S2 scores; "
+                "name a metric every trial logs (e.g. val/s1/miou)"
+            )
+        return self
+
+    def _values(self, key: str) -> list[Any]:
+        """The values a trial may take for ``key``: its search domain's listed values, else the base config's."""
+        domain = self.tune.search_space.get(key)
+        listed = domain and (domain.choice or domain.grid)
+        if listed:
+            return list(listed)
+        section, _, leaf = key.partition(".")
+        return [getattr(getattr(self, section), leaf)]
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -63,6 +63,8 @@ def test_unknown_key_in_file_is_named(tmp_path):
     [
         ("cromss.final_ratio=1.5", "cromss.final_ratio"),
         ("model.fusion=early", "model.fusion"),
+        ("model.modality=s12", "model.modality"),
+        ("cromss.smoothing=sometimes", "cromss.smoothing"),
         ("cromss.loss_terms=cx", "cromss.loss_terms"),
         ("cromss.smoothing_factors=[0.6, 0.5]", "cromss.smoothing_factors"),
         ("optim.nesterov=true", "optim.nesterov"),
@@ -130,3 +132,43 @@ def test_tune_search_space_may_name_an_element_of_a_list_leaf():
     assert cfg.tune.search_space["cromss.smoothing_factors.1"].uniform == (0.0, 0.1)
     with pytest.raises(ConfigError, match="cromss.smoothing_factors.2"):
         build_config(TuneConfig, {"tune": {"search_space": {"cromss.smoothing_factors.2": {"uniform": [0, 0.1]}}}})
+
+
+def test_the_single_modality_baseline_is_named_and_neither_smooths_nor_computes_a_prior():
+    assert build_config(PretrainConfig, {}, ["data.s2_bands=9"]).registry_name() == "cromss-mid-9b"
+    single_s2 = build_config(PretrainConfig, {}, ["model.fusion=single", "data.s2_bands=9"])
+    assert single_s2.registry_name() == "cromss-single-s2-9b"
+    single_s1 = build_config(PretrainConfig, {}, ["model.fusion=single", "model.modality=s1"])
+    assert single_s1.registry_name() == "cromss-single-s1"
+    for config in (single_s2, build_config(PretrainConfig, {}, ["cromss.smoothing=false"])):
+        assert config.smoothing_factors() == () and config.training_prior() == "none"
+    smoothing = build_config(PretrainConfig, {}, ["cromss.prior=none"])
+    assert smoothing.smoothing_factors() == (0.15, 0.05) and smoothing.training_prior() == "none"
+    assert build_config(PretrainConfig, {}).training_prior() == "ts"
+
+
+def test_a_sweep_that_may_train_the_s1_baseline_names_its_metric():
+    space = {"tune": {"search_space": {"model.fusion": {"choice": ["mid", "late", "single"]}}}}
+    assert build_config(TuneConfig, space).model.modality == "s2"
+    with_s1 = {**space, "model": {"modality": "s1"}}
+    with pytest.raises(ConfigError, match=r"tune.metric: a trial may train the single-modality S1 baseline"):
+        build_config(TuneConfig, with_s1)
+    with pytest.raises(ConfigError, match=r"tune.metric"):
+        build_config(
+            TuneConfig,
+            {"model": {"fusion": "single"}, "tune": {"search_space": {"model.modality": {"grid": ["s1", "s2"]}}}},
+        )
+    named = build_config(TuneConfig, {**with_s1, "tune": {**space["tune"], "metric": "val/s1/miou"}})
+    assert named.tune.metric == "val/s1/miou"
+
+
+def test_the_single_s2_baseline_config_is_the_paper_config_on_s2_alone():
+    configs = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    paper = load_config(PretrainConfig, configs / "pretrain_paper.yaml")
+    single = load_config(PretrainConfig, configs / "pretrain_single_s2.yaml")
+    for section in ("data", "optim", "scaling", "tracking"):
+        assert getattr(single, section) == getattr(paper, section), section
+    assert (single.model.fusion, single.model.modality) == ("single", "s2")
+    assert single.registry_name() == "cromss-single-s2-13b"
+    assert single.model.encoder == paper.model.encoder and single.cromss.loss_terms == paper.cromss.loss_terms
+    assert single.smoothing_factors() == () and single.training_prior() == "none"

@@ -10,6 +10,7 @@ from cromss_ray.method.diagnostics import NoiseDiagnostics
 from cromss_ray.method.losses import (
     CromSSLoss,
     SelectionMaps,
+    SingleModalityLoss,
     consistency_loss,
     segmentation_loss,
     weighted_cross_entropy,
@@ -21,8 +22,11 @@ from cromss_ray.method.networks import (
     CromSSNet,
     LateFusionNet,
     MidFusionNet,
+    PretrainNet,
+    SingleModalityNet,
     build_model,
     build_segmentation_model,
+    build_single_model,
     fused_probabilities,
 )
 from cromss_ray.method.schedules import ramp, selection_ratio
@@ -36,9 +40,13 @@ __all__ = [
     "LateFusionNet",
     "MidFusionNet",
     "NoiseDiagnostics",
+    "PretrainNet",
     "SelectionMaps",
+    "SingleModalityLoss",
+    "SingleModalityNet",
     "build_model",
     "build_segmentation_model",
+    "build_single_model",
     "consistency_loss",
     "consistency_weights",
     "encoder_state_dict",

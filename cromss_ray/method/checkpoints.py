@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cromss_ray.method.networks import CromSSNet, Fusion, Modality, build_model
+from cromss_ray.method.networks import CromSSNet, Fusion, Modality, PretrainNet, build_model
 
 LIGHTNING_PREFIX = "net."
 INPUT_CONV_KEY = "conv1.weight"
@@ -54,8 +54,9 @@ def _check_fits(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.
         )
 
 
-def encoder_state_dict(model: CromSSNet, modality: Modality) -> dict[str, torch.Tensor]:
-    """The encoder of ``modality`` ('s1' or 's2') as a plain, detached state dict (spec 11-12).
+def encoder_state_dict(model: PretrainNet, modality: Modality) -> dict[str, torch.Tensor]:
+    """The encoder of ``modality`` ('s1' or 's2') as a plain, detached state dict (spec 11-12); a
+    single-modality baseline has only its own (a ValueError names the other).
 
     For ResNet encoders the keys are torchvision's (``conv1.weight``, ``layer1.0.bn1.bias``,
     ...): ``smp.Unet(encoder, in_channels=bands).encoder`` loads it strictly, and

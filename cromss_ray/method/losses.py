@@ -1,4 +1,5 @@
-"""The CromSS training objective: weighted segmentation terms plus cross-modal consistency (spec 8).
+"""The CromSS training objective: weighted segmentation terms plus cross-modal consistency (spec 8),
+and the objective of the single-modality baseline (spec 11): the same segmentation terms, unweighted and unsmoothed.
 
 The term functions take log-probabilities ``(N, C, H, W)`` (one log-softmax per
 modality serves every term), soft targets ``(N, C, H, W)`` and per-pixel weights
@@ -34,12 +35,14 @@ MODALITIES: tuple[str, str] = ("s1", "s2")
 
 
 class SelectionMaps(NamedTuple):
-    """Per-pixel maps ``(N, H, W)`` of one step, per modality (s1, s2): the entangled label
-    confidences ``c^_lbl`` (spec 4), i.e. the trust in each noisy label, and the segmentation
-    weights ``w`` computed from them (spec 6; 1 everywhere labelled when selection is off)."""
+    """Per-pixel maps ``(N, H, W)`` of one step, per modality of the network ((s1, s2) for CromSS):
+    the entangled label confidences ``c^_lbl`` (spec 4), i.e. the trust in each noisy label, and
+    the segmentation weights ``w`` computed from them (spec 6; 1 everywhere labelled when
+    selection is off). The single-modality baseline has one branch: its trust is its own label
+    confidence ``p_y`` (spec 3), its weights 1 everywhere labelled."""
 
-    trust: tuple[torch.Tensor, torch.Tensor]
-    weights: tuple[torch.Tensor, torch.Tensor]
+    trust: tuple[torch.Tensor, ...]
+    weights: tuple[torch.Tensor, ...]
 
 
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,65 @@ def consistency_loss(
     return _weighted_mean(towards(log_p1, log_p2), v2) + _weighted_mean(towards(log_p2, log_p1), v1)
 
 
-class CromSSLoss(nn.Module):
+class _SegmentationObjective(nn.Module):
+    """What both pretraining objectives share: excluded labels, the segmentation terms of spec 8
+    and the confidence diagnostics of spec 3."""
+
+    def __init__(
+        self, loss_terms: str, confidence: ConfidenceKind, classes: int, ignore_index: int, focal_gamma: float
+    ) -> None:
+        super().__init__()
+        if not loss_terms or set(loss_terms) - set(LOSS_TERM_NAMES):
+            raise ValueError(f"loss_terms must combine 'c', 'd', 'f', got {loss_terms!r}")
+        if confidence not in CONFIDENCE_KINDS:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
+        if classes < 2:
+            raise ValueError(f"need classes >= 2, got {classes}")
+        self.loss_terms = "".join(dict.fromkeys(loss_terms))
+        self.confidence = confidence
+        self.classes = classes
+        self.ignore_index = ignore_index
+        self.focal_gamma = float(focal_gamma)
+
+    def _clean_labels(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels as int64 with every excluded pixel set to -1, and the labelled mask."""
+        y = y.long()
+        labelled = (y != self.ignore_index) & (y >= 0) & (y < self.classes)
+        return torch.where(labelled, y, -1), labelled
+
+    def _segmentation_terms(
+        self, name: str, log_p: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The sum of one branch's segmentation terms (spec 8) and each, detached, as ``loss/<term>/<name>``."""
+        total = log_p.new_zeros(())
+        terms: dict[str, torch.Tensor] = {}
+        for term in self.loss_terms:
+            if term == "c":
+                value = weighted_cross_entropy(log_p, targets, weights)
+            elif term == "d":
+                value = weighted_dice(log_p.exp(), targets, weights)
+            else:
+                value = weighted_focal(log_p, targets, weights, self.focal_gamma)
+            terms[f"loss/{LOSS_TERM_NAMES[term]}/{name}"] = value.detach()
+            total = total + value
+        return total, terms
+
+    @torch.no_grad()
+    def _confidences(
+        self, name: str, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One branch's prediction and label confidences (spec 3) and their means over the labelled pixels
+        (``<name>/confidence_pred``, ``<name>/confidence_label``)."""
+        pred, lbl = prediction_confidence(logits, self.confidence), label_confidence(logits, y)
+        count = mask.sum().clamp_min(1.0)
+        means = {
+            f"{name}/confidence_pred": (pred * mask).sum() / count,
+            f"{name}/confidence_label": (lbl * mask).sum() / count,
+        }
+        return pred, lbl, means
+
+
+class CromSSLoss(_SegmentationObjective):
     """The CromSS objective ``L = sum_m (segmentation terms of m) + lambda L_con`` (spec 2-8).
 
     Args:
@@ -203,26 +264,20 @@ class CromSSLoss(nn.Module):
         ignore_index: int = 255,
         focal_gamma: float = 2.0,
     ) -> None:
-        super().__init__()
-        if not loss_terms or set(loss_terms) - set(LOSS_TERM_NAMES):
-            raise ValueError(f"loss_terms must combine 'c', 'd', 'f', got {loss_terms!r}")
+        super().__init__(loss_terms, confidence, classes, ignore_index, focal_gamma)
         if consistency not in CONSISTENCY_KINDS:
             raise ValueError(f"consistency must be one of {CONSISTENCY_KINDS}, got {consistency!r}")
         if ramp not in RAMP_KINDS:
             raise ValueError(f"ramp must be one of {RAMP_KINDS}, got {ramp!r}")
-        if confidence not in CONFIDENCE_KINDS:
-            raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
         if not 0.0 <= final_ratio <= 1.0:
             raise ValueError(f"final_ratio must lie in [0, 1], got {final_ratio}")
-        if ramp_length < 0 or consistency_weight < 0 or classes < 2:
+        if ramp_length < 0 or consistency_weight < 0:
             raise ValueError(
-                f"need ramp_length >= 0, consistency_weight >= 0 and classes >= 2, got "
-                f"{ramp_length}, {consistency_weight}, {classes}"
+                f"need ramp_length >= 0 and consistency_weight >= 0, got {ramp_length}, {consistency_weight}"
             )
         factors = tuple(float(f) for f in smoothing_factors)
         if len(factors) > 2 or any(f < 0 for f in factors) or sum(factors) > 1:
             raise ValueError(f"smoothing_factors takes at most two non-negative factors summing to <= 1, got {factors}")
-        self.loss_terms = "".join(dict.fromkeys(loss_terms))
         self.consistency = consistency
         self.consistency_weight = float(consistency_weight)
         self.smoothing_factors = factors
@@ -230,31 +285,21 @@ class CromSSLoss(nn.Module):
         self.final_ratio = float(final_ratio)
         self.ramp = ramp
         self.ramp_length = int(ramp_length)
-        self.confidence = confidence
         self.class_balanced = class_balanced
-        self.classes = classes
-        self.ignore_index = ignore_index
-        self.focal_gamma = float(focal_gamma)
-
-    def _clean_labels(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels as int64 with every excluded pixel set to -1, and the labelled mask."""
-        y = y.long()
-        labelled = (y != self.ignore_index) & (y >= 0) & (y < self.classes)
-        return torch.where(labelled, y, -1), labelled
 
     @torch.no_grad()
     def _weights(
         self, logits: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, labelled: torch.Tensor, epoch: int
     ) -> tuple[SelectionMaps, list[torch.Tensor], dict[str, torch.Tensor]]:
         """Trust and segmentation weights w_m, consistency weights v_m and their diagnostics (spec 3-7)."""
-        pred_conf = [prediction_confidence(z, self.confidence) for z in logits]
-        label_conf = [label_confidence(z, y) for z in logits]
         mask = labelled.float()
         count = mask.sum().clamp_min(1.0)
-        diagnostics: dict[str, torch.Tensor] = {}
-        for name, pred, lbl in zip(MODALITIES, pred_conf, label_conf):
-            diagnostics[f"{name}/confidence_pred"] = (pred * mask).sum() / count
-            diagnostics[f"{name}/confidence_label"] = (lbl * mask).sum() / count
+        pred_conf, label_conf, diagnostics = [], [], {}
+        for name, z in zip(MODALITIES, logits):
+            pred, lbl, means = self._confidences(name, z, y, mask)
+            pred_conf.append(pred)
+            label_conf.append(lbl)
+            diagnostics.update(means)
         trust = entangle(*label_conf)
         if self.selection:
             ratio = selection_ratio(epoch, self.ramp_length, self.final_ratio, self.ramp)
@@ -280,15 +325,9 @@ class CromSSLoss(nn.Module):
         total = log_probs[0].new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         for name, log_p, weights in zip(MODALITIES, log_probs, seg_weights):
-            for term in self.loss_terms:
-                if term == "c":
-                    value = weighted_cross_entropy(log_p, targets, weights)
-                elif term == "d":
-                    value = weighted_dice(log_p.exp(), targets, weights)
-                else:
-                    value = weighted_focal(log_p, targets, weights, self.focal_gamma)
-                terms[f"loss/{LOSS_TERM_NAMES[term]}/{name}"] = value.detach()
-                total = total + value
+            value, branch_terms = self._segmentation_terms(name, log_p, targets, weights)
+            terms.update(branch_terms)
+            total = total + value
         if self.consistency != "none":
             value = consistency_loss(log_probs[0], log_probs[1], con_weights[0], con_weights[1], self.consistency)
             terms["loss/consistency"] = value.detach()
@@ -345,3 +384,65 @@ class CromSSLoss(nn.Module):
         y, labelled = self._clean_labels(y)
         maps, _, _ = self._weights(logits, y, labelled, epoch)
         return maps
+
+
+class SingleModalityLoss(_SegmentationObjective):
+    """The objective of the single-modality baseline (spec 11): spec 8's segmentation terms of one branch
+    on the one-hot noisy labels, every labelled pixel at weight 1 (no selection, no smoothing, no
+    consistency), as the reference's baseline trains.
+
+    The methods mirror :class:`CromSSLoss` with one logits tensor ``z`` for the two, so a
+    trainer calls either objective alike (their ``prior`` and ``epoch`` change nothing here).
+    Diagnostics: ``loss/<term>/<modality>``, ``selection/ratio`` (1), and for the modality
+    ``selected_share`` and ``weight_mean`` (1 whenever a pixel is labelled), ``confidence_pred``
+    and ``confidence_label``. The trust of :meth:`selection_maps` is the branch's own label
+    confidence ``p_y``: there is no second modality to entangle it with (spec 4).
+    """
+
+    def __init__(
+        self,
+        modality: str = "s2",
+        loss_terms: str = "cd",
+        confidence: ConfidenceKind = "ce",
+        classes: int = 9,
+        ignore_index: int = 255,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__(loss_terms, confidence, classes, ignore_index, focal_gamma)
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        self.modality = modality
+
+    def forward(
+        self, z: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None = None, epoch: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss for logits ``z`` ``(N, C, H, W)`` and labels ``y`` ``(N, H, W)``."""
+        loss, diagnostics, _ = self.forward_with_selection(z, y, prior, epoch)
+        return loss, diagnostics
+
+    def forward_with_selection(
+        self, z: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None = None, epoch: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelectionMaps]:
+        """:meth:`forward` and the branch's trust and weight maps."""
+        z = z.float()
+        y, labelled = self._clean_labels(y)
+        mask = labelled.float()
+        _, trust, diagnostics = self._confidences(self.modality, z, y, mask)
+        full_weight = mask.sum() / mask.sum().clamp_min(1.0)
+        diagnostics["selection/ratio"] = mask.new_tensor(1.0)
+        diagnostics[f"{self.modality}/selected_share"] = full_weight
+        diagnostics[f"{self.modality}/weight_mean"] = full_weight
+        loss, terms = self.evaluate(z, y)
+        return loss, {**terms, **diagnostics}, SelectionMaps((trust,), (mask,))
+
+    def evaluate(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Validation loss: the training loss itself, which is already unweighted and unsmoothed (spec 8)."""
+        y, labelled = self._clean_labels(y)
+        targets = smoothed_target(y, None, (), self.classes)
+        return self._segmentation_terms(self.modality, F.log_softmax(z.float(), dim=1), targets, labelled.float())
+
+    @torch.no_grad()
+    def selection_maps(self, z: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> SelectionMaps:
+        """The branch's trust (its label confidence) and weights (1 where labelled) (spec 3)."""
+        y, labelled = self._clean_labels(y)
+        return SelectionMaps((label_confidence(z.float(), y),), (labelled.float(),))

@@ -1,8 +1,10 @@
-"""The two-branch CromSS networks: middle and late fusion U-Nets (spec 1).
+"""The two-branch CromSS networks, middle and late fusion U-Nets (spec 1), and the single-modality baseline.
 
 Submodule names mirror the paper's released checkpoints (spec 12): middle fusion has
 ``encoder1`` (S1), ``encoder`` (S2), one shared ``decoder`` and ``segmentation_head``;
-late fusion has two complete smp U-Nets ``model1`` (S1) and ``model2`` (S2).
+late fusion has two complete smp U-Nets ``model1`` (S1) and ``model2`` (S2). The
+single-modality baseline (spec 11) is one such U-Net on one modality, with smp's own
+``encoder``, ``decoder`` and ``segmentation_head``, as the reference's baseline network.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch import nn
 Fusion = Literal["mid", "late"]
 Modality = Literal["s1", "s2"]
 FUSIONS: tuple[str, ...] = ("mid", "late")
+SINGLE = "single"
+"""The fusion name of the single-modality baseline (spec 11), beside :data:`FUSIONS`."""
 MODALITY_NAMES: tuple[str, ...] = ("s1", "s2")
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 ENCODER_DEPTH = 5
@@ -53,6 +57,7 @@ class CromSSNet(nn.Module, ABC):
     """
 
     fusion: Fusion
+    modalities: tuple[str, ...] = MODALITY_NAMES
 
     def __init__(self, encoder: str, s1_bands: int, s2_bands: int, classes: int) -> None:
         super().__init__()
@@ -72,16 +77,8 @@ class CromSSNet(nn.Module, ABC):
     def forward_branch(self, x: torch.Tensor, modality: Modality) -> torch.Tensor:
         """Logits ``(N, C, H, W)`` of one modality's image ``x`` ``(N, bands, H, W)``; H and W multiples of 32."""
         modality = _check_modality(modality)
-        bands = self.s1_bands if modality == "s1" else self.s2_bands
-        if x.dim() != 4 or x.shape[1] != bands:
-            raise ValueError(f"{modality} input must be (N, {bands}, H, W), got {tuple(x.shape)}")
         encoder, decoder, head = self.branch(modality)
-        stride = encoder.output_stride
-        height, width = x.shape[-2:]
-        if height % stride or width % stride:
-            raise ValueError(
-                f"{modality} input is {height} x {width} px; height and width must be multiples of {stride}"
-            )
+        _check_input(x, modality, self.s1_bands if modality == "s1" else self.s2_bands, encoder.output_stride)
         return head(decoder(encoder(x)))
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +121,53 @@ class LateFusionNet(CromSSNet):
         return Branch(unet.encoder, unet.decoder, unet.segmentation_head)
 
 
+class SingleModalityNet(nn.Module):
+    """The single-modality baseline (spec 11): one U-Net with the spec-1 decoder on one modality's image.
+
+    Attributes ``fusion`` ('single'), ``modality``, ``modalities`` (its one modality),
+    ``encoder_name``, ``bands`` and ``classes`` describe it; ``forward(x)`` gives the
+    logits of ``modality``'s image and :meth:`encoder_for` its encoder (for transfer).
+    """
+
+    fusion = SINGLE
+
+    def __init__(self, modality: Modality, encoder: str, bands: int, classes: int) -> None:
+        super().__init__()
+        self.modality = _check_modality(modality)
+        self.modalities = (self.modality,)
+        self.encoder_name = encoder
+        self.bands = bands
+        self.classes = classes
+        unet = _unet(encoder, bands, classes)
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+        self.segmentation_head = unet.segmentation_head
+
+    def encoder_for(self, modality: Modality) -> nn.Module:
+        """The encoder, when ``modality`` is the network's; a ValueError naming both otherwise."""
+        if _check_modality(modality) != self.modality:
+            raise ValueError(f"the single-modality {self.modality.upper()} network has no {modality.upper()} encoder")
+        return self.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, C, H, W)`` of the modality's image ``x`` ``(N, bands, H, W)``; H and W multiples of 32."""
+        _check_input(x, self.modality, self.bands, self.encoder.output_stride)
+        return self.segmentation_head(self.decoder(self.encoder(x)))
+
+
+PretrainNet = CromSSNet | SingleModalityNet
+"""A network pretrained on the noisy labels: CromSS (two branches) or the single-modality baseline."""
+
+
+def _check_input(x: torch.Tensor, modality: str, bands: int, stride: int) -> None:
+    """A ValueError unless ``x`` is ``(N, bands, H, W)`` with H and W multiples of ``stride``."""
+    if x.dim() != 4 or x.shape[1] != bands:
+        raise ValueError(f"{modality} input must be (N, {bands}, H, W), got {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    if height % stride or width % stride:
+        raise ValueError(f"{modality} input is {height} x {width} px; height and width must be multiples of {stride}")
+
+
 def _check_modality(modality: str) -> Modality:
     """``modality`` if it names a branch ('s1' or 's2'), else a ValueError."""
     if modality not in MODALITY_NAMES:
@@ -149,6 +193,15 @@ def build_model(
         raise ValueError(f"need at least one band per modality and two classes, got {s1_bands}, {s2_bands}, {classes}")
     network = MidFusionNet if fusion == "mid" else LateFusionNet
     return network(encoder, s1_bands, s2_bands, classes)
+
+
+def build_single_model(
+    modality: Modality, encoder: str = "resnet50", bands: int = 13, classes: int = 9
+) -> SingleModalityNet:
+    """A randomly initialised single-modality baseline network (spec 11) of ``bands`` input bands."""
+    if bands < 1 or classes < 2:
+        raise ValueError(f"need at least one band and two classes, got {bands}, {classes}")
+    return SingleModalityNet(modality, encoder, bands, classes)
 
 
 def fused_probabilities(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from cromss_ray.data.schema import (
     Representation,
     s2_subset_names,
 )
-from cromss_ray.method import CromSSNet, fused_probabilities
+from cromss_ray.method import CromSSNet, SingleModalityNet, fused_probabilities
 
 BranchName = Literal["s1", "s2", "fused"]
 """What a segmenter predicts from: one modality's branch, or both fused (spec 1)."""
@@ -91,9 +91,10 @@ class Segmenter:
 
     ``network`` is a :class:`~cromss_ray.method.CromSSNet` (``branch`` 's1', 's2' or
     'fused') or a single-modality network taking ``branch``'s image (a fine-tuned smp
-    model). ``inputs`` says per modality how the values given to it are stored
-    (dtype, unit, representation; its band names are not used): :meth:`network_input`
-    makes them model inputs by the one rule of spec 9.
+    model, or the pretrained :class:`~cromss_ray.method.SingleModalityNet` of that modality).
+    ``inputs`` says per modality how the values given to it are stored (dtype, unit,
+    representation; its band names are not used): :meth:`network_input` makes them model
+    inputs by the one rule of spec 9.
     """
 
     network: nn.Module
@@ -107,6 +108,9 @@ class Segmenter:
             raise ValueError(f"branch must be one of {BRANCHES}, got {self.branch!r}")
         if self.branch == "fused" and not isinstance(self.network, CromSSNet):
             raise ValueError("the fused prediction needs a two-branch CromSS network")
+        if isinstance(self.network, SingleModalityNet) and self.branch != self.network.modality:
+            modality = self.network.modality
+            raise ValueError(f"the single-modality {modality.upper()} baseline predicts from '{modality}' only")
         if self.s2_bands not in S2_BAND_SUBSETS:
             raise ValueError(f"s2_bands must be one of {sorted(S2_BAND_SUBSETS)}, got {self.s2_bands}")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from cromss_ray.config import ConfigError, FinetuneConfig, PretrainConfig, build_config, to_yaml
 from cromss_ray.data.schema import CLASS_SCHEMES, ModalitySpec, ShardMetadata
-from cromss_ray.method import CromSSNet, build_model, build_segmentation_model
+from cromss_ray.method import PretrainNet, SingleModalityNet, build_model, build_segmentation_model, build_single_model
 from cromss_ray.models.segmenter import PRODUCT_INPUTS, S1_BANDS, BranchName, Segmenter
 
 WEIGHTS_FILE = "model.pt"
@@ -48,8 +48,19 @@ def read_config(path: Path, kind: type[Config]) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def network_from_config(config: PretrainConfig) -> CromSSNet:
-    """An untrained two-branch network with the architecture ``config`` describes (spec 1)."""
+def modality_bands(config: PretrainConfig, modality: str) -> int:
+    """The band count a pretrained network takes for ``modality``: 2 for S1 (VV, VH), ``data.s2_bands`` for S2."""
+    return S1_BANDS if modality == "s1" else config.data.s2_bands
+
+
+def network_from_config(config: PretrainConfig) -> PretrainNet:
+    """An untrained network with the architecture ``config`` describes: two branches (spec 1) or the
+    single-modality baseline (spec 11)."""
+    if config.model.fusion == "single":
+        modality = config.model.modality
+        return build_single_model(
+            modality, config.model.encoder, modality_bands(config, modality), config.model.classes
+        )
     return build_model(
         config.model.fusion,
         encoder=config.model.encoder,
@@ -99,20 +110,24 @@ class PretrainedModel:
     """A stored pretrained network (CPU, eval mode), its config, the storage of its input images and,
     when pulled from a registry, its origin."""
 
-    model: CromSSNet
+    model: PretrainNet
     config: PretrainConfig
     inputs: ModelInputs
     name: str | None = None
     version: int | None = None
     run_id: str | None = None
 
+    def default_branch(self) -> BranchName:
+        """What the model predicts from unless told: fused for CromSS, the baseline's one modality."""
+        return "fused" if self.config.model.fusion != "single" else self.config.model.modality
+
     def segmenter(self, branch: BranchName | None = None) -> Segmenter:
-        """Fused (default) or one branch's prediction of images stored as :attr:`inputs` say."""
+        """The prediction of :meth:`default_branch` or of ``branch``, of images stored as :attr:`inputs` say."""
         classes = self.config.model.classes
         pretrain_classes = CLASS_SCHEMES["pretrain"]
         names = pretrain_classes if classes == len(pretrain_classes) else tuple(map(str, range(classes)))
         inputs = self.inputs.by_modality()
-        return Segmenter(self.model, branch or "fused", self.config.data.s2_bands, tuple(names), inputs)
+        return Segmenter(self.model, branch or self.default_branch(), self.config.data.s2_bands, tuple(names), inputs)
 
 
 @dataclass(frozen=True)
@@ -195,22 +210,20 @@ def save_stored(
     return files
 
 
-def check_matches_config(model: CromSSNet, config: PretrainConfig) -> None:
+def check_matches_config(model: PretrainNet, config: PretrainConfig) -> None:
     """Raise a ValueError unless ``config`` rebuilds ``model``'s architecture."""
     stored = {
         "model.fusion": config.model.fusion,
         "model.encoder": config.model.encoder,
-        "S1 bands": S1_BANDS,
-        "data.s2_bands": config.data.s2_bands,
         "model.classes": config.model.classes,
     }
-    actual = {
-        "model.fusion": model.fusion,
-        "model.encoder": model.encoder_name,
-        "S1 bands": model.s1_bands,
-        "data.s2_bands": model.s2_bands,
-        "model.classes": model.classes,
-    }
+    actual = {"model.fusion": model.fusion, "model.encoder": model.encoder_name, "model.classes": model.classes}
+    if isinstance(model, SingleModalityNet):
+        stored["model.modality"], actual["model.modality"] = config.model.modality, model.modality
+        stored["bands"], actual["bands"] = modality_bands(config, config.model.modality), model.bands
+    else:
+        stored["S1 bands"], actual["S1 bands"] = S1_BANDS, model.s1_bands
+        stored["data.s2_bands"], actual["data.s2_bands"] = config.data.s2_bands, model.s2_bands
     differing = [
         f"{key}: config {stored[key]!r}, model {actual[key]!r}" for key in stored if stored[key] != actual[key]
     ]

@@ -58,20 +58,21 @@ def export_encoder(args: argparse.Namespace) -> int:
     import torch
 
     from cromss_ray.method import encoder_state_dict
+    from cromss_ray.models.stored import modality_bands
     from cromss_ray.tracking.registry import ModelNotFoundError, load_pretrained
 
     try:
         pretrained = load_pretrained(args.model, tracking_uri=args.tracking_uri)
+        state = encoder_state_dict(pretrained.model, args.branch)
     except (ModelNotFoundError, ValueError) as exc:
         return fail("export", exc)
-    state = encoder_state_dict(pretrained.model, args.branch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial")
     torch.save(state, partial)
     partial.replace(args.out)
-    network = pretrained.model
-    bands = network.s1_bands if args.branch == "s1" else network.s2_bands
-    print(f"wrote {args.out}: {args.branch} encoder ({network.encoder_name}, {bands} input bands) of {args.model}")
+    bands = modality_bands(pretrained.config, args.branch)
+    encoder = pretrained.model.encoder_name
+    print(f"wrote {args.out}: {args.branch} encoder ({encoder}, {bands} input bands) of {args.model}")
     return 0
 
 

@@ -3,11 +3,14 @@
 Every finished transfer run of the experiment (tagged ``cromss.task=finetune`` with a
 test mIoU) contributes its ``test/<branch>/miou``, ``test/<branch>/miou_ref`` (the
 reference's convention, spec 11: a class absent from the truth and never predicted
-scores 1; NaN for runs that did not log it) and ``test/<branch>/oa``. Runs are grouped
-by dataset, initialisation, branch, decoder and encoder mode, and scores of a group
-averaged. The printed table has one row per dataset, initialisation and branch and one
-column per decoder and encoder mode, each cell ``mIoU / mIoU_ref / OA`` in percent: the
-layout of the paper's transfer tables. The same groups, one per line, are written as
+scores 1; NaN for runs that did not log it) and ``test/<branch>/oa``, and is labelled by
+what pretrained its encoder (:func:`pretraining_label`, from its source's fusion): CromSS
+middle or late fusion, the single-modality baseline, or random initialisation (spec 11).
+Runs are grouped by dataset, pretraining, initialisation, branch, decoder and encoder
+mode, and scores of a group averaged. The printed table has one row per dataset,
+pretraining, initialisation and branch (CromSS first, then the baselines, as the paper
+sets them side by side) and one column per decoder and encoder mode, each cell
+``mIoU / mIoU_ref / OA`` in percent: the layout of the paper's transfer tables. The same groups, one per line, are written as
 CSV: into a file, or as ``comparison.csv`` (with the table as ``comparison.txt``) of a
 new run of the experiment tagged ``cromss.task=compare``.
 """
@@ -33,6 +36,7 @@ from cromss_ray.tracking.finetuned import (
     ENCODER_MODE_TAG,
     FINETUNE_TASK,
     INIT_TAG,
+    SOURCE_FUSION_TAG,
     TASK_TAG,
 )
 from cromss_ray.tracking.registry import registry_client
@@ -45,6 +49,20 @@ TABLE_ARTIFACT = "comparison.txt"
 PAGE_SIZE = 500
 MODE_ORDER = ("frozen", "fine-tuned")
 CELLS_LEGEND = "cells: test mIoU / mIoU_ref (the reference's convention, absent classes score 1) / OA (%)"
+RANDOM_INIT = "random init"
+SINGLE_MODALITY = "single-modality"
+PRETRAINING_ORDER = ("CromSS mid", "CromSS late", SINGLE_MODALITY, RANDOM_INIT)
+"""The order of the table's rows within a dataset: CromSS, then the paper's baselines."""
+
+
+def pretraining_label(init: str, fusion: str | None) -> str:
+    """What pretrained a transfer run's encoder, from its ``cromss.init`` and ``cromss.source_fusion`` tags:
+    'CromSS mid', 'CromSS late', 'single-modality' (the baseline), 'random init', or '?' when untold."""
+    if init == "random":
+        return RANDOM_INIT
+    if fusion == "single":
+        return SINGLE_MODALITY
+    return f"CromSS {fusion}" if fusion in ("mid", "late") else "?"
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,7 @@ class TransferScore:
 
     run_id: str
     dataset: str
+    pretraining: str
     init: str
     branch: str
     decoder: str
@@ -64,9 +83,11 @@ class TransferScore:
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """The mean test scores of the runs of one dataset, initialisation, branch, decoder and encoder mode."""
+    """The mean test scores of the runs of one dataset, pretraining, initialisation, branch, decoder and
+    encoder mode."""
 
     dataset: str
+    pretraining: str
     init: str
     branch: str
     decoder: str
@@ -110,7 +131,7 @@ def transfer_scores(client: MlflowClient, experiment: str) -> list[TransferScore
     scores = []
     for run in _runs(client, found.experiment_id):
         tags, metrics = run.data.tags, run.data.metrics
-        branch = tags.get(BRANCH_TAG, "")
+        branch, init = tags.get(BRANCH_TAG, ""), tags.get(INIT_TAG, "?")
         miou, oa = metrics.get(f"test/{branch}/miou"), metrics.get(f"test/{branch}/oa")
         if miou is None or oa is None:
             continue
@@ -118,7 +139,8 @@ def transfer_scores(client: MlflowClient, experiment: str) -> list[TransferScore
             TransferScore(
                 run_id=run.info.run_id,
                 dataset=tags.get(DATASET_TAG, "custom"),
-                init=tags.get(INIT_TAG, "?"),
+                pretraining=pretraining_label(init, tags.get(SOURCE_FUSION_TAG)),
+                init=init,
                 branch=branch,
                 decoder=tags.get(DECODER_TAG, "?"),
                 encoder_mode=tags.get(ENCODER_MODE_TAG, "?"),
@@ -131,10 +153,12 @@ def transfer_scores(client: MlflowClient, experiment: str) -> list[TransferScore
 
 
 def summarise(scores: Sequence[TransferScore]) -> list[ComparisonRow]:
-    """One row per dataset, initialisation, branch, decoder and encoder mode, with mean scores, sorted."""
+    """One row per dataset, pretraining, initialisation, branch, decoder and encoder mode, with mean scores,
+    sorted (CromSS before the baselines, :data:`PRETRAINING_ORDER`)."""
     groups: dict[tuple[str, ...], list[TransferScore]] = defaultdict(list)
     for score in scores:
-        groups[(score.dataset, score.init, score.branch, score.decoder, score.encoder_mode)].append(score)
+        key = (score.dataset, score.pretraining, score.init, score.branch, score.decoder, score.encoder_mode)
+        groups[key].append(score)
     rows = [
         ComparisonRow(
             *key,
@@ -145,7 +169,17 @@ def summarise(scores: Sequence[TransferScore]) -> list[ComparisonRow]:
         )
         for key, members in groups.items()
     ]
-    return sorted(rows, key=lambda row: (row.dataset, row.init, row.branch, row.decoder, _mode_rank(row.encoder_mode)))
+    return sorted(
+        rows,
+        key=lambda row: (
+            row.dataset,
+            _rank(row.pretraining, PRETRAINING_ORDER),
+            row.init,
+            row.branch,
+            row.decoder,
+            _rank(row.encoder_mode, MODE_ORDER),
+        ),
+    )
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -153,9 +187,10 @@ def _mean(values: Iterable[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-def _mode_rank(mode: str) -> tuple[int, str]:
-    """Frozen before fine-tuned before fine-tuned after a warm-up, as in the paper's columns."""
-    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
+    """``value``'s place in ``order``, unlisted values after the listed ones: frozen before fine-tuned
+    before fine-tuned after a warm-up, as in the paper's columns, and CromSS before the baselines."""
+    return (order.index(value) if value in order else len(order), value)
 
 
 def _cell(row: ComparisonRow) -> str:
@@ -166,16 +201,16 @@ def _cell(row: ComparisonRow) -> str:
 
 
 def format_table(rows: Sequence[ComparisonRow]) -> str:
-    """Rows: dataset, initialisation, branch; columns: decoder and encoder mode; cells: :data:`CELLS_LEGEND`."""
+    """Rows: dataset, pretraining, initialisation, branch; columns: decoder and encoder mode; cells:
+    :data:`CELLS_LEGEND`."""
     if not rows:
         return "no transfer runs with test scores"
-    columns = sorted({(row.decoder, row.encoder_mode) for row in rows}, key=lambda c: (c[0], _mode_rank(c[1])))
-    cells: dict[tuple[str, str, str], dict[tuple[str, str], str]] = defaultdict(dict)
+    columns = sorted({(row.decoder, row.encoder_mode) for row in rows}, key=lambda c: (c[0], _rank(c[1], MODE_ORDER)))
+    cells: dict[tuple[str, str, str, str], dict[tuple[str, str], str]] = defaultdict(dict)
     for row in rows:
-        cells[(DATASET_NAMES.get(row.dataset, row.dataset), row.init, row.branch.upper())][
-            (row.decoder, row.encoder_mode)
-        ] = _cell(row)
-    header = ["dataset", "initialisation", "input", *(f"{decoder} {mode}" for decoder, mode in columns)]
+        dataset = DATASET_NAMES.get(row.dataset, row.dataset)
+        cells[(dataset, row.pretraining, row.init, row.branch.upper())][(row.decoder, row.encoder_mode)] = _cell(row)
+    header = ["dataset", "pretraining", "initialisation", "input", *(f"{decoder} {mode}" for decoder, mode in columns)]
     body = [[*key, *(values.get(column, "-") for column in columns)] for key, values in cells.items()]
     widths = [max(len(line[index]) for line in (header, *body)) for index in range(len(header))]
 

@@ -17,16 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from mlflow.models import ModelSignature
-from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from torch import nn
 
 from cromss_ray.config import FinetuneConfig, TransferModelConfig
 from cromss_ray.data.schema import DATASET_NAMES, ShardMetadata
-from cromss_ray.models import MODEL_TILE
-from cromss_ray.models.segmenter import DEFAULT_BATCH_SIZE
 from cromss_ray.models.stored import input_bands
-from cromss_ray.tracking.pyfunc import EXAMPLE_SIZE, MODEL_OVERLAP, log_registered_model
+from cromss_ray.tracking.pyfunc import branch_example, branch_signature, log_registered_model
 from cromss_ray.tracking.runs import RunTracker
 
 TASK_TAG = "cromss.task"
@@ -36,6 +32,7 @@ INIT_TAG = "cromss.init"
 DECODER_TAG = "cromss.decoder"
 ENCODER_MODE_TAG = "cromss.encoder_mode"
 BRANCH_TAG = "cromss.branch"
+SOURCE_FUSION_TAG = "cromss.source_fusion"
 """Run tags of a transfer run, read back by ``cromss compare`` (:mod:`cromss_ray.tracking.compare`)."""
 
 
@@ -74,7 +71,7 @@ class TransferSource:
             "cromss.source_model": self.name,
             "cromss.source_version": self.version,
             "cromss.source_run_id": self.run_id,
-            "cromss.source_fusion": self.fusion,
+            SOURCE_FUSION_TAG: self.fusion,
         }
         return {key: str(value) for key, value in tags.items() if value is not None}
 
@@ -120,37 +117,6 @@ def describe(config: FinetuneConfig, meta: ShardMetadata, source: TransferSource
     )
 
 
-def transfer_signature(config: FinetuneConfig, classes: int) -> ModelSignature:
-    """The branch's named tensor input and the two outputs, -1 for N, H and W, plus the inference params."""
-    images = np.dtype(np.float32)
-    inputs = Schema([TensorSpec(images, (-1, input_bands(config), -1, -1), config.model.branch)])
-    outputs = Schema(
-        [
-            TensorSpec(np.dtype(np.int64), (-1, -1, -1), "classes"),
-            TensorSpec(images, (-1, classes, -1, -1), "probabilities"),
-        ]
-    )
-    params = ParamSchema(
-        [
-            ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE),
-            ParamSpec("tile", "long", MODEL_TILE),
-            ParamSpec("overlap", "long", MODEL_OVERLAP),
-        ]
-    )
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def transfer_example(config: FinetuneConfig, given: torch.Tensor | np.ndarray | None) -> dict[str, np.ndarray]:
-    """The stored input example: the first image of ``given`` cut to 32 x 32 px; zeros without one."""
-    if given is None:
-        array = np.zeros((1, input_bands(config), EXAMPLE_SIZE, EXAMPLE_SIZE), np.float32)
-    else:
-        array = given.detach().cpu().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
-        if array.ndim != 4 or array.shape[1] != input_bands(config):
-            raise ValueError(f"input_example must be (N, {input_bands(config)}, H, W), got {array.shape}")
-    return {config.model.branch: np.ascontiguousarray(array[:1, :, :EXAMPLE_SIZE, :EXAMPLE_SIZE], dtype=np.float32)}
-
-
 def log_finetuned_model(
     model: nn.Module,
     config: FinetuneConfig,
@@ -177,8 +143,8 @@ def log_finetuned_model(
         config,
         network=model,
         meta=meta,
-        signature=transfer_signature(config, meta.num_classes),
-        input_example=transfer_example(config, input_example),
+        signature=branch_signature(config.model.branch, input_bands(config), meta.num_classes),
+        input_example=branch_example(config.model.branch, input_bands(config), input_example),
         registry_name=registry_name,
         description=describe(config, meta, source),
         aliases=aliases,

@@ -17,9 +17,10 @@ A pretrained network takes a dict of two arrays: ``"s1"`` ``(N, 2, H, W)`` (VV, 
 prediction (spec 1), and the same with ``s1_`` / ``s2_`` prefixes for each branch alone.
 Param ``batch_size`` (8).
 
-A fine-tuned network takes its branch's image only (``{"s2": (N, B, H, W)}``), tiled and
-blended above ``tile`` pixels (:func:`~cromss_ray.models.segmenter.predict_array`);
-output ``"classes"`` and ``"probabilities"``. Params ``batch_size``, ``tile``, ``overlap``.
+A fine-tuned network, and the single-modality pretrained baseline (spec 11), take their
+one modality's image only (``{"s2": (N, B, H, W)}``), tiled and blended above ``tile``
+pixels (:func:`~cromss_ray.models.segmenter.predict_array`); output ``"classes"`` and
+``"probabilities"``. Params ``batch_size``, ``tile``, ``overlap``.
 
 Nothing is pickled and nothing is downloaded at load time: the stateless
 :class:`CromSSPyfunc` is stored as source (``pyfunc_code.py``, an MLflow "model from
@@ -44,7 +45,7 @@ from pydantic import BaseModel
 import cromss_ray
 from cromss_ray.config import PretrainConfig
 from cromss_ray.data.schema import ShardMetadata
-from cromss_ray.method import CromSSNet
+from cromss_ray.method import CromSSNet, PretrainNet, SingleModalityNet
 from cromss_ray.models import MODEL_TILE
 from cromss_ray.models.segmenter import (
     DEFAULT_BATCH_SIZE,
@@ -54,7 +55,6 @@ from cromss_ray.models.segmenter import (
     predict_maps,
 )
 from cromss_ray.models.stored import (
-    FinetunedModel,
     ModelInputs,
     check_matches_config,
     load_stored,
@@ -113,7 +113,7 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
         """Stored images by modality -> class maps and probabilities (module docstring)."""
         params = params or {}
         segmenter = self.stored.segmenter()
-        if not isinstance(self.stored, FinetunedModel):
+        if isinstance(self.stored.model, CromSSNet):
             batch_size = int(params.get("batch_size", MAPS_BATCH_SIZE))
             s1, s2 = (segmenter.network_input(modality, model_input[modality]) for modality in ("s1", "s2"))
             return predict_maps(self.stored.model, s1, s2, batch_size)
@@ -146,6 +146,37 @@ def model_signature(s2_bands: int, classes: int) -> ModelSignature:
         outputs.append(TensorSpec(images, (-1, classes, -1, -1), f"{prefix}probabilities"))
     params = ParamSchema([ParamSpec("batch_size", "long", MAPS_BATCH_SIZE)])
     return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
+
+
+def branch_signature(modality: str, bands: int, classes: int) -> ModelSignature:
+    """One modality's named tensor input and the two outputs, -1 for N, H and W, plus the tiling params."""
+    images = np.dtype(np.float32)
+    inputs = Schema([TensorSpec(images, (-1, bands, -1, -1), modality)])
+    outputs = Schema(
+        [
+            TensorSpec(np.dtype(np.int64), (-1, -1, -1), "classes"),
+            TensorSpec(images, (-1, classes, -1, -1), "probabilities"),
+        ]
+    )
+    params = ParamSchema(
+        [
+            ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE),
+            ParamSpec("tile", "long", MODEL_TILE),
+            ParamSpec("overlap", "long", MODEL_OVERLAP),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def branch_example(modality: str, bands: int, given: torch.Tensor | np.ndarray | None) -> dict[str, np.ndarray]:
+    """The stored input example of one modality: the first image of ``given`` cut to 32 x 32 px; zeros without one."""
+    if given is None:
+        array = np.zeros((1, bands, EXAMPLE_SIZE, EXAMPLE_SIZE), np.float32)
+    else:
+        array = given.detach().cpu().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
+        if array.ndim != 4 or array.shape[1] != bands:
+            raise ValueError(f"input_example must be (N, {bands}, H, W), got {array.shape}")
+    return {modality: np.ascontiguousarray(array[:1, :, :EXAMPLE_SIZE, :EXAMPLE_SIZE], dtype=np.float32)}
 
 
 def example_input(s2_bands: int, given: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -234,7 +265,7 @@ def log_registered_model(
 
 
 def log_pretrained_model(
-    model: CromSSNet,
+    model: PretrainNet,
     config: PretrainConfig,
     *,
     tracker: RunTracker,
@@ -251,26 +282,38 @@ def log_pretrained_model(
     alias for the newest version, so ``"latest"`` in ``aliases`` needs (and gets) no
     assignment. ``inputs`` is how the images the pyfunc takes are stored (default the
     raw products, :class:`~cromss_ray.models.stored.ModelInputs`). ``input_example``
-    (``{"s1": ..., "s2": ...}``, stored as ``inputs`` say) is stored cut to one 32 x 32 px
-    image. ``epoch`` is the step the model is logged at (the run's metrics
-    of that step are copied to the logged model); ``version_tags`` go on the model
-    version (e.g. its validation scores).
+    (``{"s1": ..., "s2": ...}``, only the modality of the single-modality baseline, stored as
+    ``inputs`` say) is stored cut to one 32 x 32 px image. ``epoch`` is the step the model
+    is logged at (the run's metrics of that step are copied to the logged model);
+    ``version_tags`` go on the model version (e.g. its validation scores).
     """
     config = pretrain_part(config)
     check_matches_config(model, config)
-
+    classes = config.model.classes
+    if isinstance(model, SingleModalityNet):
+        modality = model.modality
+        signature = branch_signature(modality, model.bands, classes)
+        example = branch_example(modality, model.bands, (input_example or {}).get(modality))
+        description = (
+            f"single-modality baseline {config.model.encoder} U-Net: {modality.upper()} ({model.bands} bands) to "
+            f"{classes} classes, trained on the noisy labels without selection or smoothing"
+        )
+    else:
+        signature = model_signature(config.data.s2_bands, classes)
+        example = example_input(config.data.s2_bands, input_example)
+        description = (
+            f"CromSS {config.model.fusion}-fusion {config.model.encoder}: S1 ({S1_BANDS} bands) and "
+            f"S2 ({config.data.s2_bands} bands) to {classes} classes"
+        )
     return log_registered_model(
         tracker,
         config,
         network=model,
         inputs=inputs or ModelInputs(),
-        signature=model_signature(config.data.s2_bands, config.model.classes),
-        input_example=example_input(config.data.s2_bands, input_example),
+        signature=signature,
+        input_example=example,
         registry_name=registry_name,
-        description=(
-            f"CromSS {config.model.fusion}-fusion {config.model.encoder}: S1 ({S1_BANDS} bands) and "
-            f"S2 ({config.data.s2_bands} bands) to {config.model.classes} classes"
-        ),
+        description=description,
         aliases=aliases,
         epoch=epoch,
         version_tags=version_tags,

@@ -132,6 +132,11 @@ def resolve_init(config: FinetuneConfig) -> Initialisation:
             version=pretrained.version,
             run_id=pretrained.run_id,
         )
+        if model.branch not in pretrained.model.modalities:
+            raise ConfigError(
+                f"model.branch: '{model.branch}', but {model.init} is the single-modality "
+                f"{pretrained.config.model.modality.upper()} baseline: it has no {model.branch.upper()} encoder"
+            )
         return Initialisation(source, encoder_state_dict(pretrained.model, model.branch))
     path = Path(model.init).expanduser()
     if not path.is_file():

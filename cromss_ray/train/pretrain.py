@@ -1,7 +1,10 @@
 """CromSS pretraining on Ray Train: the pretraining task of the training-loop skeleton (spec 8-9).
 
 Every worker builds the two-branch network (spec 1), wraps it in DDP and trains on its
-share of the training locations with the CromSS objective (spec 2-8); after each epoch
+share of the training locations with the CromSS objective (spec 2-8); with ``model.fusion``
+'single' it trains the single-modality baseline instead (spec 11: one U-Net on
+``model.modality``, the segmentation terms on the one-hot noisy labels), validated, scored
+and registered the same way for its one branch (no fused prediction). After each epoch
 all workers score their share of the validation locations, and the confusion matrices
 (spec 11) of the S1 branch, the S2 branch and the fused prediction are summed over the
 workers, against the noisy labels (``val/<branch>/<metric>``) and, when the shards have
@@ -37,9 +40,15 @@ from torch import nn
 from cromss_ray.config import ConfigError, PretrainConfig
 from cromss_ray.data.pipeline import DeviceBatch, pretrain_datasets, to_device
 from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
-from cromss_ray.method import ConfusionMatrix, CromSSLoss, NoiseDiagnostics, SelectionMaps, fused_probabilities
+from cromss_ray.method import (
+    ConfusionMatrix,
+    CromSSLoss,
+    NoiseDiagnostics,
+    SelectionMaps,
+    SingleModalityLoss,
+    fused_probabilities,
+)
 from cromss_ray.method.losses import MODALITIES
-from cromss_ray.models.segmenter import BRANCHES
 from cromss_ray.models.stored import network_from_config
 from cromss_ray.tracking.pyfunc import log_pretrained_model
 from cromss_ray.tracking.runs import RunTracker
@@ -62,6 +71,7 @@ PROGRESS_KEYS = (
     "train/lr",
 )
 """Metrics shown in the per-epoch progress line."""
+FUSED = "fused"
 NOISE_METRICS = ("selected_precision", "noise_recall", "noise_auroc", "base_rate")
 """The noise diagnostics logged per branch as ``<split>/<branch>/<metric>`` when the shards have clean labels."""
 
@@ -86,7 +96,7 @@ def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> Torch
     """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised)."""
     check_checkpoint(config)
     datasets = pretrain_datasets(
-        config.data, seed=config.run.seed, prior=config.cromss.prior, sigma=config.cromss.prior_sigma
+        config.data, seed=config.run.seed, prior=config.training_prior(), sigma=config.cromss.prior_sigma
     )
     if datasets.val is None or datasets.num_val == 0:
         raise ConfigError(
@@ -132,14 +142,25 @@ def run_pretrain(config: PretrainConfig, links: RunLinks = RunLinks()) -> Pretra
     )
 
 
-def build_criterion(config: PretrainConfig, ignore_index: int) -> CromSSLoss:
-    """The CromSS objective of a config (spec 2-8)."""
+Objective = CromSSLoss | SingleModalityLoss
+
+
+def build_criterion(config: PretrainConfig, ignore_index: int) -> Objective:
+    """The objective of a config: CromSS (spec 2-8), or the single-modality baseline's (spec 11)."""
     cromss = config.cromss
+    if config.model.fusion == "single":
+        return SingleModalityLoss(
+            config.model.modality,
+            loss_terms=cromss.loss_terms,
+            confidence=cromss.confidence,
+            classes=config.model.classes,
+            ignore_index=ignore_index,
+        )
     return CromSSLoss(
         loss_terms=cromss.loss_terms,
         consistency=cromss.consistency,
         consistency_weight=cromss.consistency_weight,
-        smoothing_factors=cromss.smoothing_factors,
+        smoothing_factors=config.smoothing_factors(),
         selection=cromss.selection,
         final_ratio=cromss.final_ratio,
         ramp=cromss.ramp,
@@ -159,13 +180,30 @@ class WorkerContext:
     meta: ShardMetadata
     device: torch.device
     precision: Precision
-    criterion: CromSSLoss
+    criterion: Objective
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The network's branches: S1 and S2, or the baseline's one modality."""
+        return (self.config.model.modality,) if self.config.model.fusion == "single" else MODALITIES
+
+    @property
+    def predictions(self) -> tuple[str, ...]:
+        """What validation scores: every branch, and the fused prediction of two (spec 1)."""
+        return self.modalities if len(self.modalities) == 1 else (*self.modalities, FUSED)
+
+    def logits(self, network: nn.Module, inputs: DeviceBatch) -> tuple[torch.Tensor, ...]:
+        """The network's logits of each of :attr:`modalities` (in the run's precision)."""
+        images = {"s1": inputs.x1, "s2": inputs.x2}
+        with self.precision.autocast():
+            outputs = network(*(images[modality] for modality in self.modalities))
+        return outputs if isinstance(outputs, tuple) else (outputs,)
 
     def batches(
         self, shard: ray.data.DataIterator, *, training: bool
     ) -> Iterator[tuple[dict[str, torch.Tensor], DeviceBatch]]:
         """The shard's batches as tensors on the device, scaled, with the prior when training (spec 2, 9)."""
-        prior = self.config.cromss.prior if training else "none"
+        prior = self.config.training_prior() if training else "none"
         for batch in shard.iter_torch_batches(
             batch_size=self.config.optim.batch_size, prefetch_batches=self.config.data.prefetch_batches
         ):
@@ -181,11 +219,11 @@ class WorkerContext:
 
     def noise_diagnostics(self) -> dict[str, NoiseDiagnostics]:
         """An empty accumulator per branch whose labels the selection weights (spec 6) when the shards have
-        clean labels, else none."""
+        clean labels, else none. The baseline's one branch is scored with its own label confidence as trust."""
         if not self.meta.has_clean_label:
             return {}
         classes, nodata = self.config.model.classes, self.meta.nodata
-        return {branch: NoiseDiagnostics(classes, nodata, self.device) for branch in MODALITIES}
+        return {branch: NoiseDiagnostics(classes, nodata, self.device) for branch in self.modalities}
 
 
 def add_noise_evidence(
@@ -222,10 +260,9 @@ def train_epoch(
     steps = 0
     noise = context.noise_diagnostics()
     for _, inputs in context.batches(shard, training=True):
-        with context.precision.autocast():
-            z1, z2 = state.model(inputs.x1, inputs.x2)
+        logits = context.logits(state.model, inputs)
         loss, diagnostics, maps = context.criterion.forward_with_selection(
-            z1, z2, inputs.y, prior=inputs.prior, epoch=epoch
+            *logits, inputs.y, prior=inputs.prior, epoch=epoch
         )
         state.optimise(loss)
         add_noise_evidence(noise, inputs, maps)
@@ -271,7 +308,8 @@ def validate(
     """Score the worker's validation share; the loss and confusion matrices are summed over every rank.
 
     The validation loss is unweighted and unsmoothed (spec 8), averaged over samples;
-    metrics come from one confusion matrix per branch and label kind (spec 11). The
+    metrics come from one confusion matrix per prediction (:attr:`WorkerContext.predictions`)
+    and label kind (spec 11). The
     unwrapped network is used, so no DDP collective runs while ranks hold different
     numbers of batches. With ``figures`` (the same on every rank), the first samples of
     the ranks, in rank order, keep their panels and selection weight maps at ``epoch``
@@ -282,7 +320,11 @@ def validate(
     network.eval()
     classes, nodata, device = context.config.model.classes, context.meta.nodata, context.device
     label_kinds = (VAL, f"{VAL}_clean") if context.meta.has_clean_label else (VAL,)
-    matrices = {(kind, branch): ConfusionMatrix(classes, nodata, device) for kind in label_kinds for branch in BRANCHES}
+    matrices = {
+        (kind, branch): ConfusionMatrix(classes, nodata, device)
+        for kind in label_kinds
+        for branch in context.predictions
+    }
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     samples: list[dict[str, Any]] = []
@@ -290,28 +332,26 @@ def validate(
     noise = context.noise_diagnostics()
     positions = rgb_positions(context.config.data.s2_bands)
     for batch, inputs in context.batches(shard, training=False):
-        with context.precision.autocast():
-            z1, z2 = network(inputs.x1, inputs.x2)
-        z1, z2 = z1.float(), z2.float()
-        loss, _ = context.criterion.evaluate(z1, z2, inputs.y)
+        logits = tuple(z.float() for z in context.logits(network, inputs))
+        loss, _ = context.criterion.evaluate(*logits, inputs.y)
         size = inputs.y.shape[0]
         loss_sum += loss.double() * size
         count += size
-        predictions = {
-            "s1": z1.argmax(dim=1),
-            "s2": z2.argmax(dim=1),
-            "fused": fused_probabilities(z1, z2).argmax(dim=1),
-        }
+        predictions = {modality: z.argmax(dim=1) for modality, z in zip(context.modalities, logits, strict=True)}
+        if FUSED in context.predictions:
+            predictions[FUSED] = fused_probabilities(*logits).argmax(dim=1)
         for (kind, branch), matrix in matrices.items():
             matrix.update(predictions[branch], inputs.y if kind == VAL else inputs.clean_y)
         if example is None:
-            example = {"s1": inputs.x1[:1].cpu(), "s2": inputs.x2[:1].cpu()}
+            images = {"s1": inputs.x1, "s2": inputs.x2}
+            example = {modality: images[modality][:1].cpu() for modality in context.modalities}
         drawing = len(samples) < figures
         if noise or drawing:
-            maps = context.criterion.selection_maps(z1, z2, inputs.y, epoch=epoch)
+            maps = context.criterion.selection_maps(*logits, inputs.y, epoch=epoch)
             add_noise_evidence(noise, inputs, maps)
         if drawing:
-            drawn = _figure_samples(inputs, batch["key"], maps, predictions["fused"], positions)
+            shown = predictions[context.predictions[-1]]
+            drawn = _figure_samples(inputs, batch["key"], context.modalities, maps, shown, positions)
             samples.extend(drawn[: figures - len(samples)])
     if figures:
         gathered = all_gather_objects((samples, example))
@@ -334,12 +374,13 @@ def validate(
 def _figure_samples(
     inputs: DeviceBatch,
     keys: torch.Tensor,
+    modalities: Sequence[str],
     maps: SelectionMaps,
     prediction: torch.Tensor,
     positions: Sequence[int],
 ) -> list[dict[str, Any]]:
-    """Figure panels per sample of a batch: S2 true colour, labels, fused prediction, selection weights."""
-    weights_s1, weights_s2 = maps.weights
+    """Figure panels per sample of a batch: S2 true colour, labels, the prediction (fused for CromSS),
+    each branch's selection weights."""
     samples = []
     for index in range(inputs.y.shape[0]):
         sample = {
@@ -347,9 +388,9 @@ def _figure_samples(
             "s2_rgb": true_colour(inputs.x2[index], positions),
             "label": inputs.y[index].cpu().numpy(),
             "prediction": prediction[index].cpu().numpy(),
-            "weights_s1": weights_s1[index].cpu().numpy(),
-            "weights_s2": weights_s2[index].cpu().numpy(),
         }
+        for modality, weights in zip(modalities, maps.weights, strict=True):
+            sample[f"weights_{modality}"] = weights[index].cpu().numpy()
         if inputs.clean_y is not None:
             sample["clean_label"] = inputs.clean_y[index].cpu().numpy()
         samples.append(sample)
@@ -358,8 +399,9 @@ def _figure_samples(
 
 @dataclass
 class PretrainTask:
-    """Pretraining as a :class:`~cromss_ray.train.loop.Task`: the two-branch network, the CromSS
-    objective, validation of both branches and the fused prediction, the model registered at the end."""
+    """Pretraining as a :class:`~cromss_ray.train.loop.Task`: the two-branch network and the CromSS
+    objective (or the single-modality baseline's), validation of every branch and the fused prediction,
+    the model registered at the end."""
 
     context: WorkerContext
     name: str = "pretrain"

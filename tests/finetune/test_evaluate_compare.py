@@ -23,7 +23,14 @@ from cromss_ray.inference.evaluate import EvaluationResult, evaluate_model, form
 from cromss_ray.method import ConfusionMatrix, build_segmentation_model
 from cromss_ray.models.scoring import score_tiles
 from cromss_ray.models.segmenter import Segmenter
-from cromss_ray.tracking.compare import ComparisonRow, TransferScore, format_table, summarise, to_csv
+from cromss_ray.tracking.compare import (
+    ComparisonRow,
+    TransferScore,
+    format_table,
+    pretraining_label,
+    summarise,
+    to_csv,
+)
 from cromss_ray.train.finetune import FinetuneResult
 
 
@@ -85,20 +92,21 @@ def test_pretrained_model_is_evaluated_fused_on_dw_classes(pretrained: Pretraine
 
 def test_summary_and_table_by_hand():
     scores = [
-        TransferScore("a", "dw", "m/1", "s2", "Unet", "frozen", 0.40, 0.50, 0.70),
-        TransferScore("b", "dw", "m/1", "s2", "Unet", "frozen", 0.50, 0.60, 0.80),
-        TransferScore("c", "dw", "m/1", "s2", "Unet", "fine-tuned", 0.55, 0.55, 0.82),
-        TransferScore("d", "dw", "random", "s2", "FPN", "fine-tuned", 0.30, math.nan, 0.60),
+        TransferScore("a", "dw", "CromSS mid", "m/1", "s2", "Unet", "frozen", 0.40, 0.50, 0.70),
+        TransferScore("b", "dw", "CromSS mid", "m/1", "s2", "Unet", "frozen", 0.50, 0.60, 0.80),
+        TransferScore("c", "dw", "CromSS mid", "m/1", "s2", "Unet", "fine-tuned", 0.55, 0.55, 0.82),
+        TransferScore("d", "dw", "random init", "random", "s2", "FPN", "fine-tuned", 0.30, math.nan, 0.60),
     ]
     rows = summarise(scores)
-    assert rows[:2] == [
-        ComparisonRow("dw", "m/1", "s2", "Unet", "frozen", 2, pytest.approx(0.45), pytest.approx(0.55), pytest.approx(0.75)),
-        ComparisonRow("dw", "m/1", "s2", "Unet", "fine-tuned", 1, 0.55, 0.55, 0.82),
-    ]
+    mean = ComparisonRow(
+        "dw", "CromSS mid", "m/1", "s2", "Unet", "frozen", 2, pytest.approx(0.45), pytest.approx(0.55), pytest.approx(0.75)
+    )
+    assert rows[:2] == [mean, ComparisonRow("dw", "CromSS mid", "m/1", "s2", "Unet", "fine-tuned", 1, 0.55, 0.55, 0.82)]
     assert rows[2].miou == 0.30 and math.isnan(rows[2].miou_ref) and rows[2].oa == 0.60
     table = format_table(rows).splitlines()
     assert table[0].split() == [
         "dataset",
+        "pretraining",
         "initialisation",
         "input",
         "FPN",
@@ -111,13 +119,54 @@ def test_summary_and_table_by_hand():
     assert (
         "45.00 / 55.00 / 75.00 (n=2)" in table[2]
         and "55.00 / 55.00 / 82.00" in table[2]
-        and table[2].startswith("SSL4EO-S12@DW  m/1")
+        and table[2].startswith("SSL4EO-S12@DW  CromSS mid   m/1")
     )
     assert "30.00 / - / 60.00" in table[3]
     assert table[-1].startswith("cells: test mIoU / mIoU_ref")
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
     assert parsed[0]["runs"] == "2" and float(parsed[0]["miou"]) == pytest.approx(0.45)
     assert float(parsed[0]["miou_ref"]) == pytest.approx(0.55)
+
+
+def test_cromss_and_its_baselines_are_labelled_rows_of_one_table():
+    """The paper's comparison (spec 11): CromSS mid and late, the single-modality baseline and random
+    initialisation, labelled from each run's source tags and ordered CromSS first, whatever the names."""
+    assert [pretraining_label(*tags) for tags in [("a/1", "mid"), ("b/2", "late"), ("z/3", "single")]] == [
+        "CromSS mid",
+        "CromSS late",
+        "single-modality",
+    ]
+    assert pretraining_label("random", None) == "random init" and pretraining_label("checkpoint x.ckpt", None) == "?"
+    scores = [
+        TransferScore(run, "osm", pretraining_label(init, fusion), init, "s2", "FPN", mode, miou, miou, 0.5)
+        for run, init, fusion, mode, miou in [
+            ("r", "random", None, "fine-tuned", 0.2764),
+            ("s", "a-single/1", "single", "frozen", 0.40),
+            ("s2", "a-single/1", "single", "fine-tuned", 0.45),
+            ("l", "a-late/1", "late", "frozen", 0.48),
+            ("m", "z-mid/1", "mid", "frozen", 0.4906),
+            ("m2", "z-mid/1", "mid", "fine-tuned", 0.5011),
+        ]
+    ]
+    rows = summarise(scores)
+    assert [(row.pretraining, row.encoder_mode) for row in rows] == [
+        ("CromSS mid", "frozen"),
+        ("CromSS mid", "fine-tuned"),
+        ("CromSS late", "frozen"),
+        ("single-modality", "frozen"),
+        ("single-modality", "fine-tuned"),
+        ("random init", "fine-tuned"),
+    ]
+    table = format_table(rows).splitlines()
+    assert [line.split()[1:3] for line in table[2:6]] == [
+        ["CromSS", "mid"],
+        ["CromSS", "late"],
+        ["single-modality", "a-single/1"],
+        ["random", "init"],
+    ]
+    assert "49.06 / 49.06 / 50.00" in table[2] and "50.11 / 50.11 / 50.00" in table[2]
+    assert table[5].split()[-3:] == ["27.64", "/", "50.00"] and " - " in table[5]
+    assert [row["pretraining"] for row in csv.DictReader(io.StringIO(to_csv(rows)))][-1] == "random init"
 
 
 def test_evaluation_prints_both_conventions_by_hand():
@@ -182,6 +231,7 @@ def test_compare_command_tabulates_and_logs_the_runs(
     frozen = next(row for row in rows if row["decoder"] == "Unet" and row["encoder_mode"] == "frozen")
     assert float(frozen["miou"]) == pytest.approx(frozen_run.test_metrics["test/s2/miou"])
     assert float(frozen["miou_ref"]) == pytest.approx(frozen_run.test_metrics["test/s2/miou_ref"])
+    assert frozen["pretraining"] == f"CromSS {frozen_run.source.fusion}" and frozen_run.source.fusion in ("mid", "late")
     out_file = tmp_path / "comparison.csv"
     assert main(["compare", "cromss-finetune", "--tracking-uri", store, "--out", str(out_file)]) == 0
     assert out_file.read_text() == logged

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from cromss_ray.method import (
     CromSSLoss,
+    SingleModalityLoss,
     consistency_loss,
     entangle,
     label_confidence,
@@ -350,3 +351,38 @@ def test_confident_correct_predictions_approach_zero_dice_and_focal_stays_below_
     assert float(segmentation_loss(perfect, labels, "dice")) < 1e-6
     logits = torch.randn(1, 3, 4, 4, generator=generator)
     assert float(segmentation_loss(logits, labels, "focal")) <= float(segmentation_loss(logits, labels, "ce"))
+
+
+def test_single_modality_loss_is_the_unweighted_unsmoothed_segmentation_terms_by_hand():
+    # LOG_P1 plus a third pixel without a label: its logits must change nothing
+    z = torch.cat([LOG_P1, torch.tensor([9.0, -9.0]).view(1, 2, 1, 1)], dim=-1)
+    y = torch.tensor([[[0, 1, NODATA]]])
+    criterion = SingleModalityLoss("s2", loss_terms="cd", classes=2)
+    total, diagnostics, maps = criterion.forward_with_selection(z, y, prior=torch.full((1, 2, 1, 3), 0.5), epoch=7)
+    ce = (LN(2) + LN(4)) / 2
+    dice = ((1 - 2 * 0.5 / 2.25) + (1 - 2 * 0.25 / 1.75)) / 2  # as in the assembled two-branch test, w = 1
+    assert total.item() == pytest.approx(ce + dice, rel=1e-6)
+    assert diagnostics["loss/ce/s2"].item() == pytest.approx(ce, rel=1e-6)
+    assert diagnostics["loss/dice/s2"].item() == pytest.approx(dice, rel=1e-6)
+    assert diagnostics["s2/confidence_label"].item() == pytest.approx((0.5 + 0.25) / 2, rel=1e-6)
+    assert diagnostics["s2/selected_share"].item() == 1.0 and diagnostics["selection/ratio"].item() == 1.0
+    assert not any(key.startswith("s1/") or key == "loss/consistency" for key in diagnostics)
+    # trust: the branch's own label confidence p_y; weights: 1 where labelled
+    torch.testing.assert_close(maps.trust, (torch.tensor([[[0.5, 0.25, 0.0]]]),))
+    torch.testing.assert_close(maps.weights, (torch.tensor([[[1.0, 1.0, 0.0]]]),))
+    torch.testing.assert_close(criterion.selection_maps(z, y), maps)
+    torch.testing.assert_close(criterion.evaluate(z, y)[0], total)
+
+
+def test_single_modality_loss_equals_one_branch_of_cromss_without_selection_or_smoothing():
+    generator = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(2, 2, 3, 8, 8, generator=generator)
+    y = torch.randint(0, 3, (2, 8, 8), generator=generator)
+    y[1, :2] = NODATA
+    plain = CromSSLoss(loss_terms="cdf", consistency="none", smoothing_factors=(), selection=False, classes=3)
+    _, terms = plain(z1, z2, y)
+    single, single_terms = SingleModalityLoss("s1", loss_terms="cdf", classes=3)(z1, y)
+    torch.testing.assert_close(single, terms["loss/ce/s1"] + terms["loss/dice/s1"] + terms["loss/focal/s1"])
+    assert set(single_terms) >= {"loss/ce/s1", "loss/dice/s1", "loss/focal/s1"}
+    with pytest.raises(ValueError, match="modality"):
+        SingleModalityLoss("s12")

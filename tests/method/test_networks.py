@@ -11,6 +11,7 @@ from cromss_ray.method import (
     CromSSLoss,
     build_model,
     build_segmentation_model,
+    build_single_model,
     encoder_state_dict,
     fused_probabilities,
     load_encoder_state,
@@ -230,3 +231,25 @@ def test_a_few_optimisation_steps_lower_the_loss(fusion):
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_single_modality_baseline_is_one_unet_with_the_references_names():
+    torch.manual_seed(2)
+    network = build_single_model("s1", ENCODER, bands=2, classes=5).eval()
+    reference = smp.Unet(ENCODER, encoder_weights=None, in_channels=2, classes=5)
+    assert network.state_dict().keys() == reference.state_dict().keys()
+    assert network.fusion == "single" and network.modalities == ("s1",)
+    x = torch.randn(2, 2, SIZE, SIZE)
+    with torch.no_grad():
+        logits = network(x)
+        assert logits.shape == (2, 5, SIZE, SIZE)
+        torch.testing.assert_close(logits, network.segmentation_head(network.decoder(network.encoder(x))))
+    assert network.encoder_for("s1") is network.encoder
+    with pytest.raises(ValueError, match="single-modality S1 network has no S2 encoder"):
+        network.encoder_for("s2")
+    with pytest.raises(ValueError, match=r"s1 input must be \(N, 2, H, W\)"):
+        network(torch.randn(1, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        network(torch.randn(1, 2, 40, 40))
+    with pytest.raises(ValueError, match="modality"):
+        build_single_model("s3", ENCODER)

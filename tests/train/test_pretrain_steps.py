@@ -6,16 +6,18 @@ can be worked out again directly from those batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from cromss_ray.config import PretrainConfig, load_config
+from cromss_ray.config import PretrainConfig, build_config, load_config
 from cromss_ray.data.pipeline import to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.synth import synth_metadata
+from cromss_ray.method import SingleModalityLoss, SingleModalityNet
 from cromss_ray.method.losses import MODALITIES
 from cromss_ray.models.stored import network_from_config
 from cromss_ray.train.checkpoints import TrainingState
@@ -57,12 +59,12 @@ class RecordedShard:
         yield from self.batches
 
 
-def worker_context(clean_labels: bool) -> WorkerContext:
+def worker_context(clean_labels: bool, *overrides: str) -> WorkerContext:
     meta = synth_metadata("pretrain").model_copy(update={"has_clean_label": clean_labels})
     config = load_config(
         PretrainConfig,
         TINY_CONFIG,
-        [f"model.classes={meta.num_classes}", f"optim.batch_size={BATCH_SIZE}", f"data.crop={SIZE}"],
+        [f"model.classes={meta.num_classes}", f"optim.batch_size={BATCH_SIZE}", f"data.crop={SIZE}", *overrides],
     )
     device = torch.device("cpu")
     return WorkerContext(config, meta, device, Precision.on(device, "fp32"), build_criterion(config, meta.nodata))
@@ -142,3 +144,86 @@ def test_an_epoch_without_clean_labels_logs_no_noise_diagnostics() -> None:
     assert not noise_keys("train") & metrics.keys()
     assert not noise_keys("val") & validation.metrics.keys()
     assert not any(key.endswith(NOISE_METRICS) for key in (*metrics, *validation.metrics))
+
+
+@pytest.mark.parametrize("modality", ["s1", "s2"])
+def test_the_single_modality_baseline_trains_and_scores_its_one_branch(modality: str) -> None:
+    context = worker_context(True, "model.fusion=single", f"model.modality={modality}")
+    classes, nodata = context.config.model.classes, context.meta.nodata
+    state = training_state(context)
+    assert isinstance(state.model, SingleModalityNet) and state.model.modality == modality
+    training, held_out = RecordedShard(context.meta, seed=1), RecordedShard(context.meta, seed=2)
+
+    metrics = train_epoch(context, state, training, EPOCH)
+    validation = validate(context, state.model, held_out, EPOCH, figures=2)
+
+    other = "s2" if modality == "s1" else "s1"
+    assert {"train/loss", f"train/loss/ce/{modality}", f"train/loss/dice/{modality}"} <= metrics.keys()
+    assert {f"val/{modality}/miou", f"val_clean/{modality}/miou", "val/loss"} <= validation.metrics.keys()
+    everything = (*metrics, *validation.metrics, *validation.confusion)
+    assert not [key for key in everything if f"/{other}/" in key or "fused" in key or "consistency" in key]
+    assert validation.example is not None and validation.example.keys() == {modality}
+    assert [sorted(key for key in sample if key.startswith("weights_")) for sample in validation.samples] == [
+        [f"weights_{modality}"]
+    ] * 2
+    # Every labelled pixel keeps weight 1: the kept pixels are right as often as the labels are,
+    # nothing is excluded, and the trust (its own label confidence) still ranks the labels.
+    for split, values, shard in (("train", metrics, training), ("val", validation.metrics, held_out)):
+        base_rate = right_label_share(shard.batches, classes, nodata)
+        assert values[f"{split}/{modality}/base_rate"] == pytest.approx(base_rate, abs=1e-12)
+        assert values[f"{split}/{modality}/selected_precision"] == pytest.approx(base_rate, rel=1e-9)
+        assert values[f"{split}/{modality}/noise_recall"] == 0.0
+        assert 0.0 <= values[f"{split}/{modality}/noise_auroc"] <= 1.0
+    # the validation loss is the objective of the one branch on the one-hot labels
+    state.model.eval()
+    losses, samples = 0.0, 0
+    with torch.no_grad():
+        for batch in held_out.batches:
+            inputs = to_device(batch, context.meta, "cpu", prior="none", classes=classes)
+            z = state.model(inputs.x1 if modality == "s1" else inputs.x2)
+            loss, _ = SingleModalityLoss(modality, "cd", classes=classes).evaluate(z, inputs.y)
+            losses += float(loss) * inputs.y.shape[0]
+            samples += inputs.y.shape[0]
+    assert validation.metrics["val/loss"] == pytest.approx(losses / samples, rel=1e-6)
+
+
+def _logits(*pixels: tuple[float, float]) -> torch.Tensor:
+    """(1, 2, 1, P) logits (log-probabilities) whose pixel i has the probabilities ``pixels[i]``."""
+    return torch.tensor(pixels).log().T.reshape(1, 2, 1, len(pixels))
+
+
+# Labels 0, 0, 1, 1. S1 gives its labels 0.5, 0.75, 0.5, 0.75, S2 0.5 everywhere, so the entangled
+# label confidences (spec 4) are 0.75 * c1 = (3/8, 9/16, 3/8, 9/16) for S1 and 0.25 + 0.25 * c1 =
+# (3/8, 7/16, 3/8, 7/16) for S2. With rho = 0.5 every class keeps its most confident pixel at
+# weight 1 and scales the other by c / tau (spec 6): w1 = (2/3, 1, 2/3, 1), w2 = (6/7, 1, 6/7, 1).
+SMOOTHING_OFF_Z1 = _logits((0.5, 0.5), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75))
+SMOOTHING_OFF_Z2 = _logits((0.5, 0.5), (0.5, 0.5), (0.5, 0.5), (0.5, 0.5))
+SMOOTHING_OFF_Y = torch.tensor([[[0, 0, 1, 1]]])
+LN2, LN43 = math.log(2), math.log(4 / 3)
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        # plain CE of the one-hot noisy labels: S1 (ln 2 + ln 4/3) / 2, S2 ln 2
+        (False, (LN2 + LN43) / 2 + LN2),
+        # the selection-weighted CE of the one-hot labels: S1 (2/3 ln 2 + ln 4/3) / (5/3); S2 ln 2 whatever w2
+        (True, (2 / 3 * LN2 + LN43) * 3 / 5 + LN2),
+    ],
+)
+def test_smoothing_off_trains_on_the_one_hot_noisy_labels(selection: bool, expected: float) -> None:
+    overrides = [
+        f"cromss.selection={str(selection).lower()}",
+        "cromss.loss_terms=c",
+        "cromss.consistency=none",
+        "cromss.ramp=none",
+        "model.classes=2",
+    ]
+    config = build_config(PretrainConfig, {}, ["cromss.smoothing=false", *overrides])
+    # a prior that smoothing would pull the targets towards; off, it changes nothing, and none is computed
+    prior = torch.nn.functional.one_hot(1 - SMOOTHING_OFF_Y, 2).permute(0, 3, 1, 2).float()
+    loss, _ = build_criterion(config, 255)(SMOOTHING_OFF_Z1, SMOOTHING_OFF_Z2, SMOOTHING_OFF_Y, prior=prior)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert config.training_prior() == "none"
+    smoothed = build_criterion(build_config(PretrainConfig, {}, overrides), 255)
+    assert float(smoothed(SMOOTHING_OFF_Z1, SMOOTHING_OFF_Z2, SMOOTHING_OFF_Y, prior=prior)[0]) > expected + 0.05

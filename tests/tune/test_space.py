@@ -124,10 +124,28 @@ def test_apply_sample_errors_name_the_key(sample, named):
 
 
 @settings(max_examples=40, deadline=None)
-@given(ratio=st.floats(0.0, 1.0), lr=st.floats(1e-6, 1.0), fusion=st.sampled_from(["mid", "late"]))
+@given(ratio=st.floats(0.0, 1.0), lr=st.floats(1e-6, 1.0), fusion=st.sampled_from(["mid", "late", "single"]))
 def test_apply_sample_round_trips_any_valid_sample(ratio, lr, fusion):
     trial = apply_sample(PretrainConfig(), {"cromss.final_ratio": ratio, "optim.lr": lr, "model.fusion": fusion})
     assert (trial.cromss.final_ratio, trial.optim.lr, trial.model.fusion) == (ratio, lr, fusion)
+
+
+def test_the_single_modality_baseline_is_searched_beside_mid_and_late():
+    base = PretrainConfig()
+    space = {
+        "model.fusion": domain(choice=["mid", "late", "single"]),
+        "cromss.smoothing_factors.0": domain(uniform=(0.0, 0.3)),
+    }
+    check_space(base, space)
+    assert param_space(space, "random")["model.fusion"].categories == ["mid", "late", "single"]
+    assert to_tune_domain("model.fusion", space["model.fusion"], "grid") == {"grid_search": ["mid", "late", "single"]}
+    trials = {
+        fusion: apply_sample(base, {"model.fusion": fusion, "cromss.smoothing_factors.0": 0.2})
+        for fusion in ("mid", "late", "single")
+    }
+    names = [trial.registry_name() for trial in trials.values()]
+    assert names == ["cromss-mid-13b", "cromss-late-13b", "cromss-single-s2-13b"]
+    assert trials["mid"].smoothing_factors() == (0.2, 0.05) and trials["single"].smoothing_factors() == ()
 
 
 def test_check_space_refuses_values_the_config_rejects():
