@@ -38,10 +38,10 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cromss_ray.config import FinetuneConfig, PretrainConfig
+from cromss_ray.config import ConfigError, FinetuneConfig, PretrainConfig, flatten
 from cromss_ray.data.pipeline import set_epoch
 from cromss_ray.tracking.runs import RunTracker
-from cromss_ray.tracking.uris import absolute_tracking_uri
+from cromss_ray.tracking.uris import absolute_tracking_uri, carries_credentials
 from cromss_ray.train.checkpoints import (
     TrainingState,
     check_resumable,
@@ -109,6 +109,30 @@ def worker_input(
         checkpoint_extra=dict(checkpoint_extra),
         task=task,
     )
+
+
+def check_no_credentials(config: PretrainConfig | FinetuneConfig) -> None:
+    """Refuse credentials written into the config or the tracking URI (driver side, before anything starts).
+
+    The config travels to every worker, into each checkpoint's ``config.yaml`` and into Tune's
+    experiment state; credentials belong in each node's environment or instance profile, where
+    MLflow and the AWS SDK find them at use (clusters/README.md, "Credentials").
+    """
+    keys = [
+        key
+        for key, value in flatten(config).items()
+        for text in (value if isinstance(value, list) else [value])
+        if isinstance(text, str) and carries_credentials(text)
+    ]
+    if config.tracking.uri is None and carries_credentials(config.tracking.resolved_uri()):
+        keys.append("MLFLOW_TRACKING_URI (environment)")
+    if keys:
+        raise ConfigError(
+            f"{', '.join(keys)}: carries credentials (user:password@ or a secret query value), which would reach "
+            "checkpoints, Ray's state and logs; give them to every node's environment instead: "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or an instance profile"
+        )
 
 
 def check_checkpoint(config: PretrainConfig | FinetuneConfig) -> None:
