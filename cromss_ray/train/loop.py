@@ -52,6 +52,7 @@ from cromss_ray.train.checkpoints import (
 )
 from cromss_ray.train.cluster import TRAIN, VAL, ExactValidationDataConfig, ray_run_config, ray_scaling_config
 from cromss_ray.train.optim import Precision, learning_rate, step_lr_scheduler
+from cromss_ray.train.rendezvous import rendezvous_config
 from cromss_ray.train.reporting import progress_line, report_epoch
 
 logger = logging.getLogger(__name__)
@@ -150,10 +151,12 @@ def torch_trainer(
     links: RunLinks,
 ) -> TorchTrainer:
     """The TorchTrainer of one run: ``worker_loop`` on ``scaling``'s workers, ``run``'s identity, the
-    datasets split with validation kept exact (:class:`~cromss_ray.train.cluster.ExactValidationDataConfig`)."""
+    datasets split with validation kept exact (:class:`~cromss_ray.train.cluster.ExactValidationDataConfig`),
+    the process group on 127.0.0.1 when the whole cluster is (:mod:`~cromss_ray.train.rendezvous`)."""
     return TorchTrainer(
         worker_loop,
         train_loop_config={INPUT_KEY: inputs},
+        torch_config=rendezvous_config(),
         scaling_config=ray_scaling_config(config.scaling),
         run_config=ray_run_config(config.run, links.callbacks),
         datasets=dict(datasets),
