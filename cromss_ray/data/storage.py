@@ -54,10 +54,10 @@ class IncompleteShardsError(ValueError):
 def resolve_filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path on it for a directory or URI.
 
-    ``s3://`` URIs use the standard AWS credentials (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``; otherwise the AWS config files or
-    the instance profile) and ``s3_endpoint`` (or ``AWS_ENDPOINT_URL_S3`` /
-    ``AWS_ENDPOINT_URL``) for S3-compatible stores such as MinIO or Ceph.
+    ``s3://`` URIs use ``s3_endpoint`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``)
+    for S3-compatible stores such as MinIO or Ceph, and the AWS credential chain of the
+    process that reads (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``; otherwise the AWS config files or the instance profile).
     """
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:
@@ -75,10 +75,12 @@ def resolve_filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.F
 
 
 def _s3_options(endpoint: str | None) -> dict[str, object]:
-    """S3FileSystem options from the endpoint override and the standard AWS variables.
+    """S3FileSystem options from the endpoint override and the region: nothing secret.
 
-    Credentials found in the environment are passed explicitly so that they travel with
-    the (pickled) filesystem to Ray read tasks on other processes and nodes.
+    Credentials are left to the AWS credential chain of each process that uses the
+    filesystem, so the (pickled) filesystem that travels to Ray read tasks carries none:
+    every worker resolves its own from its environment or instance profile when it reads,
+    and temporary ones are refreshed there when they expire.
     """
     options: dict[str, object] = {}
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -89,13 +91,6 @@ def _s3_options(endpoint: str | None) -> dict[str, object]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region or endpoint:
         options["region"] = region or "us-east-1"
-    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
-    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if access_key and secret_key:
-        options["access_key"] = access_key
-        options["secret_key"] = secret_key
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     return options
 
 

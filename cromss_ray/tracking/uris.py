@@ -51,6 +51,11 @@ def sqlite_database_path(uri: str) -> Path:
     return _absolute_path(uri[len(SQLITE_PREFIX) :].partition("?")[0])
 
 
+def carries_credentials(uri: str) -> bool:
+    """Whether ``uri`` holds a ``user:password@`` or a secret-looking query value."""
+    return redact_uri(uri) != uri
+
+
 def redact_uri(uri: str) -> str:
     """``uri`` without credentials: no ``user:password@`` and no secret-looking query values."""
     if "://" not in uri:

@@ -74,6 +74,7 @@ from cromss_ray.train.checkpoints import TrainingState, finite_metrics, prepare_
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_reduce_sums, all_reduce_tensor, unwrap
 from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
+from cromss_ray.train.loop import check_no_credentials
 from cromss_ray.train.optim import Precision
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ def build_trainer(
     takes (:func:`with_training_crop`). ``initialisation`` is
     ``resolve_init(config)`` when the caller resolved it already.
     """
+    check_no_credentials(config)
     check_finetune_config(config)
     initialisation = initialisation or resolve_init(config)
     config = effective_config(config, initialisation.source)

@@ -38,10 +38,10 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cromss_ray.config import FinetuneConfig, PretrainConfig
+from cromss_ray.config import ConfigError, FinetuneConfig, PretrainConfig, flatten
 from cromss_ray.data.pipeline import set_epoch
 from cromss_ray.tracking.runs import RunTracker
-from cromss_ray.tracking.uris import absolute_tracking_uri
+from cromss_ray.tracking.uris import absolute_tracking_uri, carries_credentials
 from cromss_ray.train.checkpoints import (
     TrainingState,
     check_resumable,
@@ -52,6 +52,7 @@ from cromss_ray.train.checkpoints import (
 )
 from cromss_ray.train.cluster import TRAIN, VAL, ExactValidationDataConfig, ray_run_config, ray_scaling_config
 from cromss_ray.train.optim import Precision, learning_rate, step_lr_scheduler
+from cromss_ray.train.rendezvous import rendezvous_config
 from cromss_ray.train.reporting import progress_line, report_epoch
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,30 @@ def worker_input(
     )
 
 
+def check_no_credentials(config: PretrainConfig | FinetuneConfig) -> None:
+    """Refuse credentials written into the config or the tracking URI (driver side, before anything starts).
+
+    The config travels to every worker, into each checkpoint's ``config.yaml`` and into Tune's
+    experiment state; credentials belong in each node's environment or instance profile, where
+    MLflow and the AWS SDK find them at use (clusters/README.md, "Credentials").
+    """
+    keys = [
+        key
+        for key, value in flatten(config).items()
+        for text in (value if isinstance(value, list) else [value])
+        if isinstance(text, str) and carries_credentials(text)
+    ]
+    if config.tracking.uri is None and carries_credentials(config.tracking.resolved_uri()):
+        keys.append("MLFLOW_TRACKING_URI (environment)")
+    if keys:
+        raise ConfigError(
+            f"{', '.join(keys)}: carries credentials (user:password@ or a secret query value), which would reach "
+            "checkpoints, Ray's state and logs; give them to every node's environment instead: "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or an instance profile"
+        )
+
+
 def check_checkpoint(config: PretrainConfig | FinetuneConfig) -> None:
     """An earlier run of the same name and storage path must hold the same network (driver side)."""
     checkpoint = latest_checkpoint(config)
@@ -126,10 +151,12 @@ def torch_trainer(
     links: RunLinks,
 ) -> TorchTrainer:
     """The TorchTrainer of one run: ``worker_loop`` on ``scaling``'s workers, ``run``'s identity, the
-    datasets split with validation kept exact (:class:`~cromss_ray.train.cluster.ExactValidationDataConfig`)."""
+    datasets split with validation kept exact (:class:`~cromss_ray.train.cluster.ExactValidationDataConfig`),
+    the process group on 127.0.0.1 when the whole cluster is (:mod:`~cromss_ray.train.rendezvous`)."""
     return TorchTrainer(
         worker_loop,
         train_loop_config={INPUT_KEY: inputs},
+        torch_config=rendezvous_config(),
         scaling_config=ray_scaling_config(config.scaling),
         run_config=ray_run_config(config.run, links.callbacks),
         datasets=dict(datasets),

@@ -56,6 +56,7 @@ from cromss_ray.train.checkpoints import TrainingState, prepare_training, restor
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_gather_objects, all_reduce_sums, all_reduce_tensor, unwrap
 from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
+from cromss_ray.train.loop import check_no_credentials
 from cromss_ray.train.optim import Precision
 
 RGB_BANDS = ("B4", "B3", "B2")
@@ -94,6 +95,7 @@ class PretrainResult:
 
 def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> TorchTrainer:
     """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised)."""
+    check_no_credentials(config)
     check_checkpoint(config)
     datasets = pretrain_datasets(
         config.data, seed=config.run.seed, prior=config.training_prior(), sigma=config.cromss.prior_sigma

@@ -50,6 +50,7 @@ from cromss_ray.data.storage import resolve_filesystem, scan_shards
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
 from cromss_ray.train.cluster import absolute_storage_path, init_ray, resolve_use_gpu
+from cromss_ray.train.loop import check_no_credentials
 from cromss_ray.tune import trial_runs
 from cromss_ray.tune.results import (
     UNFINISHED,
@@ -379,6 +380,7 @@ def run_sweep(config: TuneConfig, *, callbacks: Sequence[ray.tune.Callback] = ()
     config resumes it. Raises ConfigError for a search space the config rejects (before
     anything is written) or a sweep folder holding a sweep with another config.
     """
+    check_no_credentials(config)
     tracking_uri = absolute_tracking_uri(config.tracking.resolved_uri())
     base = trial_base(config, tracking_uri)
     check_space(base, config.tune.search_space)

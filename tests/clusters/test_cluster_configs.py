@@ -39,6 +39,9 @@ CREDENTIAL_VARIABLES = (
     "RAY_AUTH_TOKEN",
 )
 JOB_CONFIGS = {"pretrain.py": PretrainConfig, "tune.py": TuneConfig, "finetune.py": FinetuneConfig}
+SECURITY_GROUP_PLACEHOLDER = "sg-xxxxxxxxxxxxxxxxx"
+SUBNET_PLACEHOLDER = "subnet-xxxxxxxxxxxxxxxxx"
+"""Set by the user before ``ray up`` (clusters/README.md, "AWS"), each in one place of aws-gpu.yaml."""
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -115,6 +118,32 @@ def test_launcher_binds_nothing_public_and_requires_the_token() -> None:
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_launcher_pins_one_security_group_and_subnet_on_every_node() -> None:
+    """Without ``SecurityGroupIds`` Ray creates a group open to SSH from 0.0.0.0/0; every node type
+    joins the one pinned group (whose rules the README gives) in the pinned subnets."""
+    config = load_yaml(LAUNCHER)
+    node_configs = {name: spec["node_config"] for name, spec in config["available_node_types"].items()}
+    for name, node_config in node_configs.items():
+        assert node_config["SecurityGroupIds"] == [SECURITY_GROUP_PLACEHOLDER], name
+        assert node_config["SubnetIds"] == [SUBNET_PLACEHOLDER], name
+    assert "security_group" not in config["provider"], "Ray's own group would add SSH from 0.0.0.0/0"
+    readme = (CLUSTERS / "README.md").read_text()
+    assert SECURITY_GROUP_PLACEHOLDER in readme and SUBNET_PLACEHOLDER in readme
+
+
+def test_setting_each_placeholder_once_pins_every_node_and_passes_validation() -> None:
+    text = LAUNCHER.read_text()
+    for placeholder in (SECURITY_GROUP_PLACEHOLDER, SUBNET_PLACEHOLDER):
+        assert len(re.findall(rf"\[{placeholder}\]", text)) == 1, f"{placeholder} is not set in one place"
+    group, subnets = "sg-0a1b2c3d4e5f60718", ["subnet-0a1b2c3d4e5f60718", "subnet-0f1e2d3c4b5a69788"]
+    filled = text.replace(f"[{SECURITY_GROUP_PLACEHOLDER}]", f"[{group}]")
+    filled = filled.replace(f"[{SUBNET_PLACEHOLDER}]", f"[{', '.join(subnets)}]")
+    config = yaml.safe_load(filled)
+    validate_config(prepare_config(config))
+    for name, spec in config["available_node_types"].items():
+        assert (spec["node_config"]["SecurityGroupIds"], spec["node_config"]["SubnetIds"]) == ([group], subnets), name
 
 
 def test_container_images_match_the_installed_ray_and_python() -> None:

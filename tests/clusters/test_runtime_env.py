@@ -1,5 +1,6 @@
 """clusters/runtime_env.yaml is a valid Ray runtime environment that ships a small source
-tree, and clusters/runtime_env_json.py adds exactly the credential variables that are set."""
+tree, and clusters/runtime_env_json.py adds the non-secret service variables that are set and
+never a credential (Ray's runtime-env agent logs env_vars on every node)."""
 
 from __future__ import annotations
 
@@ -61,12 +62,16 @@ def test_working_dir_package_keeps_source_and_drops_local_state(tmp_path: Path) 
     assert package.stat().st_size < 16 * 2**20, "working_dir upload is larger than 16 MiB"
 
 
-def test_runtime_env_json_adds_set_credentials_only() -> None:
+def test_runtime_env_json_adds_set_service_variables_and_never_credentials() -> None:
     environ = {
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-        "AWS_ACCESS_KEY_ID": "testing-key",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_SESSION_TOKEN": "",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000",
+        "AWS_DEFAULT_REGION": "eu-central-1",
+        "AWS_REGION": "",
+        "AWS_ACCESS_KEY_ID": "testing-key-4e1b",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-4e1b",
+        "AWS_SESSION_TOKEN": "testing-token-4e1b",
+        "MLFLOW_TRACKING_PASSWORD": "testing-password-4e1b",
         "UNRELATED_SECRET": "must-not-travel",
     }
     result = run_runtime_env_json(environ)
@@ -75,11 +80,20 @@ def test_runtime_env_json_adds_set_credentials_only() -> None:
     assert runtime_env["env_vars"] == {
         "PYTHONUNBUFFERED": "1",
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-        "AWS_ACCESS_KEY_ID": "testing-key",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000",
+        "AWS_DEFAULT_REGION": "eu-central-1",
     }
     assert runtime_env["excludes"] == runtime_env_fields()["excludes"]
     RuntimeEnv(**runtime_env)
+    left_out = "MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN"
+    assert f"left out of the runtime environment (Ray logs its env_vars on every node): {left_out}" in result.stderr
+    assert "4e1b" not in result.stdout + result.stderr
+
+
+def test_runtime_env_json_refuses_a_tracking_uri_with_credentials() -> None:
+    result = run_runtime_env_json({"MLFLOW_TRACKING_URI": "https://alice:pw-4e1b@mlflow.example.org"})
+    assert result.returncode != 0 and result.stdout == ""
+    assert "MLFLOW_TRACKING_URI: holds user:password@" in result.stderr and "pw-4e1b" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -88,8 +102,9 @@ def test_runtime_env_json_adds_set_credentials_only() -> None:
         (None, "no such runtime environment file"),
         ("working_dir: [", "not valid YAML"),
         ("- a list", "must be a mapping"),
+        ("env_vars: {AWS_SECRET_ACCESS_KEY: x}", "env_vars must not hold credentials: AWS_SECRET_ACCESS_KEY"),
     ],
-    ids=["missing", "bad-yaml", "not-a-mapping"],
+    ids=["missing", "bad-yaml", "not-a-mapping", "committed-credential"],
 )
 def test_runtime_env_json_names_the_bad_file(tmp_path: Path, content: str | None, message: str) -> None:
     path = tmp_path / "runtime_env.yaml"

@@ -4,6 +4,7 @@ give the same samples as from the local disk; filesystem resolution of URIs (spe
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +19,16 @@ from cromss_ray.config import DataConfig
 from cromss_ray.data.pipeline import open_shards, pretrain_datasets, resolve_filesystem, set_epoch
 
 BUCKET = "cromss-test"
+ACCESS_KEY = "moto-access-key"
 SECRET = "moto-secret-key"
+SESSION_TOKEN = "moto-session-token"
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 with dummy credentials in the environment."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_ACCESS_KEY_ID", "moto-access-key")
+        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
         patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         for name in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION"):
@@ -68,7 +71,19 @@ def test_resolve_s3_with_endpoint_override(s3_endpoint: str) -> None:
     assert path == "bucket/some/prefix" and filesystem.type_name == "s3"
     assert options["endpoint_override"] == s3_endpoint.removeprefix("http://")
     assert options["scheme"] == "http" and options["region"] == "us-east-1"
-    assert options["access_key"] == "moto-access-key"
+
+
+def test_the_s3_filesystem_carries_no_credentials(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pickled for Ray read tasks, the filesystem holds the endpoint and region only: each worker
+    resolves credentials from its own environment or instance profile, so temporary ones refresh."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", SESSION_TOKEN)
+    filesystem, _ = resolve_filesystem("s3://bucket/prefix", s3_endpoint)
+    options = filesystem.__reduce__()[1][0]
+    assert (options["access_key"], options["secret_key"], options["session_token"]) == (None, None, None)
+    assert not options["anonymous"]
+    pickled = pickle.dumps(filesystem)
+    assert not [secret for secret in (ACCESS_KEY, SECRET, SESSION_TOKEN) if secret.encode() in pickled]
+    assert pickle.loads(pickled).__reduce__()[1][0]["endpoint_override"] == options["endpoint_override"]
 
 
 @pytest.mark.ray

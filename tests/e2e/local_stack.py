@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -24,9 +25,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -233,11 +234,15 @@ class RayHead:
 
 
 @contextmanager
-def ray_head(log_dir: Path, token: str, num_cpus: int = 2) -> Iterator[RayHead]:
+def ray_head(
+    log_dir: Path, token: str, num_cpus: int = 2, node_environment: Mapping[str, str] | None = None
+) -> Iterator[RayHead]:
     """``ray start --head --block`` on 127.0.0.1 with token auth and every port chosen free.
 
     The temporary directory is short (Unix socket paths are limited to ~100 bytes) and
     private to this head, so ``ray.init()`` elsewhere on the machine never finds it.
+    ``node_environment`` is what the node's own environment adds (credentials, as an
+    instance profile or a Kubernetes Secret gives them): every job and worker inherits it.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="cr-", dir="/tmp"))
     gcs_port, dashboard_port = free_port(), free_port()
@@ -255,7 +260,13 @@ def ray_head(log_dir: Path, token: str, num_cpus: int = 2) -> Iterator[RayHead]:
     environ = service_environment(
         # RAY_ADDRESS: Ray processes that look the cluster up (Ray Train's placement-group
         # cleaner, for one) find this head even when other Ray instances run on the machine.
-        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": f"{HOST}:{gcs_port}", **RAY_HEAD_SETTINGS}
+        {
+            **(node_environment or {}),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "RAY_ADDRESS": f"{HOST}:{gcs_port}",
+            **RAY_HEAD_SETTINGS,
+        }
     )
     log = log_dir / "ray-head.log"
     try:
@@ -295,13 +306,19 @@ def mlflow_server(root: Path) -> Iterator[MlflowServer]:
         yield server
 
 
+def dummy_credential(kind: str) -> str:
+    """A credential no file holds before a test runs (not even this source), so finding it names a leak."""
+    return f"cromss-e2e-{kind}-{secrets.token_hex(8)}"
+
+
 @dataclass(frozen=True)
 class S3Server:
-    """A running S3-compatible server and credentials it accepts."""
+    """A running S3-compatible server and credentials it accepts (it checks none)."""
 
     endpoint_url: str
-    access_key_id: str = "cromss-e2e-key"
-    secret_access_key: str = "cromss-e2e-secret"
+    access_key_id: str = field(default_factory=lambda: dummy_credential("key"))
+    secret_access_key: str = field(default_factory=lambda: dummy_credential("secret"))
+    session_token: str = field(default_factory=lambda: dummy_credential("session"))
     region: str = "us-east-1"
 
     def client(self) -> BaseClient:
@@ -310,6 +327,7 @@ class S3Server:
             endpoint_url=self.endpoint_url,
             aws_access_key_id=self.access_key_id,
             aws_secret_access_key=self.secret_access_key,
+            aws_session_token=self.session_token,
             region_name=self.region,
         )
 
@@ -318,6 +336,7 @@ class S3Server:
         return {
             "AWS_ACCESS_KEY_ID": self.access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_SESSION_TOKEN": self.session_token,
             "AWS_DEFAULT_REGION": self.region,
         }
 
@@ -344,3 +363,16 @@ def upload_tree(s3: S3Server, local_dir: Path, bucket: str, prefix: str) -> list
         client.upload_file(str(path), bucket, key)
         keys.append(key)
     return keys
+
+
+def files_holding(texts: Iterable[str], *roots: Path) -> dict[str, list[str]]:
+    """Each of ``texts`` found in a regular file under ``roots`` (read as bytes), with those files."""
+    wanted = {text: text.encode() for text in texts}
+    found: dict[str, list[str]] = {}
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+            content = path.read_bytes()
+            for text, needle in wanted.items():
+                if needle in content:
+                    found.setdefault(text, []).append(str(path))
+    return found

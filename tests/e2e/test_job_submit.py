@@ -3,9 +3,11 @@ reads its shards from object storage and logs to a remote MLflow server, then th
 registered model pulled from that server in a fresh process and used to predict.
 
 Everything is real and on 127.0.0.1: a Ray head with token authentication, an
-`mlflow server` (sqlite store, proxied artifacts) and moto's S3 server. Credentials
-and the tracking URI reach the job only through its runtime environment, built by
-clusters/runtime_env_json.py from clusters/runtime_env.yaml.
+`mlflow server` (sqlite store, proxied artifacts) and moto's S3 server. The tracking URI
+reaches the job through its runtime environment, built by clusters/runtime_env_json.py
+from clusters/runtime_env.yaml; the (dummy) S3 and MLflow credentials only through the
+node's own environment, as an instance profile or a Kubernetes Secret gives them, and
+none of them is found afterwards in Ray's session files, the checkpoints or the MLflow store.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from local_stack import (
     MlflowServer,
     RayHead,
     S3Server,
+    dummy_credential,
+    files_holding,
     http_get,
     mlflow_server,
     ray_head,
@@ -74,11 +78,12 @@ print(json.dumps({
 """
 
 
-def runtime_env_json(mlflow: MlflowServer, s3: S3Server) -> str:
-    """What a platform engineer passes to --runtime-env-json: the committed file plus shell credentials."""
+def runtime_env_json(mlflow: MlflowServer, credentials: dict[str, str]) -> str:
+    """What a platform engineer passes to --runtime-env-json: the committed file plus the tracking
+    URI, from a shell that holds the credentials too (the script must leave them out)."""
     result = subprocess.run(
         [sys.executable, str(REPO / "clusters" / "runtime_env_json.py")],
-        env=service_environment({"MLFLOW_TRACKING_URI": mlflow.url, **s3.credentials()}),
+        env=service_environment({"MLFLOW_TRACKING_URI": mlflow.url, **credentials}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -100,14 +105,14 @@ def ray_cli(head: RayHead, *args: str, timeout: float = CLIENT_TIMEOUT_S) -> sub
 
 
 def submit_tiny_pretraining(
-    head: RayHead, mlflow: MlflowServer, s3: S3Server, storage: Path, submission_id: str
+    head: RayHead, mlflow: MlflowServer, s3: S3Server, credentials: dict[str, str], storage: Path, submission_id: str
 ) -> subprocess.CompletedProcess[str]:
     """``ray job submit`` from the repository root; waits for the job and returns its output."""
     try:
         return ray_cli(
             head,
             "job", "submit", "--submission-id", submission_id, "--working-dir", ".",
-            "--runtime-env-json", runtime_env_json(mlflow, s3),
+            "--runtime-env-json", runtime_env_json(mlflow, credentials),
             "--",
             "python", "jobs/pretrain.py", "--config", TINY_CONFIG,
             "--data", f"s3://{BUCKET}/{PREFIX}",
@@ -145,9 +150,17 @@ def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow
         s3 = services.enter_context(s3_server())
         upload_tree(s3, shards, BUCKET, PREFIX)
         mlflow = services.enter_context(mlflow_server(tmp_path))
-        head = services.enter_context(ray_head(tmp_path, token=secrets.token_hex(32)))
+        credentials = {
+            **s3.credentials(),
+            "MLFLOW_TRACKING_USERNAME": dummy_credential("mlflow-user"),
+            "MLFLOW_TRACKING_PASSWORD": dummy_credential("mlflow-password"),
+        }
+        head = services.enter_context(
+            ray_head(tmp_path, token=secrets.token_hex(32), node_environment=credentials)
+        )
 
-        job = submit_tiny_pretraining(head, mlflow, s3, tmp_path / "runs", submission_id)
+        storage = tmp_path / "runs"
+        job = submit_tiny_pretraining(head, mlflow, s3, credentials, storage, submission_id)
         assert job.returncode == 0, f"job failed:\n{job.stdout[-8000:]}\n{job.stderr[-4000:]}"
         status, body = http_get(f"{head.dashboard_url}/api/jobs/{submission_id}", head.auth_header())
         assert status == 200 and json.loads(body)["status"] == "SUCCEEDED"
@@ -155,6 +168,16 @@ def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow
         (tmp_path / "model").mkdir()
         found = predict_in_fresh_process(mlflow, config.registry_name(), config.data.s2_bands, tmp_path / "model")
         artifact_files = [path for path in mlflow.artifacts_dir.rglob("*") if path.is_file()]
+        secret_values = [value for name, value in credentials.items() if name != "AWS_DEFAULT_REGION"]
+        # Ray's session files (every log, the runtime environments, the uploaded package), the
+        # checkpoints and Ray Train's state under the storage path, the MLflow database and artifacts.
+        leaks = files_holding(secret_values, head.temp_dir, tmp_path)
+        agent_logs = list(head.temp_dir.glob("session_*/logs/runtime_env_agent*.log"))
+        job_output = job.stdout + job.stderr
+
+    assert agent_logs and any(storage.rglob("config.yaml")), "the searched places hold no agent log or checkpoint"
+    assert leaks == {}, f"credentials found in {leaks}"
+    assert not [value for value in secret_values if value in job_output]
 
     classes = config.model.classes
     assert found["classes_shape"] == [2, 48, 40]

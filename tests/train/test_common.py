@@ -12,12 +12,23 @@ import torch
 import yaml
 from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, ReduceLROnPlateau, StepLR
 
-from cromss_ray.config import ConfigError, OptimConfig, PretrainConfig, RunConfig, ScalingConfig, build_config
+from cromss_ray.config import (
+    ConfigError,
+    FinetuneConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+    ScalingConfig,
+    TuneConfig,
+    build_config,
+)
 from cromss_ray.train.checkpoints import TrainingState, check_resumable, load_model_state, read_meta
 from cromss_ray.train.cluster import ExactValidationDataConfig, absolute_storage_path, ray_run_config, ray_scaling_config
 from cromss_ray.train.collectives import all_reduce_sums
+from cromss_ray.train import finetune, pretrain
 from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer, step_lr_scheduler
 from cromss_ray.train.pretrain import rgb_positions, true_colour
+from cromss_ray.tune.sweep import run_sweep
 
 
 def test_precision_autocasts_only_on_a_gpu() -> None:
@@ -218,3 +229,27 @@ def test_true_colour_takes_b4_b3_b2_of_each_band_subset() -> None:
     assert image.shape == (4, 4, 3)
     assert image.min() >= 0.0 and image.max() <= 1.0
     assert image[1, 1, 0] > image[1, 1, 1] > image[1, 1, 2], "red (B4) is the brightest band here"
+
+
+def test_runs_refuse_credentials_in_the_config_naming_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretraining, fine-tuning and sweeps refuse a config (or tracking URI) holding credentials before
+    Ray starts or anything is written: the config reaches workers, checkpoints and Tune's state."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    secret = {
+        "tracking": {"uri": "https://alice:pw-7f3a@mlflow.example.org"},
+        "data": {"uri": "s3://b/noldo", "s3_endpoint": "https://s3.example.org/?X-Amz-Signature=sig-7f3a"},
+        "run": {"storage_path": str(tmp_path / "runs")},
+    }
+    attempts = [
+        lambda: pretrain.build_trainer(build_config(PretrainConfig, secret)),
+        lambda: finetune.build_trainer(build_config(FinetuneConfig, {**secret, "model": {"init": "models:/m@best"}})),
+        lambda: run_sweep(build_config(TuneConfig, secret)),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ConfigError, match=r"^data\.s3_endpoint, tracking\.uri: carries credentials") as info:
+            attempt()
+        assert "pw-7f3a" not in str(info.value) and "sig-7f3a" not in str(info.value)
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:pw-9c1d@mlflow.example.org")
+    with pytest.raises(ConfigError, match=r"^MLFLOW_TRACKING_URI \(environment\): carries credentials"):
+        pretrain.build_trainer(build_config(PretrainConfig, {"data": {"uri": "s3://b/noldo"}}))
