@@ -92,7 +92,9 @@ class AuditResult:
     def metrics(self) -> dict[str, float]:
         """``audit/<branch>/<metric>`` of the diagnostics, and the ranked branch's mean estimated error."""
         metrics = {
-            f"audit/{branch}/{name}": scores[name] for branch, scores in self.diagnostics.items() for name in NOISE_METRICS
+            f"audit/{branch}/{name}": scores[name]
+            for branch, scores in self.diagnostics.items()
+            for name in NOISE_METRICS
         }
         errors = np.asarray(self.classes.column("estimated_error"), dtype=np.float64)
         pixels = np.asarray(self.classes.column("labelled_pixels"), dtype=np.float64)
@@ -206,7 +208,9 @@ def audit_labels(
         for file in (LOCATIONS_FILE, CLASSES_FILE):
             tracker.log_artifact(out / file, "rankings")
         if scores:
-            curves = {name: tuple(curve.numpy() for curve in value.precision_recall()) for name, value in diagnostics.items()}
+            curves = {
+                name: tuple(curve.numpy() for curve in value.precision_recall()) for name, value in diagnostics.items()
+            }
             figure = precision_recall_figure(curves, 1.0 - scores[branch]["base_rate"], f"label audit of {model_name}")
             figure.savefig(out / FIGURE_FILE)
             tracker.log_artifact(out / FIGURE_FILE)
@@ -247,7 +251,8 @@ def _write_previews(tally: LabelErrorTally, shards: ShardSet, stored: Pretrained
     spec = meta.s2.with_bands(s2_subset_names(s2_bands))
     paths = []
     for rank, tile in enumerate(worst, start=1):
-        stored_s2 = images[tile.id].reshape(meta.seasons, -1, *tile.label.shape)[tile.season][band_indices(meta, s2_bands)]
+        season_s2 = images[tile.id].reshape(meta.seasons, -1, *tile.label.shape)[tile.season]
+        stored_s2 = season_s2[band_indices(meta, s2_bands)]
         sample = {
             "s2_rgb": true_colour(torch.from_numpy(network_input(stored_s2, spec)), rgb_positions(s2_bands)),
             "label": tile.label,
@@ -276,7 +281,8 @@ def format_audit(result: AuditResult) -> str:
         f"wrote  {result.out / MAPS_FILE}",
     ]
     if result.diagnostics:
-        lines += ["", "wrong-label detection against the clean labels:", f"{'branch':<7}" + "".join(f"{n:>20}" for n in NOISE_METRICS)]
+        header = f"{'branch':<7}" + "".join(f"{n:>20}" for n in NOISE_METRICS)
+        lines += ["", "wrong-label detection against the clean labels:", header]
         for branch, scores in result.diagnostics.items():
             lines.append(f"{branch:<7}" + "".join(f"{_number(scores[n]):>20}" for n in NOISE_METRICS))
     lines += ["", f"locations by estimated label error ({record.branch.upper()} trust), top {SHOWN_LOCATIONS}:"]
@@ -294,6 +300,6 @@ def _number(value: Any) -> str:
 
 def _table_lines(table: pa.Table) -> list[str]:
     cells = [[_number(value) for value in row.values()] for row in table.to_pylist()]
-    widths = [max(len(name), *(len(row[i]) for row in cells)) for i, name in enumerate(table.column_names)] if cells else []
+    widths = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(table.column_names)]
     header = "  ".join(f"{name:>{width}}" for name, width in zip(table.column_names, widths))
     return [header, *("  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths)) for row in cells)]

@@ -46,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit = add_command(subparsers, "audit", _audit)
     audit.add_argument("--model", required=True, help=f"a two-branch CromSS pretrained model: {MODEL_HELP}")
     audit.add_argument("--data", required=True, metavar="URI", help="shards to audit (directory or s3://...)")
-    audit.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the maps, rankings and figures")
+    audit.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="folder for the maps, rankings and figures"
+    )
     audit.add_argument(
         "--previews", type=int, default=0, metavar="N", help="PNG panels of the N least trusted tiles (default: 0)"
     )

@@ -57,10 +57,13 @@ def check_auditable(network: CromSSNet, classes: int, meta: ShardMetadata, where
     """Raise a ValueError naming ``where`` unless the shards hold what the network takes and label its classes."""
     if meta.num_classes != classes:
         raise ValueError(
-            f"{where}: the shards label {meta.num_classes} classes ({', '.join(meta.classes)}), the model predicts {classes}"
+            f"{where}: the shards label {meta.num_classes} classes ({', '.join(meta.classes)}), "
+            f"the model predicts {classes}"
         )
     if tuple(meta.s1.bands) != S1_BAND_NAMES:
-        raise ValueError(f"{where}: the shards store S1 bands {list(meta.s1.bands)}, the model takes {list(S1_BAND_NAMES)}")
+        raise ValueError(
+            f"{where}: the shards store S1 bands {list(meta.s1.bands)}, the model takes {list(S1_BAND_NAMES)}"
+        )
     try:
         band_indices(meta, network.s2_bands)
     except ValueError as exc:
@@ -128,7 +131,9 @@ class TrustMaps:
         """Zero-copy views of the images and labels of the batch's rows."""
         meta = self.meta
         columns = {
-            name: BinaryColumn(batch.column(name), name, meta.numpy_dtype(name), lambda h, w, m=name: meta.image_shape(m, h, w))
+            name: BinaryColumn(
+                batch.column(name), name, meta.numpy_dtype(name), lambda h, w, m=name: meta.image_shape(m, h, w)
+            )
             for name in ("s1", "s2")
         }
         for name in ("label", "clean_label") if meta.has_clean_label else ("label",):
@@ -265,7 +270,8 @@ class LabelErrorTally:
             location.worst_season, location.worst_mean = season, mean
         self._added += 1
         if self.keep_worst:
-            tile = WorstTile(mean, row_id, season, label.copy(), None if clean_label is None else clean_label.copy(), trust.copy(), weight.copy())
+            clean_copy = None if clean_label is None else clean_label.copy()
+            tile = WorstTile(mean, row_id, season, label.copy(), clean_copy, trust.copy(), weight.copy())
             entry = (-mean, -self._added, tile)
             if len(self._worst) < self.keep_worst:
                 heapq.heappush(self._worst, entry)
@@ -291,8 +297,9 @@ class LabelErrorTally:
 
     def location_ranking(self) -> pa.Table:
         """One row per location with labelled pixels, highest estimated error first (ties by id)."""
+        counted = [(row_id, loc) for row_id, loc in self._locations.items() if loc.labelled]
         rows = sorted(
-            ((1.0 - loc.trust_sum / loc.labelled, row_id, loc) for row_id, loc in self._locations.items() if loc.labelled),
+            ((1.0 - loc.trust_sum / loc.labelled, row_id, loc) for row_id, loc in counted),
             key=lambda item: (-item[0], item[1]),
         )
         table = {

@@ -60,7 +60,8 @@ def _direct_maps(registered, shards: Path, epoch: int) -> dict[tuple[str, int], 
             )
             for season in range(meta.seasons):
                 picked = slice(season, season + 1)
-                selection = criterion.selection_maps(z1[picked], z2[picked], torch.from_numpy(labels["label"][picked]), epoch)
+                season_labels = torch.from_numpy(labels["label"][picked])
+                selection = criterion.selection_maps(z1[picked], z2[picked], season_labels, epoch)
                 maps[(row["id"], season)] = {
                     **{name: label[season] for name, label in labels.items()},
                     **{f"trust_{b}": selection.trust[i][0].numpy() for i, b in enumerate(("s1", "s2"))},
@@ -101,13 +102,12 @@ def test_audit_with_and_without_clean_labels(
     uri = f"models:/{registered.name}@best"
     epoch = registered.config.cromss.ramp_length
     out = tmp_path / "clean"
-    code = main(
-        ["audit", "--model", uri, "--data", str(clean_shards), "--out", str(out), "--previews", "2",
-         "--tracking-uri", registered.store, "--rows-per-call", "3"]
-    )
+    options = ["--previews", "2", "--tracking-uri", registered.store, "--rows-per-call", "3"]
+    code = main(["audit", "--model", uri, "--data", str(clean_shards), "--out", str(out), *options])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "wrong-label detection against the clean labels" in printed and "locations by estimated label error" in printed
+    assert "wrong-label detection against the clean labels" in printed
+    assert "locations by estimated label error" in printed
 
     table = pq.read_table(out / MAPS_FILE)
     assert table.num_rows == LOCATIONS * SEASONS
@@ -170,8 +170,8 @@ def test_ranking_by_hand():
     # Two classes, three tiles of 2 x 2 px; 255 is no-data. Trust of the S2 branch and its weights.
     tally = LabelErrorTally(("water", "trees"), "s2", keep_worst=2)
     label = np.array([[0, 0], [1, 255]], dtype=np.uint8)
-    tally.add_tile("a", 0, label, np.array([[0.9, 0.7], [0.2, 0.0]], np.float32), np.array([[1, 1], [0.25, 0]], np.float32))
-    tally.add_tile("b", 0, label, np.array([[0.5, 0.5], [0.5, 0.0]], np.float32), np.array([[1, 0.4], [1, 0]], np.float32))
+    tally.add_tile("a", 0, label, np.float32([[0.9, 0.7], [0.2, 0.0]]), np.float32([[1, 1], [0.25, 0]]))
+    tally.add_tile("b", 0, label, np.float32([[0.5, 0.5], [0.5, 0.0]]), np.float32([[1, 0.4], [1, 0]]))
     tally.add_tile("a", 1, np.full((2, 2), 1, np.uint8), np.full((2, 2), 1.0, np.float32), np.ones((2, 2), np.float32))
     # Location a: 7 labelled pixels, trust 0.9 + 0.7 + 0.2 + 4 = 5.8, error 1 - 5.8 / 7; one weight below 0.5.
     # Location b: 3 pixels, trust 1.5, error 0.5; one weight below 0.5.
