@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,7 +20,7 @@ from cromss_ray.data.storage import TileSet, scan_shards
 from cromss_ray.data.synth import synthesize
 from cromss_ray.inference.audit import AUDIT_EXPERIMENT, MAPS_FILE, audit_labels
 from cromss_ray.method import NoiseDiagnostics
-from cromss_ray.models.trust import LabelErrorTally, check_auditable, decode_map
+from cromss_ray.models.trust import LabelErrorTally, TrustMaps, check_auditable, decode_map
 from cromss_ray.train.pretrain import NOISE_METRICS, build_criterion
 
 LOCATIONS, SIZE, SEASONS = 4, 32, 4
@@ -239,3 +240,16 @@ def test_bad_input_is_named(registered, clean_shards: Path, tmp_path: Path, caps
     assert main(["audit", "--model", f"models:/{registered.name}@best", "--data", str(clean_shards), *arguments]) == 1
     assert "an audit is already there" in capsys.readouterr().err
     assert (out / MAPS_FILE).read_bytes() == b"an earlier audit"
+
+
+def test_a_bad_row_is_named_by_file_and_id(registered, clean_shards: Path):
+    shards = scan_shards(str(clean_shards))
+    table = pq.read_table(shards.files[0])
+    labels = table.column("label").to_pylist()
+    labels[1] = bytes([200]) + labels[1][1:]  # neither one of the 9 classes nor no-data
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.binary()))
+    table = table.append_column("path", pa.array([shards.files[0]] * table.num_rows))
+    udf = TrustMaps(registered.model, build_criterion(registered.config, 255), shards.meta, epoch=0)
+    bad_id = table.column("id")[1].as_py()
+    with pytest.raises(ValueError, match=rf"{shards.files[0]}: .*{bad_id}.*label"):
+        udf(table)
