@@ -1,8 +1,10 @@
-"""``cromss evaluate`` and ``cromss predict``: a registered model applied to new data.
+"""``cromss evaluate``, ``cromss predict`` and ``cromss audit``: a registered model applied to new data.
 
 * ``cromss evaluate --model models:/... --data URI``: its scores on a downstream test split.
 * ``cromss predict --model models:/... --s1 S1.tif --s2 S2.tif --out PRED.tif``: a class
   map GeoTIFF on the input's grid, tiled with overlap and blended.
+* ``cromss audit --model models:/... --data URI --out DIR``: per-pixel trust in a shard
+  set's noisy labels, and locations and classes ranked by estimated label error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ BRANCH_HELP = "for a pretrained CromSS model: predict from 's1' or 's2' alone (d
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``evaluate`` and ``predict`` subcommands."""
+    """Add the ``evaluate``, ``predict`` and ``audit`` subcommands."""
     evaluate = add_command(subparsers, "evaluate", _evaluate)
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", required=True, metavar="URI", help="downstream shards (directory or s3://...)")
@@ -39,6 +41,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"the {modality.upper()} GeoTIFF holds the raw product: 'physical' ({physical}) or 'v8' (the "
             "released uint8 codes); default: stored as the model's inputs declare",
         )
+
+
+    audit = add_command(subparsers, "audit", _audit)
+    audit.add_argument("--model", required=True, help=f"a two-branch CromSS pretrained model: {MODEL_HELP}")
+    audit.add_argument("--data", required=True, metavar="URI", help="shards to audit (directory or s3://...)")
+    audit.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="folder for the maps, rankings and figures"
+    )
+    audit.add_argument(
+        "--previews", type=int, default=0, metavar="N", help="PNG panels of the N least trusted tiles (default: 0)"
+    )
+    audit.add_argument(
+        "--branch", choices=("s1", "s2"), default="s2", help="whose trust ranks locations and classes (default: s2)"
+    )
+    audit.add_argument(
+        "--epoch",
+        type=int,
+        help="the epoch whose selection ratio gives the weights (spec 5; default: the end of the model's ramp)",
+    )
+    audit.add_argument(
+        "--rows-per-call", type=int, default=8, help="shard rows (all their seasons) per model call (default: 8)"
+    )
+    audit.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store")
+    audit.add_argument("--tracking-uri", help=TRACKING_HELP)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,3 +144,34 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """audit a shard set's noisy labels with a pretrained CromSS model.
+
+    Run the model over every row (every season) of the shards on Ray Data and write, in DIR,
+    per-pixel maps of each branch's trust in the noisy label (the entangled label confidence)
+    and the selection weight it would give (trust_maps.parquet), and locations and classes
+    ranked by estimated label error (locations.csv, classes.csv). With clean labels in the
+    shards, also print the selection's precision, recall and AUROC as a detector of wrong
+    labels and draw its precision-recall curve. Logged in the MLflow experiment cromss-audit.
+    """
+    from cromss_ray.inference.audit import audit_labels, format_audit
+    from cromss_ray.tracking.registry import ModelNotFoundError
+
+    try:
+        result = audit_labels(
+            args.model,
+            args.data,
+            args.out,
+            tracking_uri=args.tracking_uri,
+            s3_endpoint=args.s3_endpoint,
+            branch=args.branch,
+            epoch=args.epoch,
+            previews=args.previews,
+            rows_per_call=args.rows_per_call,
+        )
+    except (ModelNotFoundError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        return fail("audit", exc)
+    print(format_audit(result))
+    return 0

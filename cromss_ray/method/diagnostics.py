@@ -138,6 +138,22 @@ class NoiseDiagnostics:
         for tensor in self.state.values():
             tensor.zero_()
 
+    def precision_recall(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The precision-recall curve of the trust score as a detector of corrupted pixels, float64 on the CPU.
+
+        Point ``b`` flags every pixel in trust bins ``0 .. b`` as corrupted: its precision is
+        the corrupted share of the flagged pixels, its recall the share of all corrupted
+        pixels flagged. Only bins holding pixels give points, in increasing trust (so
+        increasing recall); empty when no pixel counted or none is corrupted.
+        """
+        histogram = self.trust_histogram.cpu()
+        occupied = histogram.sum(dim=1) > 0
+        flagged = histogram.sum(dim=1).cumsum(0)[occupied].to(torch.float64)
+        caught = histogram[:, 1].cumsum(0)[occupied].to(torch.float64)
+        if flagged.numel() == 0 or caught[-1] == 0:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return caught / flagged, caught / caught[-1]
+
     def compute(self) -> dict[str, float]:
         """The epoch's figures (module docstring) as floats; one host synchronisation.
 

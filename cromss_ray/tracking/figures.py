@@ -1,4 +1,4 @@
-"""Figures logged with a run: confusion matrices and validation samples.
+"""Figures logged with a run: confusion matrices, validation samples, label-audit tiles and noise-detection curves.
 
 Drawn on :class:`matplotlib.figure.Figure` with the Agg canvas directly, so nothing here
 touches pyplot's global state or the process's matplotlib backend (Ray workers and
@@ -19,7 +19,13 @@ from cromss_ray.data.schema import class_colors
 
 UNLABELLED_COLOR = "#d9d9d9"
 LABEL_PANELS = (("label", "noisy label"), ("clean_label", "clean label"), ("prediction", "prediction"))
-WEIGHT_PANELS = (("weights_s1", "S1 selection weight"), ("weights_s2", "S2 selection weight"))
+MAP_PANELS = (
+    ("trust_s1", "S1 label trust"),
+    ("trust_s2", "S2 label trust"),
+    ("weights_s1", "S1 selection weight"),
+    ("weights_s2", "S2 selection weight"),
+)
+"""Per-pixel maps in [0, 1]: the entangled label confidence (spec 4) and the selection weight (spec 6)."""
 PANEL_INCHES = 2.6
 
 
@@ -64,15 +70,16 @@ def _label_panel(axes, label: np.ndarray, colormap: ListedColormap, title: str) 
 
 def validation_sample_figure(sample: Mapping[str, np.ndarray], class_names: Sequence[str], title: str) -> Figure:
     """One row of panels: S2 RGB, noisy label, clean label, prediction and each modality's
-    selection-weight map (spec 6-7), the optional ones only when the sample has them.
+    label-trust and selection-weight maps (spec 4, 6), the optional ones only when the sample has them.
 
     ``sample`` holds numpy arrays: ``s2_rgb`` (H, W, 3) in [0, 1], ``label`` (H, W) class
     indices (values outside 0..C-1 are unlabelled and drawn grey), optional
-    ``clean_label``, ``prediction`` (H, W) and ``weights_s1``, ``weights_s2`` (H, W) in [0, 1].
+    ``clean_label``, ``prediction`` (H, W) and ``trust_s1``, ``trust_s2``, ``weights_s1``,
+    ``weights_s2`` (H, W) in [0, 1].
     """
     colormap = ListedColormap(class_colors(class_names)).with_extremes(bad=UNLABELLED_COLOR)
     label_panels = [(key, name) for key, name in LABEL_PANELS if key in sample]
-    weight_panels = [(key, name) for key, name in WEIGHT_PANELS if key in sample]
+    weight_panels = [(key, name) for key, name in MAP_PANELS if key in sample]
     panels = 1 + len(label_panels) + len(weight_panels)
     figure = _new_figure(PANEL_INCHES * panels, PANEL_INCHES + 1.0)
     axes = figure.subplots(1, panels, squeeze=False)[0]
@@ -91,4 +98,21 @@ def validation_sample_figure(sample: Mapping[str, np.ndarray], class_names: Sequ
     handles = [Patch(color=colour, label=name) for name, colour in zip(class_names, class_colors(class_names))]
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 7), fontsize=7, frameon=False)
     figure.suptitle(title)
+    return figure
+
+
+def precision_recall_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], noise_rate: float, title: str) -> Figure:
+    """Precision against recall of each branch's trust as a detector of wrong labels, with the noise rate
+    (the precision of flagging at random) as a dashed line. ``curves`` maps a branch to (precision, recall)."""
+    figure = _new_figure(4.8, 4.0)
+    axes = figure.add_subplot()
+    for branch, (precision, recall) in curves.items():
+        axes.plot(recall, precision, label=f"{branch.upper()} trust")
+    axes.axhline(noise_rate, color="grey", linestyle="--", label=f"noise rate {noise_rate:.2f}")
+    axes.set_xlim(0.0, 1.0)
+    axes.set_ylim(0.0, 1.02)
+    axes.set_xlabel("recall (share of wrong labels flagged)")
+    axes.set_ylabel("precision (share of flagged labels that are wrong)")
+    axes.set_title(title)
+    axes.legend(loc="upper right", fontsize=8)
     return figure

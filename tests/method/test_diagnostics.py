@@ -41,6 +41,25 @@ def test_scores_by_hand_with_a_tie_and_no_data_pixels():
     assert (scores["pixels"], scores["corrupted_pixels"]) == (5.0, 2.0)
 
 
+def test_precision_recall_curve_by_hand():
+    # The pixels of the hand-worked case above, trust bins of 2^-4: 0.25 holds one corrupted pixel,
+    # 0.5 one corrupted and one right, 0.75 and 1.0 one right each; the no-data pixels are left out.
+    diagnostics = NoiseDiagnostics(3, NODATA, bits=4)
+    diagnostics.update(
+        torch.tensor([0, 1, 2, 2, 1, NODATA, 0]),
+        torch.tensor([1, 0, 2, 2, 1, 0, NODATA]),
+        torch.zeros(7),
+        torch.tensor([0.25, 0.5, 0.5, 0.75, 1.0, 0.0, 0.0]),
+    )
+    precision, recall = diagnostics.precision_recall()
+    # Flagging trust <= 0.25: 1 of 1 corrupted; <= 0.5: 2 of 3; <= 0.75: 2 of 4; all: 2 of 5.
+    assert precision.tolist() == [1.0, 2 / 3, 0.5, 0.4]
+    assert recall.tolist() == [0.5, 1.0, 1.0, 1.0]
+    clean_only = NoiseDiagnostics(3, NODATA, bits=4)
+    clean_only.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2), torch.tensor([0.5, 1.0]))
+    assert [curve.numel() for curve in clean_only.precision_recall()] == [0, 0]
+
+
 def test_a_perfect_and_a_reversed_detector():
     # Corrupted pixels all below the right ones: AUROC 1; all above: 0.
     noisy, clean, weights = [0, 0, 1, 1], [1, 1, 1, 1], [0.0, 0.0, 1.0, 1.0]
