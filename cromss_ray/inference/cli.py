@@ -17,7 +17,10 @@ from cromss_ray.arguments import add_command, MODEL_HELP, TRACKING_HELP, fail
 from cromss_ray.data.schema import REPRESENTATIONS
 from cromss_ray.models import MODEL_TILE
 
-BRANCH_HELP = "for a pretrained CromSS model: predict from 's1' or 's2' alone (default: fused)"
+BRANCH_HELP = (
+    "for a pretrained CromSS model: predict from 's1' or 's2' alone (default: fused; "
+    "a single-modality baseline predicts from its own modality)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

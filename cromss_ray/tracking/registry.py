@@ -293,8 +293,9 @@ def load_segmenter(
 
     A fine-tuned model predicts from its own branch (``branch``, when given, must name
     it) and reads inputs stored like its training shards. A pretrained CromSS model
-    predicts fused (default) or from ``branch`` 's1' / 's2' and reads images stored as its
-    ``inputs.json`` says (by default the raw products, S1 in dB and S2 L1C digital numbers).
+    predicts fused (default) or from ``branch`` 's1' / 's2', the single-modality baseline
+    from its own modality, and both read images stored as their ``inputs.json`` says (by
+    default the raw products, S1 in dB and S2 L1C digital numbers).
     """
     stored = load_cromss_model(model_uri, tracking_uri=tracking_uri)
     if isinstance(stored, FinetunedModel):
