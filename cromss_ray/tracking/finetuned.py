@@ -26,7 +26,7 @@ from cromss_ray.data.schema import DATASET_NAMES, ShardMetadata
 from cromss_ray.models import MODEL_TILE
 from cromss_ray.models.segmenter import DEFAULT_BATCH_SIZE
 from cromss_ray.models.stored import input_bands
-from cromss_ray.tracking.pyfunc import EXAMPLE_SIZE, MODEL_OVERLAP, log_registered_model
+from cromss_ray.tracking.pyfunc import EXAMPLE_SIZE, MODEL_OVERLAP, band_params, image_spec, log_registered_model
 from cromss_ray.tracking.runs import RunTracker
 
 TASK_TAG = "cromss.task"
@@ -121,9 +121,10 @@ def describe(config: FinetuneConfig, meta: ShardMetadata, source: TransferSource
 
 
 def transfer_signature(config: FinetuneConfig, classes: int) -> ModelSignature:
-    """The branch's named tensor input and the two outputs, -1 for N, H and W, plus the inference params."""
+    """The branch's named tensor input and the two outputs, -1 for N, H, W and S2 bands, plus the inference
+    params (windows and the branch's band names)."""
     images = np.dtype(np.float32)
-    inputs = Schema([TensorSpec(images, (-1, input_bands(config), -1, -1), config.model.branch)])
+    inputs = Schema([image_spec(config.model.branch)])
     outputs = Schema(
         [
             TensorSpec(np.dtype(np.int64), (-1, -1, -1), "classes"),
@@ -135,6 +136,7 @@ def transfer_signature(config: FinetuneConfig, classes: int) -> ModelSignature:
             ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE),
             ParamSpec("tile", "long", MODEL_TILE),
             ParamSpec("overlap", "long", MODEL_OVERLAP),
+            *band_params((config.model.branch,)),
         ]
     )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)

@@ -256,7 +256,8 @@ def true_colour(s2: torch.Tensor, positions: Sequence[int]) -> np.ndarray:
 
 @dataclass
 class Validation:
-    """One validation pass: flat metrics, the summed confusion matrices, figure samples and a model input."""
+    """One validation pass: flat metrics, the summed confusion matrices, figure samples and one sample's
+    stored images (the shards' storage, S2 cut to the run's bands), the registered model's input example."""
 
     metrics: dict[str, float]
     confusion: dict[str, dict[str, Any]]
@@ -305,7 +306,7 @@ def validate(
         for (kind, branch), matrix in matrices.items():
             matrix.update(predictions[branch], inputs.y if kind == VAL else inputs.clean_y)
         if example is None:
-            example = {"s1": inputs.x1[:1].cpu(), "s2": inputs.x2[:1].cpu()}
+            example = {"s1": batch["s1"][:1].clone(), "s2": batch["s2"][:1].clone()}
         drawing = len(samples) < figures
         if noise or drawing:
             maps = context.criterion.selection_maps(z1, z2, inputs.y, epoch=epoch)
@@ -420,6 +421,7 @@ class PretrainTask:
             registry_name=config.registry_name(),
             aliases=config.tracking.aliases,
             input_example=validation.example,
+            example_storage={"s1": self.context.meta.s1, "s2": self.context.meta.s2},
             epoch=epoch,
             version_tags={"epoch": str(epoch), **version_tags},
         )
