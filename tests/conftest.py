@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+# Property tests check values, never speed: no per-example deadline (a loaded machine
+# takes seconds for what a quiet one does in milliseconds).
+settings.register_profile("cromss", deadline=None)
+settings.load_profile("cromss")
 
 
 @pytest.fixture(scope="session")

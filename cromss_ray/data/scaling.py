@@ -44,6 +44,9 @@ TO_RULE_UNIT = {"s1": 1.0, "s2": 1e4}
 """Factor from each modality's physical unit onto the rule's: dB stays, reflectance -> L1C digital numbers."""
 
 V8_MAX = 255
+MEAN_CODE = 127
+"""The code of a band's mean: ``mu`` lies 127.5 of the 255 steps above ``mu - 2 sigma``. Prediction feeds it
+in place of a pixel it masks (``models.segmenter``)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,25 @@ def network_input(stored: np.ndarray, spec: ModalitySpec) -> np.ndarray:
     _check_bands(stored, spec)
     codes = np.asarray(stored) if rule.v8 else _codes(stored, rule)
     return codes.astype(np.float32) / np.float32(V8_MAX)
+
+
+def convert_storage(stored: np.ndarray, source: ModalitySpec, target: ModalitySpec) -> np.ndarray:
+    """float32 values stored as ``target`` declares with the network input of ``stored`` (stored as
+    ``source``), same shape, bands on axis -3.
+
+    The values themselves when both store alike; the v8 codes for a ``v8`` target; else each
+    code's middle value, ``mu - 2 sigma + (code + 0.5) / 255 * 4 sigma`` in ``target``'s unit
+    and scaling (physical values are only known to the code's step once they are codes).
+    """
+    if source.with_bands(target.bands) == target:
+        _check_bands(stored, target)
+        return np.asarray(stored, np.float32)
+    codes = np.rint(network_input(stored, source) * np.float32(V8_MAX)).astype(np.float64)
+    rule = input_rule(target)
+    if rule.v8:
+        return codes.astype(np.float32)
+    middle = _band_axis(rule.low.astype(np.float64)) + (codes + 0.5) / V8_MAX * _band_axis(rule.span.astype(np.float64))
+    return ((middle - float(rule.bias)) / float(rule.gain)).astype(np.float32)
 
 
 def _codes(stored: np.ndarray, rule: InputRule) -> np.ndarray:

@@ -47,6 +47,15 @@ def s2_subset_names(count: int) -> tuple[str, ...]:
     return tuple(S2_BAND_NAMES[index] for index in S2_BAND_SUBSETS[count])
 
 
+def canonical_band_name(name: str, modality: str) -> str | None:
+    """``name`` spelt as ``modality``'s band names are here ('B02', 'b8a', ' vv ' -> 'B2', 'B8A', 'VV');
+    None when it names none of them (spec 9)."""
+    spelt = name.strip().upper()
+    if modality == "s2" and spelt.startswith("B"):
+        spelt = "B" + (spelt[1:].lstrip("0") or "0")
+    return spelt if spelt in MODALITY_BANDS[modality] else None
+
+
 DW_CLASSES = (
     "water",
     "trees",

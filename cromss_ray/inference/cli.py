@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_arguments(predict)
     predict.add_argument("--s1", type=Path, metavar="S1.tif", help="Sentinel-1 GeoTIFF (VV, VH)")
     predict.add_argument(
-        "--s2", type=Path, metavar="S2.tif", help="Sentinel-2 GeoTIFF (all 13 L1C bands or the model's)"
+        "--s2", type=Path, metavar="S2.tif", help="Sentinel-2 GeoTIFF (named bands, all 13 L1C bands or the model's)"
     )
     predict.add_argument("--out", required=True, type=Path, metavar="PRED.tif", help="class-map GeoTIFF to write")
     for modality, physical in (("s1", "float32 backscatter in dB"), ("s2", "uint16 L1C digital numbers")):
@@ -44,6 +44,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"the {modality.upper()} GeoTIFF holds the raw product: 'physical' ({physical}) or 'v8' (the "
             "released uint8 codes); default: stored as the model's inputs declare",
         )
+    for modality, example in (("s1", "VV,VH"), ("s2", "B2,B3,B4,B5,B6,B7,B8,B8A,B11,B12")):
+        predict.add_argument(
+            f"--{modality}-bands",
+            type=_band_list,
+            metavar=example,
+            help=f"names of the {modality.upper()} GeoTIFF's bands, in its order (default: its band descriptions); "
+            "the model's bands are picked by name, the others dropped",
+        )
+
+
+def _band_list(text: str) -> list[str]:
+    """``B2,B3,B4`` as a list of names; empty names are refused."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"band names must be separated by single commas, got {text!r}")
+    return names
 
 
     audit = add_command(subparsers, "audit", _audit)
@@ -117,6 +133,9 @@ def _predict(args: argparse.Namespace) -> int:
     rule (spec 9): they must be stored as its inputs declare (a fine-tuned model: like its
     training shards; a pretrained one: the raw products, S1 dB and S2 L1C digital numbers,
     unless registered otherwise), or as --s1-representation / --s2-representation say.
+    The model's bands are picked by name from --s1-bands / --s2-bands or the GeoTIFFs' band
+    descriptions (other bands are dropped); unnamed bands must be the model's, in its order,
+    or S2's 13 L1C bands. Pixels that are no-data or not finite in an input are 255.
     """
     import torch
 
@@ -140,6 +159,7 @@ def _predict(args: argparse.Namespace) -> int:
             s2=args.s2,
             **_windows(args),
             tags={"model": args.model, "branch": segmenter.branch},
+            band_names={"s1": args.s1_bands, "s2": args.s2_bands},
         )
     except (ModelNotFoundError, ValueError) as exc:
         return fail("predict", exc)

@@ -2,6 +2,8 @@
 
 The images are read strip by strip and predicted by :func:`~cromss_ray.models.segmenter.iter_probability_rows`
 (tiled, overlapping, blended windows), so memory grows with the image width, not its size.
+The model's bands are picked by name when the bands are named (given names, else the band
+descriptions), by position otherwise (:meth:`~cromss_ray.models.segmenter.Segmenter.band_indexes`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from cromss_ray.data.schema import NODATA, S2_BAND_SUBSETS, class_colors
+from cromss_ray.data.schema import NODATA, ModalitySpec, class_colors
 from cromss_ray.models.segmenter import (
-    ALL_S2_BANDS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_TILE,
+    BandNames,
     Segmenter,
+    class_map,
     iter_probability_rows,
 )
 
@@ -35,31 +38,56 @@ class _Source:
     indexes: list[int]
 
 
-def _open_source(segmenter: Segmenter, modality: str, path: Path) -> _Source:
-    """Open ``path`` and pick its bands: S1 needs 2, S2 the model's subset or all 13, of the dtype the
-    segmenter's inputs declare."""
+def _open_source(segmenter: Segmenter, modality: str, path: Path, names: Sequence[str] | None) -> _Source:
+    """Open ``path`` and pick the model's bands (by ``names``, else by its band descriptions, else by
+    position), checked against the storage the segmenter's inputs declare."""
     try:
         dataset = rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
         raise ValueError(f"{path}: cannot open as a GeoTIFF ({exc})") from None
-    count, wanted = dataset.count, segmenter.bands(modality)
-    if count == wanted:
-        indexes = list(range(1, count + 1))
-    elif modality == "s2" and count == ALL_S2_BANDS:
-        indexes = [index + 1 for index in S2_BAND_SUBSETS[wanted]]
-    else:
+    try:
+        positions = segmenter.band_indexes(modality, dataset.count, names or _descriptions(dataset, path), str(path))
+        indexes = [position + 1 for position in positions]
+        _check_storage(dataset, path, indexes, segmenter.inputs[modality], modality)
+    except ValueError:
         dataset.close()
-        expected = f"{wanted} or {ALL_S2_BANDS}" if modality == "s2" else str(wanted)
-        raise ValueError(f"{path}: has {count} bands, a {modality.upper()} input needs {expected}")
-    spec = segmenter.inputs[modality]
-    dtypes = set(dataset.dtypes)
-    if dtypes != {spec.dtype}:
-        dataset.close()
-        raise ValueError(
-            f"{path}: holds {'/'.join(sorted(dtypes))} values, a {modality.upper()} input of this model is "
-            f"{spec.dtype} ({spec.representation} values{f' in {spec.unit}' if spec.unit else ''})"
-        )
+        raise
     return _Source(path, dataset, indexes)
+
+
+def _descriptions(dataset: rasterio.DatasetReader, path: Path) -> list[str] | None:
+    """The band descriptions of ``dataset``: None when no band has one; all bands must have one otherwise."""
+    described = [bool(description and description.strip()) for description in dataset.descriptions]
+    if not any(described):
+        return None
+    if not all(described):
+        bare = [str(index + 1) for index, has in enumerate(described) if not has]
+        bands = f"bands {', '.join(bare)} have" if len(bare) > 1 else f"band {bare[0]} has"
+        raise ValueError(f"{path}: {bands} no description, the others do; describe every band or give the names")
+    return [str(description) for description in dataset.descriptions]
+
+
+def _check_storage(
+    dataset: rasterio.DatasetReader, path: Path, indexes: Sequence[int], spec: ModalitySpec, modality: str
+) -> None:
+    """The read bands hold ``spec``'s dtype, and declare no scale, offset or unit other than ``spec``'s."""
+    stored_as = f"{spec.dtype} ({spec.representation} values{f' in {spec.unit}' if spec.unit else ''})"
+    dtypes = {dataset.dtypes[index - 1] for index in indexes}
+    if dtypes != {spec.dtype}:
+        raise ValueError(
+            f"{path}: holds {'/'.join(sorted(dtypes))} values, a {modality.upper()} input of this model is {stored_as}"
+        )
+    for index in indexes:
+        scale, offset, unit = dataset.scales[index - 1], dataset.offsets[index - 1], dataset.units[index - 1]
+        if (scale, offset) not in ((1.0, 0.0), (spec.scale, spec.offset)):
+            raise ValueError(
+                f"{path}: band {index} declares value x {scale:g} + {offset:g}; a {modality.upper()} input of this "
+                f"model is {stored_as}, value x {spec.scale:g} + {spec.offset:g}"
+            )
+        if unit and unit.strip().lower() != spec.unit.lower():
+            raise ValueError(
+                f"{path}: band {index} declares the unit {unit!r}; a {modality.upper()} input of this model is {stored_as}"
+            )
 
 
 def _check_same_grid(sources: Sequence[_Source]) -> None:
@@ -102,13 +130,17 @@ def predict_geotiff(
     overlap: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     tags: Mapping[str, str] | None = None,
+    band_names: BandNames | None = None,
 ) -> Path:
     """Write the class map of Sentinel-1/2 GeoTIFFs to ``out``, on their grid and in their CRS.
 
     The inputs the segmenter needs must share size, transform and CRS and hold the dtype
-    of ``segmenter.inputs``; their values become model inputs by the rule of spec 9. The
-    output is a one-band uint8 GeoTIFF of class indices with the class colours and names
-    (tag ``classes``), ``NODATA`` (255) where an input is masked. It is written under a temporary name and renamed when complete.
+    (and any declared scale, offset and unit) of ``segmenter.inputs``; their values become
+    model inputs by the rule of spec 9. ``band_names`` (by modality) name a GeoTIFF's bands
+    in place of its band descriptions. The output is a one-band uint8 GeoTIFF of class
+    indices with the class colours and names (tag ``classes``), ``NODATA`` (255) where an
+    input is masked (its no-data, or a value that is not finite). It is written under a
+    temporary name and renamed when complete.
     """
     paths = {"s1": s1, "s2": s2}
     missing = [modality for modality in segmenter.modalities if paths[modality] is None]
@@ -121,7 +153,8 @@ def predict_geotiff(
     sources: list[_Source] = []
     try:
         for modality in segmenter.modalities:
-            sources.append(_open_source(segmenter, modality, Path(paths[modality])))
+            names = (band_names or {}).get(modality)
+            sources.append(_open_source(segmenter, modality, Path(paths[modality]), names))
         _check_same_grid(sources)
         reference = sources[0].dataset
         height, width = reference.height, reference.width
@@ -151,7 +184,7 @@ def predict_geotiff(
                 segmenter, read_rows, height, width, tile=tile, overlap=overlap, batch_size=batch_size
             ):
                 stop = top + block.shape[1]
-                classes = block.argmax(axis=0).astype(np.uint8)
+                classes = class_map(block).astype(np.uint8)
                 classes[_invalid(sources, top, stop, width)] = NODATA
                 target.write(classes, 1, window=Window(0, top, width, stop - top))
         os.replace(partial, out)

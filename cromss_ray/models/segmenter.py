@@ -18,6 +18,14 @@ result cropped back.
 
 Windows are run one strip (one row of windows) at a time, and rows are handed out as
 soon as no later strip covers them, so memory grows with the image width, not its size.
+
+Inputs with band names (a GeoTIFF's band descriptions, ``cromss predict --s2-bands``, the
+pyfunc's ``s2_bands`` param) give the network its bands by name, whatever else they hold
+and in whatever order; unnamed ones hold the network's bands in its order, or S2's 13 L1C
+bands (:meth:`Segmenter.band_indexes`). A pixel with a NaN or infinite value in any band of
+any input is masked: the network sees the code of the band means there (``MEAN_CODE``, so
+nothing non-finite reaches a window), and its probabilities are NaN and its class
+``NODATA`` (255) (:func:`class_map`).
 """
 
 from __future__ import annotations
@@ -32,14 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cromss_ray.data.scaling import network_input
+from cromss_ray.data.scaling import MEAN_CODE, V8_MAX, network_input
 from cromss_ray.data.schema import (
     MODALITY_BANDS,
+    NODATA,
     S1_BAND_NAMES,
     S2_BAND_NAMES,
     S2_BAND_SUBSETS,
     ModalitySpec,
     Representation,
+    canonical_band_name,
     s2_subset_names,
 )
 from cromss_ray.method import CromSSNet, SingleModalityNet, fused_probabilities
@@ -53,6 +63,13 @@ DEFAULT_TILE = 256
 DEFAULT_BATCH_SIZE = 4
 OVERLAP_SHARE = 4
 """Without an explicit overlap, windows overlap by a quarter of the tile."""
+MASKED_INPUT = np.float32(MEAN_CODE) / np.float32(V8_MAX)
+"""The network input of a masked pixel, every band: the code of the band's mean (spec 9)."""
+BAND_NAMING = {
+    "s1": "GeoTIFF band descriptions, cromss predict --s1-bands VV,VH, the pyfunc's s1_bands param",
+    "s2": "GeoTIFF band descriptions, cromss predict --s2-bands B2,B3,..., the pyfunc's s2_bands param",
+}
+"""Where an input's band names come from, for the errors that ask for them."""
 
 
 PRODUCT_INPUTS: dict[str, ModalitySpec] = {
@@ -136,9 +153,38 @@ class Segmenter:
         """The names of the bands the network takes for ``modality``, in its order."""
         return S1_BAND_NAMES if modality == "s1" else s2_subset_names(self.s2_bands)
 
+    def band_indexes(self, modality: str, count: int, names: Sequence[str] | None, where: str) -> list[int]:
+        """0-based positions, in ``where``'s ``count`` bands, of the bands the network takes, in its order.
+
+        With ``names`` (one per band, any spelling :func:`canonical_band_name` reads) the
+        bands are picked by name and the others dropped; without, the input holds the
+        network's bands in its order, or for S2 all 13 L1C bands in theirs. Errors name
+        ``where``, the band missing or not of ``modality``, or the counts and the fix.
+        """
+        wanted = self.band_names(modality)
+        if names:
+            if len(names) != count:
+                raise ValueError(f"{where}: {len(names)} band names ({', '.join(names)}) for {count} bands")
+            return band_positions(names, wanted, modality, where)
+        if count == len(wanted):
+            return list(range(count))
+        if modality == "s2" and count == ALL_S2_BANDS:
+            return list(S2_BAND_SUBSETS[self.s2_bands])
+        takes = f"{len(wanted)} {modality.upper()} bands ({', '.join(wanted)})"
+        also = f" or all {ALL_S2_BANDS} L1C bands" if modality == "s2" else ""
+        raise ValueError(
+            f"{where}: has {count} unnamed bands; the model takes {takes}{also}. "
+            f"Name the bands to pick them by name ({BAND_NAMING[modality]})"
+        )
+
     def network_input(self, modality: str, stored: np.ndarray) -> np.ndarray:
-        """float32 model input (spec 9) of ``modality``'s network bands (bands, H, W) stored as :attr:`inputs` say."""
-        return network_input(stored, self.inputs[modality].with_bands(self.band_names(modality)))
+        """float32 model input (spec 9) of ``modality``'s network bands (..., bands, H, W) stored as :attr:`inputs`
+        say; NaN at every pixel where a band is not finite (masked, module docstring)."""
+        result = network_input(stored, self.inputs[modality].with_bands(self.band_names(modality)))
+        stored = np.asarray(stored)
+        if np.issubdtype(stored.dtype, np.floating):
+            result[np.broadcast_to(~np.isfinite(stored).all(axis=-3, keepdims=True), result.shape)] = np.nan
+        return result
 
     @torch.no_grad()
     def probabilities(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -156,13 +202,41 @@ class Segmenter:
         return result[..., :height, :width]
 
 
-def select_s2_bands(s2: np.ndarray, s2_bands: int, where: str) -> np.ndarray:
-    """The model's S2 bands of an image holding either all 13 L1C bands or exactly those (spec 9)."""
-    if s2.shape[0] == s2_bands:
-        return s2
-    if s2.shape[0] == ALL_S2_BANDS:
-        return s2[list(S2_BAND_SUBSETS[s2_bands])]
-    raise ValueError(f"{where}: has {s2.shape[0]} bands; the model takes {s2_bands} S2 bands (or all {ALL_S2_BANDS})")
+def band_positions(names: Sequence[str], wanted: Sequence[str], modality: str, where: str) -> list[int]:
+    """Positions in ``names`` (an input's band names) of the ``wanted`` bands, in their order; errors name
+    ``where`` and a band that is not of ``modality``, named twice, or missing."""
+    canonical = []
+    for name in names:
+        band = canonical_band_name(name, modality)
+        if band is None:
+            raise ValueError(
+                f"{where}: band {name!r} is not a {modality.upper()} band ({', '.join(MODALITY_BANDS[modality])})"
+            )
+        if band in canonical:
+            raise ValueError(f"{where}: band {band} is named twice")
+        canonical.append(band)
+    missing = [band for band in wanted if band not in canonical]
+    if missing:
+        raise ValueError(
+            f"{where}: lacks the {modality.upper()} band{'s' * (len(missing) > 1)} {', '.join(missing)} that the "
+            f"model takes ({', '.join(wanted)}); it holds {', '.join(canonical)}"
+        )
+    return [canonical.index(band) for band in wanted]
+
+
+def fill_masked(images: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``images`` (..., bands, H, W) with every pixel that is not finite in some band of some image set to
+    :data:`MASKED_INPUT` in all bands; and that mask (..., H, W)."""
+    masked = torch.stack([~torch.isfinite(image).all(dim=-3) for image in images.values()]).any(dim=0)
+    fill = torch.tensor(MASKED_INPUT, dtype=torch.float32, device=masked.device)
+    return {key: torch.where(masked.unsqueeze(-3), fill, image) for key, image in images.items()}, masked
+
+
+def class_map(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
+    """The argmax of ``probabilities`` over ``axis`` (int64), ``NODATA`` where they are NaN (masked pixels)."""
+    classes = np.nan_to_num(probabilities, nan=0.0).argmax(axis=axis)
+    classes[np.isnan(probabilities).any(axis=axis)] = NODATA
+    return classes
 
 
 def check_tiling(tile: int, overlap: int | None, stride: int) -> int:
@@ -221,6 +295,7 @@ def iter_probability_rows(
     """Blended class probabilities, top to bottom, in ``(first row, (C, rows, width) float32)`` blocks.
 
     ``read_rows`` supplies the inputs strip by strip; see the module docstring for the tiling.
+    Masked pixels (not finite in some input) have NaN probabilities.
     """
     overlap = check_tiling(tile, overlap, segmenter.stride)
     if batch_size < 1:
@@ -229,16 +304,20 @@ def iter_probability_rows(
     row_origins, col_origins = window_origins(height, row_span, overlap), window_origins(width, col_span, overlap)
     padded_width = max(width, col_span)
     classes = len(segmenter.class_names)
-    carry = np.zeros((classes + 1, 0, padded_width), dtype=np.float32)
+    weight, mask = classes, classes + 1
+    carry = np.zeros((classes + 2, 0, padded_width), dtype=np.float32)
     for strip, top in enumerate(row_origins):
-        accumulator = np.zeros((classes + 1, row_span, padded_width), dtype=np.float32)
+        accumulator = np.zeros((classes + 2, row_span, padded_width), dtype=np.float32)
         accumulator[:, : carry.shape[1]] = carry
         row_weights = taper(row_span, overlap, before=strip > 0, after=strip < len(row_origins) - 1)
-        images = _strip_tensors(segmenter, read_rows(top, min(top + row_span, height)), row_span, padded_width)
-        _add_strip(segmenter, images, accumulator, row_weights, col_origins, col_span, overlap, batch_size)
+        images, masked = _strip_tensors(segmenter, read_rows(top, min(top + row_span, height)), row_span, padded_width)
+        accumulator[mask, : masked.shape[0], : masked.shape[1]] += masked
+        _add_strip(segmenter, images, accumulator[: mask], row_weights, col_origins, col_span, overlap, batch_size)
         last = strip == len(row_origins) - 1
         finished = min(height, top + row_span) - top if last else row_origins[strip + 1] - top
-        yield top, accumulator[:classes, :finished, :width] / accumulator[classes, :finished, :width]
+        block = accumulator[:classes, :finished, :width] / accumulator[weight, :finished, :width]
+        block[:, accumulator[mask, :finished, :width] > 0] = np.nan
+        yield top, block
         carry = accumulator[:, finished:]
 
 
@@ -273,29 +352,42 @@ def _add_strip(
 
 def _strip_tensors(
     segmenter: Segmenter, inputs: Mapping[str, np.ndarray], rows: int, width: int
-) -> dict[str, torch.Tensor]:
-    """One strip's inputs as (1, bands, rows, width) tensors on the segmenter's device, edge-padded when short."""
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """One strip's inputs as (1, bands, rows, width) tensors on the segmenter's device, masked pixels filled
+    (:func:`fill_masked`) and edge-padded when short; and the mask of its own rows and columns."""
+    images = {
+        modality: torch.as_tensor(np.ascontiguousarray(inputs[modality]), dtype=torch.float32, device=segmenter.device)
+        for modality in segmenter.modalities
+    }
+    filled, masked = fill_masked(images)
     tensors = {}
-    for modality in segmenter.modalities:
-        image = torch.as_tensor(np.ascontiguousarray(inputs[modality]), dtype=torch.float32, device=segmenter.device)
+    for modality, image in filled.items():
         pad_rows, pad_cols = rows - image.shape[-2], width - image.shape[-1]
         image = image[None]
         if pad_rows or pad_cols:
             image = F.pad(image, (0, pad_cols, 0, pad_rows), mode="replicate")
         tensors[modality] = image
-    return tensors
+    return tensors, masked.cpu().numpy()
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """A predicted class map (H, W) int64 and its class probabilities (C, H, W) float32."""
+    """A predicted class map (H, W) int64 and its class probabilities (C, H, W) float32; ``NODATA`` and NaN
+    where an input pixel is masked (not finite)."""
 
     classes: np.ndarray
     probabilities: np.ndarray
 
 
-def _checked_arrays(segmenter: Segmenter, images: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
-    """The images the segmenter needs, (bands, H, W), S2 cut to its band subset; errors name the input."""
+BandNames = Mapping[str, Sequence[str] | None]
+"""Band names of the inputs, by modality (absent or empty: unnamed)."""
+
+
+def _checked_arrays(
+    segmenter: Segmenter, images: Mapping[str, np.ndarray | None], band_names: BandNames
+) -> dict[str, np.ndarray]:
+    """The images the segmenter needs, (bands, H, W), cut to its bands (:meth:`Segmenter.band_indexes`);
+    errors name the input."""
     arrays: dict[str, np.ndarray] = {}
     for modality in segmenter.modalities:
         image = images.get(modality)
@@ -304,11 +396,8 @@ def _checked_arrays(segmenter: Segmenter, images: Mapping[str, np.ndarray | None
         image = np.asarray(image)
         if image.ndim != 3:
             raise ValueError(f"{modality} must be (bands, H, W), got shape {image.shape}")
-        if modality == "s2":
-            image = select_s2_bands(image, segmenter.s2_bands, "s2")
-        elif image.shape[0] != S1_BANDS:
-            raise ValueError(f"s1: has {image.shape[0]} bands, the model takes {S1_BANDS} (VV, VH)")
-        arrays[modality] = image
+        indexes = segmenter.band_indexes(modality, image.shape[0], band_names.get(modality), modality)
+        arrays[modality] = image if indexes == list(range(image.shape[0])) else image[indexes]
     shapes = {modality: image.shape[1:] for modality, image in arrays.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"the images differ in size: {shapes}")
@@ -324,14 +413,17 @@ def predict_array(
     overlap: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     stored: bool = False,
+    band_names: BandNames | None = None,
 ) -> Prediction:
     """Class map and probabilities of images (bands, H, W): model inputs, or with ``stored`` images
     stored as the segmenter's :attr:`~Segmenter.inputs` declare (made model inputs by spec 9's rule).
 
-    ``s2`` holds the model's S2 bands or all 13 L1C bands (the subset is taken, spec 9);
-    only the images the segmenter needs are required. Tiled and blended (module docstring).
+    ``band_names`` names an image's bands, by modality; the network's are picked by name.
+    Unnamed, ``s2`` holds the model's S2 bands or all 13 L1C bands (the subset is taken,
+    spec 9). Only the images the segmenter needs are required. Tiled and blended, masked
+    pixels NODATA (module docstring).
     """
-    arrays = _checked_arrays(segmenter, {"s1": s1, "s2": s2})
+    arrays = _checked_arrays(segmenter, {"s1": s1, "s2": s2}, band_names or {})
     if stored:
         arrays = {modality: segmenter.network_input(modality, image) for modality, image in arrays.items()}
     height, width = next(iter(arrays.values())).shape[1:]
@@ -344,7 +436,7 @@ def predict_array(
         segmenter, read_rows, height, width, tile=tile, overlap=overlap, batch_size=batch_size
     ):
         probabilities[:, top : top + block.shape[1]] = block
-    return Prediction(classes=probabilities.argmax(axis=0), probabilities=probabilities)
+    return Prediction(classes=class_map(probabilities), probabilities=probabilities)
 
 
 MAPS_BATCH_SIZE = 8
@@ -367,7 +459,8 @@ def predict_maps(
 
     Keys ``classes`` / ``probabilities`` (fused) and ``s1_...``, ``s2_...`` (one branch
     alone). Each image is padded to the encoders' stride and the outputs cropped back;
-    runs on the device of ``network``'s parameters, ``batch_size`` images at a time.
+    runs on the device of ``network``'s parameters, ``batch_size`` images at a time. A pixel
+    not finite in some band of either image is masked in every output (module docstring).
     """
     _checked_pair(network, s1, s2)
     if batch_size < 1:
@@ -377,17 +470,22 @@ def predict_maps(
     height, width = s1.shape[2:]
     parts: dict[str, list[torch.Tensor]] = {"probabilities": [], "s1_probabilities": [], "s2_probabilities": []}
     for start in range(0, s1.shape[0], batch_size):
-        x1, x2 = (
-            pad_to_multiple(torch.as_tensor(image[start : start + batch_size], dtype=torch.float32, device=device), stride)
-            for image in (s1, s2)
-        )
+        images = {
+            name: torch.as_tensor(image[start : start + batch_size], dtype=torch.float32, device=device)
+            for name, image in (("s1", s1), ("s2", s2))
+        }
+        filled, masked = fill_masked(images)
+        x1, x2 = (pad_to_multiple(filled[name], stride) for name in ("s1", "s2"))
         z1, z2 = (logits[..., :height, :width] for logits in network(x1, x2))
-        parts["probabilities"].append(fused_probabilities(z1, z2).cpu())
-        parts["s1_probabilities"].append(torch.softmax(z1, dim=1).cpu())
-        parts["s2_probabilities"].append(torch.softmax(z2, dim=1).cpu())
+        for key, probabilities in (
+            ("probabilities", fused_probabilities(z1, z2)),
+            ("s1_probabilities", torch.softmax(z1, dim=1)),
+            ("s2_probabilities", torch.softmax(z2, dim=1)),
+        ):
+            parts[key].append(probabilities.masked_fill(masked.unsqueeze(1), float("nan")).cpu())
     outputs: dict[str, np.ndarray] = {}
     for prefix in ("", "s1_", "s2_"):
-        probabilities = torch.cat(parts[f"{prefix}probabilities"])
-        outputs[f"{prefix}classes"] = probabilities.argmax(dim=1).numpy()
-        outputs[f"{prefix}probabilities"] = probabilities.numpy()
+        probabilities = torch.cat(parts[f"{prefix}probabilities"]).numpy()
+        outputs[f"{prefix}classes"] = class_map(probabilities, axis=1)
+        outputs[f"{prefix}probabilities"] = probabilities
     return outputs

@@ -22,7 +22,7 @@ from torch import nn
 from cromss_ray.config import FinetuneConfig, TransferModelConfig
 from cromss_ray.data.schema import DATASET_NAMES, ShardMetadata
 from cromss_ray.models.stored import input_bands
-from cromss_ray.tracking.pyfunc import branch_example, branch_signature, log_registered_model
+from cromss_ray.tracking.pyfunc import branch_signature, example_input, log_registered_model
 from cromss_ray.tracking.runs import RunTracker
 
 TASK_TAG = "cromss.task"
@@ -143,8 +143,12 @@ def log_finetuned_model(
         config,
         network=model,
         meta=meta,
-        signature=branch_signature(config.model.branch, input_bands(config), meta.num_classes),
-        input_example=branch_example(config.model.branch, input_bands(config), input_example),
+        signature=branch_signature(config.model.branch, meta.num_classes),
+        input_example=example_input(
+            config.data.s2_bands,
+            None if input_example is None else {config.model.branch: input_example},
+            modalities=(config.model.branch,),
+        ),
         registry_name=registry_name,
         description=describe(config, meta, source),
         aliases=aliases,

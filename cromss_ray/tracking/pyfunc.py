@@ -11,16 +11,23 @@ fine-tuned one). The arrays are float32 whatever the storage (digital numbers an
 codes are exact in float32).
 
 A pretrained network takes a dict of two arrays: ``"s1"`` ``(N, 2, H, W)`` (VV, VH) and
-``"s2"`` ``(N, B, H, W)``, the model's B Sentinel-2 bands (spec 9), any N, H and W
-(padded to the encoder stride, the outputs cropped back). Output: ``"classes"``
-``(N, H, W)`` int64 and ``"probabilities"`` ``(N, C, H, W)`` float32 of the fused
-prediction (spec 1), and the same with ``s1_`` / ``s2_`` prefixes for each branch alone.
-Param ``batch_size`` (8).
+``"s2"`` ``(N, B, H, W)``, any N, H and W (padded to the encoder stride, the outputs
+cropped back). Output: ``"classes"`` ``(N, H, W)`` int64 and ``"probabilities"``
+``(N, C, H, W)`` float32 of the fused prediction (spec 1), and the same with ``s1_`` /
+``s2_`` prefixes for each branch alone. Param ``batch_size`` (8).
 
 A fine-tuned network, and the single-modality pretrained baseline (spec 11), take their
 one modality's image only (``{"s2": (N, B, H, W)}``), tiled and blended above ``tile``
 pixels (:func:`~cromss_ray.models.segmenter.predict_array`); output ``"classes"`` and
 ``"probabilities"``. Params ``batch_size``, ``tile``, ``overlap``.
+
+Band names travel as params, a list of strings per modality: ``s2_bands`` (e.g.
+``["B2", "B3", ..., "B12"]``, 'B02' spellings too) and ``s1_bands`` (``["VV", "VH"]``), one
+name per band of the array in its order; the model's bands are picked by name and the
+others dropped, so a 12-band L2A stack feeds a model of any S2 band subset it holds.
+Unnamed (the default, ``[]``), the S2 array holds the model's B bands in its order (spec
+9) or all 13 L1C bands. A pixel with a NaN or infinite value in any band is masked:
+class 255 and NaN probabilities in every output.
 
 Nothing is pickled and nothing is downloaded at load time: the stateless
 :class:`CromSSPyfunc` is stored as source (``pyfunc_code.py``, an MLflow "model from
@@ -44,13 +51,15 @@ from pydantic import BaseModel
 
 import cromss_ray
 from cromss_ray.config import PretrainConfig
-from cromss_ray.data.schema import ShardMetadata
+from cromss_ray.data.scaling import convert_storage
+from cromss_ray.data.schema import S1_BAND_NAMES, ModalitySpec, ShardMetadata, s2_subset_names
 from cromss_ray.method import CromSSNet, PretrainNet, SingleModalityNet
 from cromss_ray.models import MODEL_TILE
 from cromss_ray.models.segmenter import (
     DEFAULT_BATCH_SIZE,
     MAPS_BATCH_SIZE,
     S1_BANDS,
+    Segmenter,
     predict_array,
     predict_maps,
 )
@@ -115,8 +124,12 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
         segmenter = self.stored.segmenter()
         if isinstance(self.stored.model, CromSSNet):
             batch_size = int(params.get("batch_size", MAPS_BATCH_SIZE))
-            s1, s2 = (segmenter.network_input(modality, model_input[modality]) for modality in ("s1", "s2"))
+            s1, s2 = (
+                segmenter.network_input(modality, network_bands(segmenter, modality, model_input[modality], params))
+                for modality in ("s1", "s2")
+            )
             return predict_maps(self.stored.model, s1, s2, batch_size)
+        band_names = {segmenter.branch: params.get(f"{segmenter.branch}_bands")}
         predictions = [
             predict_array(
                 segmenter,
@@ -125,6 +138,7 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
                 overlap=int(params.get("overlap", MODEL_OVERLAP)),
                 batch_size=int(params.get("batch_size", DEFAULT_BATCH_SIZE)),
                 stored=True,
+                band_names=band_names,
             )
             for image in model_input[segmenter.branch]
         ]
@@ -134,24 +148,42 @@ class CromSSPyfunc(mlflow.pyfunc.PythonModel):
         }
 
 
-def model_signature(s2_bands: int, classes: int) -> ModelSignature:
-    """Named tensor inputs and outputs with -1 for N, H and W, plus the ``batch_size`` param."""
+def network_bands(segmenter: Segmenter, modality: str, images: Any, params: Mapping[str, Any]) -> np.ndarray:
+    """``images`` (N, bands, H, W) cut to the network's bands, picked by the ``<modality>_bands`` param when given."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"input '{modality}' must be (N, bands, H, W), got {images.shape}")
+    names = params.get(f"{modality}_bands")
+    indexes = segmenter.band_indexes(modality, images.shape[1], names, f"input '{modality}'")
+    return images if indexes == list(range(images.shape[1])) else images[:, indexes]
+
+
+def image_spec(modality: str) -> TensorSpec:
+    """A float32 input (N, bands, H, W), -1 for the free axes: S1 has its 2 bands, S2 any (picked by name)."""
+    return TensorSpec(np.dtype(np.float32), (-1, S1_BANDS if modality == "s1" else -1, -1, -1), modality)
+
+
+def band_params(modalities: Sequence[str]) -> list[ParamSpec]:
+    """The ``<modality>_bands`` params: the input's band names in its order, ``[]`` (unnamed) by default."""
+    return [ParamSpec(f"{modality}_bands", "string", [], (-1,)) for modality in modalities]
+
+
+def model_signature(classes: int) -> ModelSignature:
+    """Named tensor inputs and outputs with -1 for N, H, W and the S2 bands (picked by name or count, the
+    version description names the model's), plus the ``batch_size`` and band-name params."""
     images = np.dtype(np.float32)
-    inputs = Schema(
-        [TensorSpec(images, (-1, S1_BANDS, -1, -1), "s1"), TensorSpec(images, (-1, s2_bands, -1, -1), "s2")]
-    )
     outputs = []
     for prefix in ("", "s1_", "s2_"):
         outputs.append(TensorSpec(np.dtype(np.int64), (-1, -1, -1), f"{prefix}classes"))
         outputs.append(TensorSpec(images, (-1, classes, -1, -1), f"{prefix}probabilities"))
-    params = ParamSchema([ParamSpec("batch_size", "long", MAPS_BATCH_SIZE)])
-    return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
+    params = ParamSchema([ParamSpec("batch_size", "long", MAPS_BATCH_SIZE), *band_params(("s1", "s2"))])
+    return ModelSignature(inputs=Schema([image_spec("s1"), image_spec("s2")]), outputs=Schema(outputs), params=params)
 
 
-def branch_signature(modality: str, bands: int, classes: int) -> ModelSignature:
-    """One modality's named tensor input and the two outputs, -1 for N, H and W, plus the tiling params."""
+def branch_signature(modality: str, classes: int) -> ModelSignature:
+    """One modality's named tensor input and the two outputs, -1 for N, H, W (and S2 bands), plus the
+    tiling and band-name params."""
     images = np.dtype(np.float32)
-    inputs = Schema([TensorSpec(images, (-1, bands, -1, -1), modality)])
     outputs = Schema(
         [
             TensorSpec(np.dtype(np.int64), (-1, -1, -1), "classes"),
@@ -163,39 +195,44 @@ def branch_signature(modality: str, bands: int, classes: int) -> ModelSignature:
             ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE),
             ParamSpec("tile", "long", MODEL_TILE),
             ParamSpec("overlap", "long", MODEL_OVERLAP),
+            *band_params((modality,)),
         ]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+    return ModelSignature(inputs=Schema([image_spec(modality)]), outputs=outputs, params=params)
 
 
-def branch_example(modality: str, bands: int, given: torch.Tensor | np.ndarray | None) -> dict[str, np.ndarray]:
-    """The stored input example of one modality: the first image of ``given`` cut to 32 x 32 px; zeros without one."""
+def example_input(
+    s2_bands: int,
+    given: Mapping[str, Any] | None = None,
+    inputs: ModelInputs | None = None,
+    storage: Mapping[str, ModalitySpec] | None = None,
+    modalities: Sequence[str] = ("s1", "s2"),
+) -> dict[str, np.ndarray]:
+    """The stored input example of ``modalities``: the first image of ``given`` cut to 32 x 32 px, stored as
+    ``inputs`` (the model's, default the raw products) declare; zeros without one.
+
+    ``storage`` says how ``given`` is stored when not as ``inputs`` (a pretraining run's shards):
+    its values are converted (:func:`~cromss_ray.data.scaling.convert_storage`), so the example
+    is what the pyfunc takes and gives the network the input of the images it came from.
+    """
+    band_names = {"s1": S1_BAND_NAMES, "s2": s2_subset_names(s2_bands)}
     if given is None:
-        array = np.zeros((1, bands, EXAMPLE_SIZE, EXAMPLE_SIZE), np.float32)
-    else:
-        array = given.detach().cpu().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
-        if array.ndim != 4 or array.shape[1] != bands:
-            raise ValueError(f"input_example must be (N, {bands}, H, W), got {array.shape}")
-    return {modality: np.ascontiguousarray(array[:1, :, :EXAMPLE_SIZE, :EXAMPLE_SIZE], dtype=np.float32)}
-
-
-def example_input(s2_bands: int, given: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """The stored input example: the first image of ``given``, cut to 32 x 32 px; zeros without one."""
-    if given is None:
-        return {
-            "s1": np.zeros((1, S1_BANDS, EXAMPLE_SIZE, EXAMPLE_SIZE), np.float32),
-            "s2": np.zeros((1, s2_bands, EXAMPLE_SIZE, EXAMPLE_SIZE), np.float32),
-        }
-    missing = {"s1", "s2"} - set(given)
+        return {key: np.zeros((1, len(band_names[key]), EXAMPLE_SIZE, EXAMPLE_SIZE), np.float32) for key in modalities}
+    missing = set(modalities) - set(given)
     if missing:
-        raise ValueError(f"input_example needs arrays 's1' and 's2'; missing {sorted(missing)}")
+        raise ValueError(f"input_example needs arrays {' and '.join(map(repr, modalities))}; missing {sorted(missing)}")
+    declared = (inputs or ModelInputs()).by_modality()
     example = {}
-    for key in ("s1", "s2"):
+    for key in modalities:
+        bands = band_names[key]
         value = given[key]
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if array.ndim != 4:
-            raise ValueError(f"input_example '{key}' must be (N, bands, H, W), got {array.shape}")
-        example[key] = np.ascontiguousarray(array[:1, :, :EXAMPLE_SIZE, :EXAMPLE_SIZE], dtype=np.float32)
+        if array.ndim != 4 or array.shape[1] != len(bands):
+            raise ValueError(f"input_example '{key}' must be (N, bands, H, W) with {len(bands)} bands, got {array.shape}")
+        array = array[:1, :, :EXAMPLE_SIZE, :EXAMPLE_SIZE]
+        if storage is not None:
+            array = convert_storage(array, storage[key].with_bands(bands), declared[key].with_bands(bands))
+        example[key] = np.ascontiguousarray(array, dtype=np.float32)
     return example
 
 
@@ -273,6 +310,7 @@ def log_pretrained_model(
     aliases: Sequence[str],
     inputs: ModelInputs | None = None,
     input_example: Mapping[str, Any] | None = None,
+    example_storage: Mapping[str, ModalitySpec] | None = None,
     epoch: int | None = None,
     version_tags: Mapping[str, Any] | None = None,
 ) -> int:
@@ -282,34 +320,37 @@ def log_pretrained_model(
     alias for the newest version, so ``"latest"`` in ``aliases`` needs (and gets) no
     assignment. ``inputs`` is how the images the pyfunc takes are stored (default the
     raw products, :class:`~cromss_ray.models.stored.ModelInputs`). ``input_example``
-    (``{"s1": ..., "s2": ...}``, only the modality of the single-modality baseline, stored as
-    ``inputs`` say) is stored cut to one 32 x 32 px image. ``epoch`` is the step the model
-    is logged at (the run's metrics of that step are copied to the logged model);
+    (``{"s1": ..., "s2": ...}``, only the modality of the single-modality baseline; stored as
+    ``inputs`` say or, when given, as ``example_storage`` says, then converted) is stored cut
+    to one 32 x 32 px image (:func:`example_input`). ``epoch`` is the step the model is
+    logged at (the run's metrics of that step are copied to the logged model);
     ``version_tags`` go on the model version (e.g. its validation scores).
     """
     config = pretrain_part(config)
     check_matches_config(model, config)
+    inputs = inputs or ModelInputs()
     classes = config.model.classes
     if isinstance(model, SingleModalityNet):
         modality = model.modality
-        signature = branch_signature(modality, model.bands, classes)
-        example = branch_example(modality, model.bands, (input_example or {}).get(modality))
+        signature = branch_signature(modality, classes)
+        modalities: tuple[str, ...] = (modality,)
         description = (
             f"single-modality baseline {config.model.encoder} U-Net: {modality.upper()} ({model.bands} bands) to "
             f"{classes} classes, trained on the noisy labels without selection or smoothing"
         )
     else:
-        signature = model_signature(config.data.s2_bands, classes)
-        example = example_input(config.data.s2_bands, input_example)
+        signature = model_signature(classes)
+        modalities = ("s1", "s2")
         description = (
             f"CromSS {config.model.fusion}-fusion {config.model.encoder}: S1 ({S1_BANDS} bands) and "
             f"S2 ({config.data.s2_bands} bands) to {classes} classes"
         )
+    example = example_input(config.data.s2_bands, input_example, inputs, example_storage, modalities)
     return log_registered_model(
         tracker,
         config,
         network=model,
-        inputs=inputs or ModelInputs(),
+        inputs=inputs,
         signature=signature,
         input_example=example,
         registry_name=registry_name,

@@ -295,7 +295,8 @@ def true_colour(s2: torch.Tensor, positions: Sequence[int]) -> np.ndarray:
 
 @dataclass
 class Validation:
-    """One validation pass: flat metrics, the summed confusion matrices, figure samples and a model input."""
+    """One validation pass: flat metrics, the summed confusion matrices, figure samples and one sample's
+    stored images (the shards' storage, S2 cut to the run's bands), the registered model's input example."""
 
     metrics: dict[str, float]
     confusion: dict[str, dict[str, Any]]
@@ -345,8 +346,7 @@ def validate(
         for (kind, branch), matrix in matrices.items():
             matrix.update(predictions[branch], inputs.y if kind == VAL else inputs.clean_y)
         if example is None:
-            images = {"s1": inputs.x1, "s2": inputs.x2}
-            example = {modality: images[modality][:1].cpu() for modality in context.modalities}
+            example = {modality: batch[modality][:1].clone() for modality in context.modalities}
         drawing = len(samples) < figures
         if noise or drawing:
             maps = context.criterion.selection_maps(*logits, inputs.y, epoch=epoch)
@@ -464,6 +464,7 @@ class PretrainTask:
             registry_name=config.registry_name(),
             aliases=config.tracking.aliases,
             input_example=validation.example,
+            example_storage={"s1": self.context.meta.s1, "s2": self.context.meta.s2},
             epoch=epoch,
             version_tags={"epoch": str(epoch), **version_tags},
         )

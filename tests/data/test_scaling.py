@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from cromss_ray.data import network_input
 from cromss_ray.data.pipeline import network_input_tensor
-from cromss_ray.data.scaling import v8_codes
+from cromss_ray.data.scaling import MEAN_CODE, convert_storage, v8_codes
 from cromss_ray.data.schema import S1_BAND_NAMES, S2_BAND_NAMES, ModalitySpec, s2_subset_names
 
 S1_RAW = ModalitySpec(dtype="float32", bands=S1_BAND_NAMES, unit="dB", representation="physical")
@@ -20,6 +20,8 @@ S2_V8 = ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="no
 S1_SYNTH = ModalitySpec(
     dtype="uint8", bands=S1_BAND_NAMES, scale=35 / 255, offset=-30.0, unit="dB", representation="physical"
 )
+S1_V8 = ModalitySpec(dtype="uint8", bands=S1_BAND_NAMES, representation="v8")
+S2_SYNTH = ModalitySpec(dtype="uint8", bands=S2_BAND_NAMES, scale=1 / 255, unit="reflectance", representation="physical")
 
 
 def _codes(values: np.ndarray) -> np.ndarray:
@@ -95,6 +97,53 @@ def test_the_band_axis_must_hold_the_bands() -> None:
         network_input(np.zeros((3, 1, 1), np.float32), S1_RAW)
     with pytest.raises(ValueError, match="already holds v8 codes"):
         v8_codes(np.zeros((13, 1, 1), np.uint8), S2_V8)
+
+
+def test_converted_storage_by_hand() -> None:
+    # a code's middle value: mu - 2 sigma + (code + 0.5) / 255 * 4 sigma; VV (above):
+    # code 0: -23.06242707 + 0.5 / 255 * 21.02790868 = -23.02119588
+    # code 127: -23.06242707 + 127.5 / 255 * 21.02790868 = -12.54847273, the mean (MEAN_CODE)
+    # code 255: -23.06242707 + 255.5 / 255 * 21.02790868 = -1.99328720
+    codes = np.array([[[0, MEAN_CODE, 255]], [[0, 0, 0]]], np.uint8)
+    physical = convert_storage(codes, S1_V8, S1_RAW)
+    assert physical.dtype == np.float32
+    np.testing.assert_allclose(physical[0, 0], [-23.02119588, -12.54847273, -1.99328720], rtol=1e-6)
+    # synthetic uint8 255 is 5 dB (code 255 in VV); stored alike, values pass unchanged (NaN too)
+    np.testing.assert_allclose(convert_storage(np.full((2, 1, 1), 255, np.uint8), S1_SYNTH, S1_RAW)[0], [[-1.9932872]], rtol=1e-6)
+    values = np.array([[[np.nan]], [[-3.25]]], np.float32)
+    np.testing.assert_array_equal(convert_storage(values, S1_RAW, S1_RAW), values)
+    np.testing.assert_array_equal(convert_storage(np.full((2, 1, 1), -5.0, np.float32), S1_RAW, S1_V8)[0], [[219]])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([S1_RAW, S1_SYNTH, S1_V8]),
+    st.sampled_from([S1_RAW, S1_V8]),
+    hnp.arrays(np.float32, (2, 3, 4), elements=st.floats(-60, 30, width=32)),
+)
+def test_converted_s1_storage_gives_the_same_network_input(
+    source: ModalitySpec, target: ModalitySpec, values: np.ndarray
+) -> None:
+    stored = values if source.dtype == "float32" else np.clip(values + 60, 0, 255).astype(np.uint8)
+    converted = convert_storage(stored, source, target)
+    np.testing.assert_array_equal(network_input(converted, target), network_input(stored, source))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([S2_RAW, S2_SYNTH, S2_V8]),
+    st.sampled_from([S2_RAW, S2_V8]),
+    hnp.arrays(np.uint16, (13, 2, 3)),
+    st.sampled_from([13, 12, 9, 3]),
+)
+def test_converted_s2_storage_gives_the_same_network_input(
+    source: ModalitySpec, target: ModalitySpec, values: np.ndarray, bands: int
+) -> None:
+    names = s2_subset_names(bands)
+    stored = (values if source.dtype == "uint16" else values.astype(np.uint8))[:bands]
+    source, target = source.with_bands(names), target.with_bands(names)
+    converted = convert_storage(stored, source, target)
+    np.testing.assert_array_equal(network_input(converted, target), network_input(stored, source))
 
 
 def _same_bits(stored: np.ndarray, spec: ModalitySpec, device: str = "cpu") -> None:

@@ -20,6 +20,7 @@ from cromss_ray.data.schema import (
     ModalitySpec,
     ShardFile,
     ShardMetadata,
+    canonical_band_name,
     read_metadata,
 )
 
@@ -60,6 +61,14 @@ def test_band_subsets_match_spec_9() -> None:
     assert [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[9]] == ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B11", "B12"]
     assert [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[3]] == ["B4", "B3", "B2"]
     assert "B10" not in [S2_BAND_NAMES[i] for i in S2_BAND_SUBSETS[12]]
+
+
+def test_band_names_are_read_in_their_common_spellings() -> None:
+    spellings = {"B02": "B2", "b8a": "B8A", "B08A": "B8A", " B12 ": "B12", "B1": "B1", "B10": "B10"}
+    assert {name: canonical_band_name(name, "s2") for name in spellings} == spellings
+    assert canonical_band_name("vh", "s1") == "VH"
+    for name, modality in (("B13", "s2"), ("B0", "s2"), ("red", "s2"), ("VV", "s2"), ("B2", "s1"), ("HH", "s1")):
+        assert canonical_band_name(name, modality) is None
 
 
 def test_shapes_with_four_seasons_and_with_one() -> None:

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from cromss_ray.cli import main
 from cromss_ray.config import FinetuneConfig, build_config
-from cromss_ray.data.schema import DFC2020_CLASSES, DW_CLASSES
+from cromss_ray.data.schema import DFC2020_CLASSES, DW_CLASSES, S2_BAND_NAMES, s2_subset_names
 from cromss_ray.method import build_model, encoder_state_dict, load_encoder_state
 from cromss_ray.models.stored import FinetunedModel, transfer_network
 from cromss_ray.tracking.registry import load_cromss_model
@@ -191,3 +191,8 @@ def test_registered_model_loads_as_an_mlflow_pyfunc(
     assert outputs["classes"].shape == (2, 40, 70) and outputs["probabilities"].shape == (2, len(DW_CLASSES), 40, 70)
     np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(outputs["classes"], outputs["probabilities"].argmax(axis=1))
+    l2a_names = [name for name in S2_BAND_NAMES if name != "B10"]
+    l2a = np.zeros((2, len(l2a_names), 40, 70), np.float32)
+    l2a[:, [l2a_names.index(name) for name in s2_subset_names(PRETRAINED_BANDS)]] = images
+    named = model.predict({"s2": l2a}, params={"tile": 64, "overlap": 16, "s2_bands": l2a_names})
+    np.testing.assert_allclose(named["probabilities"], outputs["probabilities"], atol=1e-6)

@@ -9,9 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cromss_ray.data.schema import DW_CLASSES, S2_BAND_SUBSETS
+from cromss_ray.data.schema import DW_CLASSES, NODATA, S2_BAND_NAMES, S2_BAND_SUBSETS, s2_subset_names
 from cromss_ray.method import build_model, build_segmentation_model, fused_probabilities
-from cromss_ray.models.segmenter import Segmenter, predict_array, taper, window_origins
+from cromss_ray.models.segmenter import (
+    MASKED_INPUT,
+    Segmenter,
+    predict_array,
+    predict_maps,
+    taper,
+    window_origins,
+)
 
 CLASSES = ("a", "b", "c", "d")
 
@@ -125,7 +132,7 @@ def test_bad_inputs_are_named():
     segmenter = _conv_segmenter(kernel=1, bands=9)
     with pytest.raises(ValueError, match="overlap"):
         predict_array(segmenter, s2=_image(9, 8, 8), tile=8, overlap=8)
-    with pytest.raises(ValueError, match="has 5 bands"):
+    with pytest.raises(ValueError, match=r"s2: has 5 unnamed bands; the model takes 9 S2 bands \(B2, B3, .*--s2-bands"):
         predict_array(segmenter, s2=_image(5, 8, 8))
     with pytest.raises(ValueError, match="needs the S2 image"):
         predict_array(segmenter, s1=_image(2, 8, 8))
@@ -137,3 +144,85 @@ def test_bad_inputs_are_named():
     fused = Segmenter(build_model("mid", "resnet18", s2_bands=9), "fused", 9, DW_CLASSES)
     with pytest.raises(ValueError, match="differ in size"):
         predict_array(fused, s1=_image(2, 32, 32), s2=_image(9, 32, 40))
+
+
+L2A_BANDS = tuple(name for name in S2_BAND_NAMES if name != "B10")
+"""An L2A product's 12 bands (no B10, the cirrus band of L1C)."""
+
+
+@pytest.mark.parametrize("model_bands", [12, 9, 3])
+def test_named_bands_feed_any_model_band_subset(model_bands: int):
+    """A 12-band L2A stack and a shuffled 13-band stack, named, give a model its bands by name."""
+    segmenter = _conv_segmenter(kernel=1, bands=model_bands)
+    l1c = _image(13, 8, 8, seed=4)
+    expected = predict_array(segmenter, s2=l1c[list(S2_BAND_SUBSETS[model_bands])], tile=8)
+    l2a = l1c[[S2_BAND_NAMES.index(name) for name in L2A_BANDS]]
+    from_l2a = predict_array(segmenter, s2=l2a, tile=8, band_names={"s2": L2A_BANDS})
+    np.testing.assert_array_equal(from_l2a.probabilities, expected.probabilities)
+    shuffled = np.random.default_rng(0).permutation(13)
+    names = [f"B{S2_BAND_NAMES[index][1:].zfill(2)}" for index in shuffled]  # B02 spelling
+    from_shuffled = predict_array(segmenter, s2=l1c[shuffled], tile=8, band_names={"s2": names})
+    np.testing.assert_array_equal(from_shuffled.probabilities, expected.probabilities)
+
+
+def test_wrong_band_names_are_named():
+    segmenter = _conv_segmenter(kernel=1, bands=13)
+    with pytest.raises(ValueError, match=r"s2: lacks the S2 band B10 that the model takes \(B1, .*\); it holds B1, B2"):
+        predict_array(segmenter, s2=_image(12, 8, 8), band_names={"s2": L2A_BANDS})
+    rgb = _conv_segmenter(kernel=1, bands=9)
+    with pytest.raises(ValueError, match=r"lacks the S2 bands B5, B6, B7, B8, B11, B12"):
+        predict_array(rgb, s2=_image(3, 8, 8), band_names={"s2": ["B4", "B3", "B2"]})
+    with pytest.raises(ValueError, match=r"s2: band 'B13' is not a S2 band \(B1, B2"):
+        predict_array(segmenter, s2=_image(13, 8, 8), band_names={"s2": [*S2_BAND_NAMES[:12], "B13"]})
+    with pytest.raises(ValueError, match=r"s2: band B2 is named twice"):
+        predict_array(segmenter, s2=_image(13, 8, 8), band_names={"s2": [*S2_BAND_NAMES[:12], "B02"]})
+    with pytest.raises(ValueError, match=r"s2: 3 band names \(B4, B3, B2\) for 13 bands"):
+        predict_array(segmenter, s2=_image(13, 8, 8), band_names={"s2": ["B4", "B3", "B2"]})
+
+
+@pytest.fixture(scope="module")
+def unet() -> Segmenter:
+    torch.manual_seed(0)
+    return Segmenter(build_segmentation_model("Unet", "resnet18", 9, len(DW_CLASSES)).eval(), "s2", 9, DW_CLASSES)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_pixel_is_masked_and_leaves_every_other_pixel_alone(unet: Segmenter, bad: float):
+    """The network sees the band means' code where a pixel is masked: the clean run with those values there
+    gives every other pixel's class and probabilities; the masked pixel is NODATA with NaN probabilities.
+    (Fed to the network, one NaN would spread over every window that holds it.)"""
+    clean = _image(9, 70, 90, seed=6)
+    row, col = 35, 50  # in two overlapping windows of 64 px, overlap 16
+    clean[:, row, col] = MASKED_INPUT
+    image = clean.copy()
+    image[4, row, col] = bad
+    expected = predict_array(unet, s2=clean, tile=64, overlap=16)
+    masked = predict_array(unet, s2=image, tile=64, overlap=16)
+    assert masked.classes[row, col] == NODATA and np.isnan(masked.probabilities[:, row, col]).all()
+    others = np.ones((70, 90), bool)
+    others[row, col] = False
+    np.testing.assert_array_equal(masked.classes[others], expected.classes[others])
+    np.testing.assert_array_equal(masked.probabilities[:, others], expected.probabilities[:, others])
+    assert np.isfinite(masked.probabilities[:, others]).all()
+
+
+def test_predict_maps_masks_a_pixel_non_finite_in_either_image_in_every_output():
+    torch.manual_seed(0)
+    network = build_model("mid", "resnet18", s2_bands=9).eval()
+    s1, s2 = _image(2, 40, 40, seed=7)[None], _image(9, 40, 40, seed=8)[None]
+    for image in (s1, s2):  # a masked pixel is filled in both images
+        image[..., 10, 12] = image[..., 30, 5] = MASKED_INPUT
+    clean = predict_maps(network, s1, s2)
+    s1[0, 1, 10, 12] = np.nan
+    s2[0, 0, 30, 5] = np.inf
+    masked = predict_maps(network, s1, s2)
+    others = np.ones((1, 40, 40), bool)
+    others[0, 10, 12] = others[0, 30, 5] = False
+    for prefix in ("", "s1_", "s2_"):
+        classes, probabilities = masked[f"{prefix}classes"], masked[f"{prefix}probabilities"]
+        assert classes[0, 10, 12] == classes[0, 30, 5] == NODATA
+        assert np.isnan(probabilities[0, :, 10, 12]).all() and np.isnan(probabilities[0, :, 30, 5]).all()
+        np.testing.assert_array_equal(classes[others], clean[f"{prefix}classes"][others])
+        np.testing.assert_array_equal(
+            probabilities.transpose(0, 2, 3, 1)[others], clean[f"{prefix}probabilities"].transpose(0, 2, 3, 1)[others]
+        )

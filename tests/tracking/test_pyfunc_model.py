@@ -19,7 +19,7 @@ from cromss_ray.config import PretrainConfig, TuneConfig
 from cromss_ray.method import build_model, fused_probabilities
 from cromss_ray.tracking import set_alias
 from cromss_ray.data.scaling import network_input
-from cromss_ray.models.segmenter import PRODUCT_INPUTS, predict_maps
+from cromss_ray.models.segmenter import NODATA, PRODUCT_INPUTS, predict_maps, product_input
 from cromss_ray.tracking.pyfunc import example_input, log_pretrained_model, model_signature
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.models.stored import check_matches_config, pretrain_part
@@ -96,14 +96,18 @@ def test_mismatched_inputs_are_named(late_model, shapes, message):
 
 
 def test_signature_has_named_tensors_with_free_batch_and_image_size():
-    signature = model_signature(s2_bands=9, classes=9)
+    signature = model_signature(classes=9)
     assert signature.inputs.input_names() == ["s1", "s2"]
-    assert [spec.shape for spec in signature.inputs.inputs] == [(-1, 2, -1, -1), (-1, 9, -1, -1)]
+    assert [spec.shape for spec in signature.inputs.inputs] == [(-1, 2, -1, -1), (-1, -1, -1, -1)]
     assert [spec.type for spec in signature.inputs.inputs] == [np.dtype(np.float32)] * 2
     outputs = {spec.name: (spec.type, spec.shape) for spec in signature.outputs.inputs}
     assert outputs["classes"] == (np.dtype(np.int64), (-1, -1, -1))
     assert outputs["s1_probabilities"] == (np.dtype(np.float32), (-1, 9, -1, -1))
-    assert signature.params.to_dict() == [{"name": "batch_size", "type": "long", "default": 8, "shape": None}]
+    assert signature.params.to_dict() == [
+        {"name": "batch_size", "type": "long", "default": 8, "shape": None},
+        {"name": "s1_bands", "type": "string", "default": [], "shape": (-1,)},
+        {"name": "s2_bands", "type": "string", "default": [], "shape": (-1,)},
+    ]
 
 
 def test_the_stored_example_is_one_small_float32_image():
@@ -117,6 +121,17 @@ def test_the_stored_example_is_one_small_float32_image():
         example_input(3, {"s1": np.zeros((1, 2, 8, 8))})
     with pytest.raises(ValueError, match=r"input_example 's1' must be \(N, bands, H, W\)"):
         example_input(3, {"s1": np.zeros((2, 8, 8)), "s2": np.zeros((1, 3, 8, 8))})
+
+
+def test_an_example_stored_otherwise_is_converted_to_the_models_inputs():
+    """A pretraining run's example comes in its shards' storage (here v8 codes); the model takes raw products."""
+    codes = {"s1": np.full((1, 2, 4, 4), 127, np.uint8), "s2": np.full((1, 3, 4, 4), 255, np.uint8)}
+    storage = {modality: product_input(modality, "v8") for modality in codes}
+    example = example_input(3, codes, storage=storage)
+    np.testing.assert_allclose(example["s1"][0, :, 0, 0], [-12.54847273, -20.19237134], rtol=1e-6)  # the means
+    for modality, image in example.items():
+        spec = PRODUCT_INPUTS[modality].with_bands(("VV", "VH") if modality == "s1" else ("B4", "B3", "B2"))
+        np.testing.assert_array_equal(network_input(image, spec), codes[modality] / np.float32(255))
 
 
 def test_a_model_that_its_config_cannot_rebuild_is_refused(late_model):
@@ -206,6 +221,18 @@ FRESH_PROCESS = textwrap.dedent(
         model.predict({"s1": inputs["s1"].astype("float64"), "s2": inputs["s2"]})
     except Exception as error:
         report["float64"] = str(error)
+    np.savez(f"{sys.argv[2]}/example.npz", **model.input_example)
+    np.savez(f"{sys.argv[2]}/example_output.npz", **model.predict(model.input_example))
+    first = np.load(f"{sys.argv[2]}/input_0.npz")
+    s2 = first["s2"][:, ::-1].copy()
+    s2[0, 4, 5, 7] = np.nan
+    names = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"][::-1]
+    named = model.predict({"s1": first["s1"], "s2": s2}, params={"s2_bands": names})
+    np.savez(f"{sys.argv[2]}/named.npz", **named)
+    try:
+        model.predict({"s1": first["s1"], "s2": s2[:, 1:]}, params={"s2_bands": names[1:]})
+    except Exception as error:
+        report["l2a"] = str(error)
     print(json.dumps(report))
     """
 )
@@ -220,7 +247,9 @@ def _raw_products(n: int, height: int, width: int, seed: int) -> tuple[np.ndarra
 
 
 def test_the_registered_model_predicts_in_a_fresh_process(registered, tmp_path):
-    """The pulled pyfunc takes raw products (its ``inputs.json``) and scales them itself by spec 9's rule."""
+    """The pulled pyfunc takes raw products (its ``inputs.json``) and scales them itself by spec 9's rule;
+    its stored input example holds raw products whose network input is the v8 codes it was logged from, and
+    round-trips through it; named bands in another order give the same prediction, a NaN pixel is masked."""
     sizes = [(2, 37, 50), (1, 64, 64)]
     for index, (n, height, width) in enumerate(sizes):
         s1, s2 = _raw_products(n, height, width, seed=index)
@@ -250,3 +279,17 @@ def test_the_registered_model_predicts_in_a_fresh_process(registered, tmp_path):
         assert np.allclose(outputs["probabilities"], expected["probabilities"], atol=1e-5)
         assert (outputs["s2_classes"] == expected["s2_classes"]).mean() > 0.99
     assert "dtype of input float64 does not match expected dtype float32" in report["float64"]
+    assert "input 's2': lacks the S2 band B12 that the model takes" in report["l2a"]
+
+    example, from_example = np.load(tmp_path / "example.npz"), np.load(tmp_path / "example_output.npz")
+    codes = {modality: image[:, :, :32, :32] for modality, image in registered.example_codes.items()}
+    by_codes = {modality: image / np.float32(255) for modality, image in codes.items()}
+    for modality in ("s1", "s2"):
+        assert example[modality].dtype == np.float32 and example[modality].shape == codes[modality].shape
+        np.testing.assert_array_equal(network_input(example[modality], PRODUCT_INPUTS[modality]), by_codes[modality])
+    expected = predict_maps(registered.model, by_codes["s1"], by_codes["s2"])
+    np.testing.assert_allclose(from_example["probabilities"], expected["probabilities"], atol=1e-5)
+    named, first = np.load(tmp_path / "named.npz"), np.load(tmp_path / "output_0.npz")
+    assert named["classes"][0, 5, 7] == NODATA and np.isnan(named["probabilities"][0, :, 5, 7]).all()
+    assert np.isfinite(named["probabilities"][1]).all()
+    np.testing.assert_allclose(named["probabilities"][1], first["probabilities"][1], atol=1e-5)

@@ -60,10 +60,14 @@ out = model.predict({
     "s1": rng.random((2, 2, 40, 36), dtype=np.float32),
     "s2": rng.random((2, int(sys.argv[2]), 40, 36), dtype=np.float32),
 })
+example = model.input_example
+from_example = model.predict(example)
 print(json.dumps({
     "classes": list(out["classes"].shape),
     "range": [int(out["classes"].min()), int(out["classes"].max())],
     "probabilities": list(out["probabilities"].shape),
+    "example": {key: [list(value.shape), float(value.min()), float(value.max())] for key, value in example.items()},
+    "example_classes": list(from_example["classes"].shape),
 }))
 """
 
@@ -229,6 +233,14 @@ def test_the_registered_model_predicts_in_a_fresh_process(first_run, tracking_ur
     assert found["classes"] == [2, 40, 36]
     assert 0 <= found["range"][0] <= found["range"][1] < 9
     assert found["probabilities"] == [2, 9, 40, 36]
+    # the stored example is a validation sample as the pyfunc takes it: raw products (S1 in dB, S2 digital
+    # numbers), not the network inputs in [0, 1]; it round-trips through the loaded model
+    s1_shape, s1_low, s1_high = found["example"]["s1"]
+    s2_shape, s2_low, s2_high = found["example"]["s2"]
+    assert s1_shape == [1, 2, 32, 32] and s2_shape == [1, config.data.s2_bands, 32, 32]
+    assert -40 < s1_low < s1_high < 10 and s1_low < -5
+    assert -200 < s2_low < s2_high < 20000 and s2_high > 100
+    assert found["example_classes"] == [1, 32, 32]
 
 
 def test_a_run_with_another_network_does_not_resume_the_checkpoint(first_run, tiny_config) -> None:
