@@ -1,74 +1,81 @@
-"""Noise robustness of CromSS on synthetic data whose true labels are known (issue 8; spec 2-9, 11).
+"""Noise robustness of CromSS in the memorisation regime, on synthetic data whose true labels are known.
 
-Synthetic NoLDO-S12-like locations (:mod:`cromss_ray.data.synth`) carry Dynamic-World-like
-noisy labels with an exact corrupted-pixel rate, next to the clean labels they were
-derived from. The scenes are the same for every noise rate; only the label noise differs.
-For every noise rate and seed this pretrains
+Noisy-label methods pay off once a network starts to memorise the noise: its score against
+the clean labels peaks, then falls. Synthetic NoLDO-S12-like locations
+(:mod:`cromss_ray.data.synth`) carry Dynamic-World-like noisy labels with an exact
+corrupted-pixel rate next to the clean labels they came from, and a small network trained
+long on few of them reaches that regime on a CPU. For every noise rate and seed this
+pretrains, on the same locations and batches,
 
-* (i)   ``s2_only``: an S2-only U-Net on the noisy labels (cross-entropy + Dice);
-* (ii)  ``multimodal``: both branches, no selection, no smoothing (consistency with v = 1);
-* (iii) ``smoothing``: (ii) plus spatial-temporal label smoothing (0.15, 0.05), prior 'ts';
-* (iv)  ``selection``: (ii) plus cross-modal sample selection;
-* (v)   ``cromss``: selection and smoothing, the reference setting;
+* ``s2_only``: an S2-only U-Net on the noisy labels (cross-entropy + Dice), the naive baseline;
+* ``multimodal``: both branches, no selection, no smoothing (consistency with v = 1);
+* ``cromss``: cross-modal selection and spatial-temporal label smoothing, the reference setting;
+* optionally ``smoothing`` or ``selection`` alone (``--variants``);
 
-(ii)-(v) for middle and late fusion, and scores the mIoU against the clean labels of
-held-out locations: the S2 branch (comparable with (i)) and the fused prediction. The
-noisy labels of the held-out locations are scored against their clean labels too: a
-network that reproduced the noise exactly would reach that mIoU. Every pretrained S2
-encoder is then transferred to a synthetic DW-like set, frozen and fine-tuned, and scored
-on its test tiles, next to the same network from random initialisation.
+the multimodal ones for middle and late fusion. After every epoch it scores the S2 branch
+(and the fused prediction) on held-out locations against their clean labels, and reads
+the noise diagnostics (:class:`~cromss_ray.method.NoiseDiagnostics`) of the epoch's
+training pixels: selection precision, noise recall, the AUROC of the trust score as a
+detector of corrupted labels, and the base rate. For ``s2_only`` the trust score is the
+network's own label confidence ``p_y`` (spec 3) at weight 1, so its AUROC says how well a
+single modality's confidence alone detects the noise.
+
+Each clean-label curve is smoothed by a trailing mean over ``--window`` epochs: its maximum
+is the peak, its last value the final score, and final minus peak the loss to
+memorisation. Runs of the same seed see the same data and batches, so variants are
+compared by paired per-seed differences with a 95 % t-interval over the seeds.
 
 Runs go without Ray, on :class:`bench.in_memory.InMemoryShard` batches cut by the pipeline's
-own UDF: (ii)-(v) call the pretraining loop's ``train_epoch`` and ``validate``, the
-transfers the fine-tuning loop's ``train_epoch`` and ``evaluate_split``, so the per-step
-code is the trainers'. (i) has its own short loop: the pretraining loop trains two-branch
-networks only. Settings scaled to the run length: the selection ramp is 40 % of the
-epochs (the reference's 80 of 200), no learning-rate schedule in pretraining. Run from
-the repository root::
+own UDF; the multimodal runs call the pretraining loop's ``train_epoch`` and ``validate``,
+so the per-step code and the method math are the trainer's (:mod:`cromss_ray.method`).
+``s2_only`` has its own short loop: the pretraining loop trains two-branch networks only.
+The learning rate is held (no schedule); the selection ramp is 40 % of the epochs (the
+reference's 80 of 200). Run from the repository root::
 
-    python -m bench.noise_robustness                       # CPU-sized default
-    python -m bench.noise_robustness --locations 512 --size 128 --epochs 40 --encoder resnet50
+    python -m bench.noise_robustness --threads 2 --json docs/results/noise-robustness-memorisation-cpu.json
+    python -m bench.noise_robustness --setting gpu --json noise-robustness-memorisation-gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from scipy import stats
 from torch import nn
 
 from bench.common import Section, machine_section, mean_std, publish, resolve_device
 from bench.in_memory import EpochCounter, InMemoryShard
-from cromss_ray.config import FinetuneConfig, PretrainConfig, build_config
-from cromss_ray.data.pipeline import DOWNSTREAM_ROTATION_PROBABILITY, to_device
+from cromss_ray.config import PretrainConfig, build_config
+from cromss_ray.data.pipeline import to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import scan_shards
 from cromss_ray.data.synth import synthesize
 from cromss_ray.data.transforms import CutSamples, SampleDraw
 from cromss_ray.method import (
     ConfusionMatrix,
+    NoiseDiagnostics,
     SingleModalityLoss,
     build_model,
-    build_segmentation_model,
     build_single_model,
-    encoder_state_dict,
-    load_encoder_state,
+    label_confidence,
 )
-from cromss_ray.train import finetune, pretrain
+from cromss_ray.train import pretrain
 from cromss_ray.train.checkpoints import TrainingState
-from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer, step_lr_scheduler
+from cromss_ray.train.optim import Precision, build_optimizer
 
-TITLE = "bench.noise_robustness: CromSS vs naive noisy pretraining"
+TITLE = "bench.noise_robustness: CromSS vs naive noisy pretraining in the memorisation regime"
 S2_ONLY = "s2_only"
-RANDOM_INIT = "random_init"
-FROZEN, FINETUNED = "frozen", "finetune"
+MULTIMODAL = "multimodal"
 SMOOTHING_FACTORS = (0.15, 0.05)
 PRIOR = "ts"
 RAMP_SHARE = 0.4
@@ -78,38 +85,64 @@ TILE_MARGIN = 8
 S2_BANDS = 13
 ROTATION_PROBABILITY = 0.2
 """Training augmentation of the S2-only run, as the pretraining config's default (spec 9)."""
-TRANSFER_LR = 1e-3
-DATA_SEEDS = {"pretrain": 101, "heldout": 202, "dw_train": 303, "dw_test": 404}
+CONFIDENCE = 0.95
+DATA_SEEDS = {"pretrain": 101, "heldout": 202}
 """Scene seeds of the synthetic sets: every noise rate shares the pretraining scenes."""
+CURVE_SCORE = "s2_clean_miou"
+"""The curve whose peak and final value compare the runs: the S2 branch on the held-out clean labels."""
+DIAGNOSTICS = ("selected_precision", "noise_recall", "noise_auroc", "base_rate")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One pretraining setting of the comparison."""
+    """One multimodal pretraining setting of the comparison."""
 
     name: str
-    label: str
     selection: bool
     smoothing: bool
 
 
 MULTIMODAL_VARIANTS = (
-    Variant("multimodal", "(ii) multimodal, no selection, no smoothing", False, False),
-    Variant("smoothing", "(iii) + label smoothing", False, True),
-    Variant("selection", "(iv) + sample selection", True, False),
-    Variant("cromss", "(v) CromSS: selection + smoothing", True, True),
+    Variant(MULTIMODAL, False, False),
+    Variant("smoothing", False, True),
+    Variant("selection", True, False),
+    Variant("cromss", True, True),
 )
 
 
 @dataclass(frozen=True)
+class Setting:
+    """A benchmark size: the defaults of the sizing flags."""
+
+    locations: int
+    heldout: int
+    size: int
+    epochs: int
+    batch: int
+    lr: float
+    encoder: str
+    seeds: tuple[int, ...]
+    noise_rates: tuple[float, ...]
+    fusions: tuple[str, ...]
+    window: int
+
+
+SEEDS = (0, 1, 2, 3, 4)
+SETTINGS = {
+    "cpu": Setting(8, 16, 64, 150, 4, 1e-3, "resnet18", SEEDS, (0.2, 0.4), ("mid", "late"), 5),
+    "gpu": Setting(8, 16, 64, 150, 4, 1e-3, "resnet18", SEEDS, (0.4,), ("mid",), 5),
+}
+"""Both in the regime where the baseline memorises the noise (docs/benchmarks.md section 5.1): ``cpu``
+the whole comparison, ``gpu`` its mid-fusion part at noise 0.4, estimated under 8 minutes on one GPU."""
+
+
+@dataclass(frozen=True)
 class SyntheticSets:
-    """Shard locations of one benchmark: pretraining and held-out sets per noise rate, downstream sets."""
+    """Shard locations of one benchmark: pretraining and held-out sets per noise rate."""
 
     pretrain: dict[float, str]
     heldout: dict[float, str]
     achieved_noise: dict[float, float]
-    dw_train: str
-    dw_test: str
 
 
 def synthesize_sets(root: Path, args: argparse.Namespace) -> SyntheticSets:
@@ -124,10 +157,7 @@ def synthesize_sets(root: Path, args: argparse.Namespace) -> SyntheticSets:
         synthesize(heldout_dir, "pretrain", args.heldout, tile, DATA_SEEDS["heldout"], noise, overwrite=True)
         pretrain_sets[noise], heldout_sets[noise] = str(train_dir), str(heldout_dir)
         achieved[noise] = float(manifest.provenance["noise"]["achieved_rate"])
-    dw_train, dw_test = root / "dw-train", root / "dw-test"
-    synthesize(dw_train, "dw", args.transfer_locations, tile, DATA_SEEDS["dw_train"], overwrite=True)
-    synthesize(dw_test, "dw", args.transfer_test, tile, DATA_SEEDS["dw_test"], overwrite=True)
-    return SyntheticSets(pretrain_sets, heldout_sets, achieved, str(dw_train), str(dw_test))
+    return SyntheticSets(pretrain_sets, heldout_sets, achieved)
 
 
 def training_shard(
@@ -159,18 +189,72 @@ def noisy_label_miou(heldout: InMemoryShard) -> float:
 
 @dataclass
 class RunResult:
-    """Scores of one pretraining run and of its encoder's transfers (mIoU in [0, 1])."""
+    """One pretraining run: its per-epoch scores (mIoU in [0, 1]), wall and process-CPU seconds.
+
+    ``curve[e]`` holds, after epoch ``e + 1``: ``s2_clean_miou`` (and ``fused_clean_miou``
+    for two branches) on the held-out clean labels, and ``<branch>_<diagnostic>`` of the
+    epoch's training pixels (:data:`DIAGNOSTICS`).
+    """
 
     noise: float
     seed: int
     fusion: str
     variant: str
-    s1_miou: float | None
-    s2_miou: float | None
-    fused_miou: float | None
-    frozen_miou: float | None = None
-    finetuned_miou: float | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.variant if self.variant == S2_ONLY else f"{self.fusion}.{self.variant}"
+
+
+@dataclass(frozen=True)
+class PeakFinal:
+    """Peak and final value of a curve smoothed by a trailing mean (module docstring); epochs 1-based."""
+
+    peak: float
+    peak_epoch: int
+    final: float
+
+    @property
+    def drop(self) -> float:
+        """Final minus peak: 0 when the smoothed curve ends at its maximum, negative after memorisation."""
+        return self.final - self.peak
+
+
+def peak_and_final(values: Sequence[float], window: int) -> PeakFinal:
+    """Smooth ``values`` (one per epoch) by the trailing mean of ``window`` epochs, from the first
+    epoch that has ``window`` before it (all of them when the curve is shorter); the peak is the
+    first maximum of the smoothed curve, the final value its last."""
+    if not values:
+        raise ValueError("an empty curve has no peak")
+    width = min(window, len(values))
+    smoothed = [statistics.fmean(values[end - width : end]) for end in range(width, len(values) + 1)]
+    best = max(range(len(smoothed)), key=smoothed.__getitem__)
+    return PeakFinal(smoothed[best], best + width, smoothed[-1])
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of paired differences and its two-sided t-interval; bounds NaN for a single pair."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def t_interval(differences: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """``mean ± t_{(1+confidence)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation."""
+    n = len(differences)
+    if n == 0:
+        raise ValueError("no differences to summarise")
+    mean = statistics.fmean(differences)
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
 
 
 def ramp_length(epochs: int) -> int:
@@ -199,10 +283,17 @@ def pretrain_config(args: argparse.Namespace, fusion: str, variant: Variant, see
     return build_config(PretrainConfig, {}, overrides)
 
 
+def branch_diagnostics(metrics: Mapping[str, float], split: str) -> dict[str, float]:
+    """``<branch>_<diagnostic>`` from the trainer's ``<split>/<branch>/<diagnostic>`` metrics."""
+    return {
+        f"{branch}_{name}": metrics[f"{split}/{branch}/{name}"] for branch in ("s1", "s2") for name in DIAGNOSTICS
+    }
+
+
 def pretrain_multimodal(
     config: PretrainConfig, sets: SyntheticSets, noise: float, device: torch.device
-) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """One CromSS run through the trainer's epoch and validation functions: clean-label mIoUs, S2 encoder."""
+) -> list[dict[str, float]]:
+    """One two-branch run through the trainer's epoch and validation functions: its per-epoch scores."""
     seed = config.run.seed
     clock = EpochCounter()
     with_prior = config.cromss.prior != "none"
@@ -218,19 +309,30 @@ def pretrain_multimodal(
     network.to(device)
     optimizer = build_optimizer(network.parameters(), config.optim)
     state = TrainingState(network, optimizer, None, precision.grad_scaler())
+    curve = []
     for epoch in range(config.optim.epochs):
         clock.epoch = epoch
-        pretrain.train_epoch(context, state, train, epoch)
-    validation = pretrain.validate(context, network, heldout, config.optim.epochs - 1, figures=0)
-    scores = {branch: validation.metrics[f"val_clean/{branch}/miou"] for branch in ("s1", "s2", "fused")}
-    return scores, encoder_state_dict(network, "s2")
+        training = pretrain.train_epoch(context, state, train, epoch)
+        validation = pretrain.validate(context, network, heldout, epoch, figures=0).metrics
+        curve.append(
+            {
+                CURVE_SCORE: validation["val_clean/s2/miou"],
+                "fused_clean_miou": validation["val_clean/fused/miou"],
+                **branch_diagnostics(training, "train"),
+            }
+        )
+    return curve
 
 
 def pretrain_s2_only(
     args: argparse.Namespace, sets: SyntheticSets, noise: float, seed: int, device: torch.device
-) -> tuple[float, dict[str, torch.Tensor]]:
-    """(i): the platform's single-modality S2 baseline (spec 11: the same U-Net, CE + Dice on the noisy labels,
-    every labelled pixel at weight 1) on the same batches; clean-label mIoU and its encoder."""
+) -> list[dict[str, float]]:
+    """The platform's single-modality S2 baseline (spec 11: the same U-Net, CE + Dice on the noisy
+    labels, every labelled pixel at weight 1) on the same batches: its per-epoch scores.
+
+    Its noise diagnostics score the network's own label confidence ``p_y`` (spec 3) as the
+    trust, every labelled pixel at weight 1, on each step's training pixels.
+    """
     clock = EpochCounter()
     train = training_shard(
         sets.pretrain[noise], args.size, seed, clock, labels_all=False, rotation=ROTATION_PROBABILITY
@@ -241,18 +343,28 @@ def pretrain_s2_only(
     network = build_single_model("s2", args.encoder, S2_BANDS, meta.num_classes).to(device)
     criterion = SingleModalityLoss("s2", "cd", classes=meta.num_classes, ignore_index=meta.nodata)
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr, weight_decay=1e-8)
+    curve = []
     for epoch in range(args.epochs):
         clock.epoch = epoch
         network.train()
+        noise_evidence = NoiseDiagnostics(meta.num_classes, meta.nodata, device)
         for batch in train.iter_torch_batches(batch_size=args.batch):
             inputs = to_device(batch, meta, device, prior="none")
-            loss, _ = criterion(network(inputs.x2), inputs.y)
+            logits = network(inputs.x2)
+            loss, _ = criterion(logits, inputs.y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return clean_miou(network, heldout, meta, device), {
-        key: value.detach().clone() for key, value in network.encoder.state_dict().items()
-    }
+            weights = torch.ones_like(inputs.y, dtype=torch.float32)
+            noise_evidence.update(inputs.y, inputs.clean_y, weights, label_confidence(logits, inputs.y))
+        evidence = noise_evidence.compute()
+        curve.append(
+            {
+                CURVE_SCORE: clean_miou(network, heldout, meta, device),
+                **{f"s2_{name}": evidence[name] for name in DIAGNOSTICS},
+            }
+        )
+    return curve
 
 
 @torch.no_grad()
@@ -266,102 +378,40 @@ def clean_miou(network: nn.Module, heldout: InMemoryShard, meta: ShardMetadata, 
     return float(matrix.compute()["miou"])
 
 
-def transfer(
-    args: argparse.Namespace,
-    sets: SyntheticSets,
-    encoder_state: dict[str, torch.Tensor] | None,
-    mode: str,
-    seed: int,
-    device: torch.device,
-) -> float:
-    """Test mIoU on the DW-like set of a network whose S2 encoder starts from ``encoder_state`` (spec 11).
-
-    ``encoder_state`` None is the random-initialisation baseline.
-    """
-    overrides = [
-        f"model.decoder={args.decoder}",
-        f"model.encoder={args.encoder}",
-        f"model.encoder_mode={mode}",
-        "model.frozen_batch_norm=fixed",
-        f"data.crop={args.size}",
-        f"data.s2_bands={S2_BANDS}",
-        "data.prefetch_batches=0",
-        f"optim.lr={TRANSFER_LR}",
-        f"optim.batch_size={args.batch}",
-        f"optim.epochs={args.transfer_epochs}",
-        f"run.seed={seed}",
-    ]
-    config = build_config(FinetuneConfig, {}, overrides)
-    clock = EpochCounter()
-    rotation = DOWNSTREAM_ROTATION_PROBABILITY
-    train = training_shard(sets.dw_train, args.size, seed, clock, labels_all=False, rotation=rotation)
-    test = evaluation_shard(sets.dw_test, args.size)
-    meta = train.cut.meta
-    torch.manual_seed(seed)
-    network = build_segmentation_model(config.model.decoder, config.model.encoder, S2_BANDS, meta.num_classes)
-    if encoder_state is not None:
-        load_encoder_state(network, encoder_state)
-    if mode == FROZEN:
-        finetune.freeze_encoder(network, config.model.frozen_batch_norm)
-    network.to(device)
-    precision = Precision.on(device, config.scaling.precision)
-    context = finetune.WorkerContext(config, meta, device, precision)
-    optimizer = build_optimizer(network.parameters(), config.optim)
-    state = TrainingState(network, optimizer, build_lr_scheduler(optimizer, config.optim), precision.grad_scaler())
-    for epoch in range(config.optim.epochs):
-        clock.epoch = epoch
-        metrics = finetune.train_epoch(context, state, train, epoch)
-        step_lr_scheduler(state.scheduler, metrics["train/loss"])
-    return float(finetune.evaluate_split(context, network, test, "test").metrics["test/s2/miou"])
-
-
 def run_all(args: argparse.Namespace, sets: SyntheticSets, device: torch.device) -> list[RunResult]:
-    """Every pretraining run, each followed by its transfers, then the random-initialisation baselines."""
+    """Every pretraining run: per noise rate and seed, the baseline, then each fusion's variants."""
     results = []
+    variants = [variant for variant in MULTIMODAL_VARIANTS if variant.name in args.variants]
     for noise in args.noise_rates:
         for seed in args.seeds:
             jobs: list[tuple[str, Variant | None]] = [("-", None)] if S2_ONLY in args.variants else []
-            jobs += [(fusion, v) for fusion in args.fusions for v in MULTIMODAL_VARIANTS if v.name in args.variants]
+            jobs += [(fusion, variant) for fusion in args.fusions for variant in variants]
             for fusion, variant in jobs:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 if variant is None:
-                    s2, encoder = pretrain_s2_only(args, sets, noise, seed, device)
-                    result = RunResult(noise, seed, fusion, S2_ONLY, None, s2, None)
+                    result = RunResult(noise, seed, fusion, S2_ONLY, pretrain_s2_only(args, sets, noise, seed, device))
                 else:
                     config = pretrain_config(args, fusion, variant, seed)
-                    scores, encoder = pretrain_multimodal(config, sets, noise, device)
-                    result = RunResult(noise, seed, fusion, variant.name, scores["s1"], scores["s2"], scores["fused"])
-                if args.transfer:
-                    result.frozen_miou = transfer(args, sets, encoder, FROZEN, seed, device)
-                    result.finetuned_miou = transfer(args, sets, encoder, FINETUNED, seed, device)
+                    curve = pretrain_multimodal(config, sets, noise, device)
+                    result = RunResult(noise, seed, fusion, variant.name, curve)
                 result.seconds = time.perf_counter() - started
+                result.cpu_seconds = time.process_time() - cpu_started
                 results.append(result)
-                progress(results, args.json)
-    if args.transfer:
-        for seed in args.seeds:
-            started = time.perf_counter()
-            result = RunResult(-1.0, seed, "-", RANDOM_INIT, None, None, None)
-            result.frozen_miou = transfer(args, sets, None, FROZEN, seed, device)
-            result.finetuned_miou = transfer(args, sets, None, FINETUNED, seed, device)
-            result.seconds = time.perf_counter() - started
-            results.append(result)
-            progress(results, args.json)
+                progress(results, args.window, args.json)
     return results
 
 
-def progress(results: list[RunResult], json_path: Path | None) -> None:
+def progress(results: list[RunResult], window: int, json_path: Path | None) -> None:
     """A line on stderr per finished run, and the runs so far in the JSON file, so that a long
     benchmark shows where it is and an interrupted one keeps what it finished."""
     result = results[-1]
-    named = {
-        "s2": result.s2_miou,
-        "fused": result.fused_miou,
-        "frozen": result.frozen_miou,
-        "finetuned": result.finetuned_miou,
-    }
-    scores = ", ".join(f"{name} {value:.3f}" for name, value in named.items() if value is not None)
-    where = "random init" if result.variant == RANDOM_INIT else f"noise {result.noise} {result.fusion}/{result.variant}"
-    line = f"[noise_robustness] seed {result.seed} {where}: {scores} ({result.seconds:.0f} s)"
+    scores = peak_and_final([epoch[CURVE_SCORE] for epoch in result.curve], window)
+    auroc = result.curve[-1]["s2_noise_auroc"]
+    line = (
+        f"[noise_robustness] noise {result.noise} seed {result.seed} {result.name}: S2 clean mIoU peak "
+        f"{scores.peak:.3f} (epoch {scores.peak_epoch}), final {scores.final:.3f}, "
+        f"S2 noise AUROC {auroc:.3f} ({result.seconds:.0f} s)"
+    )
     print(line, file=sys.stderr, flush=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,85 +419,131 @@ def progress(results: list[RunResult], json_path: Path | None) -> None:
         json_path.write_text(json.dumps(partial, indent=2) + "\n")
 
 
-def summarise(values: Sequence[float | None]) -> str:
-    """``mean ± std`` in mIoU percent over seeds, with the seed count."""
-    present = [100 * value for value in values if value is not None]
-    mean, std = mean_std(present)
-    return f"{mean:.2f} ± {std:.2f} (n={len(present)})"
+def percent(values: Sequence[float]) -> str:
+    """``mean ± std`` in percent over seeds, with the seed count."""
+    mean, std = mean_std([100 * value for value in values])
+    return f"{mean:.2f} ± {std:.2f} (n={len(values)})"
 
 
-def result_sections(results: list[RunResult], noisy_mious: dict[float, float]) -> dict[str, Section]:
-    """One section per noise rate (rows ``<fusion>.<variant>.<score>_miou_pct``) and one for random init."""
+def percent_interval(interval: Interval) -> str:
+    """A paired difference in percentage points: ``mean [low, high] (n=..)``."""
+    return f"{100 * interval.mean:+.2f} [{100 * interval.low:+.2f}, {100 * interval.high:+.2f}] (n={interval.n})"
+
+
+def final_diagnostics(result: RunResult, window: int) -> dict[str, float]:
+    """The S2 diagnostics averaged over the last ``window`` epochs (NaN-free epochs only)."""
+    tail = result.curve[-window:]
+    averaged = {}
+    for name in DIAGNOSTICS:
+        values = [epoch[f"s2_{name}"] for epoch in tail if not math.isnan(epoch[f"s2_{name}"])]
+        averaged[name] = statistics.fmean(values) if values else math.nan
+    return averaged
+
+
+def comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Pairs (run, reference) to difference: every multimodal run against ``s2_only``, and every
+    other variant against the plain ``multimodal`` run of its fusion."""
+    pairs = [(name, S2_ONLY) for name in names if name != S2_ONLY and S2_ONLY in names]
+    for name in names:
+        fusion, _, variant = name.partition(".")
+        reference = f"{fusion}.{MULTIMODAL}"
+        if variant and variant != MULTIMODAL and reference in names:
+            pairs.append((name, reference))
+    return pairs
+
+
+def noise_section(results: Sequence[RunResult], noisy_miou: float, window: int) -> tuple[Section, Section]:
+    """The per-run summary (mean ± std over seeds) and the paired differences of one noise rate."""
+    names = list(dict.fromkeys(result.name for result in results))
+    by_name = {name: {result.seed: result for result in results if result.name == name} for name in names}
+    scores = {
+        name: {seed: peak_and_final([epoch[CURVE_SCORE] for epoch in run.curve], window) for seed, run in runs.items()}
+        for name, runs in by_name.items()
+    }
+    summary: Section = {"noisy_labels.miou_pct": f"{100 * noisy_miou:.2f}"}
+    for name in names:
+        values = list(scores[name].values())
+        summary[f"{name}.peak_pct"] = percent([value.peak for value in values])
+        summary[f"{name}.peak_epoch"] = f"{statistics.fmean(value.peak_epoch for value in values):.1f}"
+        summary[f"{name}.final_pct"] = percent([value.final for value in values])
+        summary[f"{name}.final_minus_peak_pct"] = percent([value.drop for value in values])
+        diagnostics = [final_diagnostics(run, window) for run in by_name[name].values()]
+        for diagnostic in DIAGNOSTICS:
+            present = [entry[diagnostic] for entry in diagnostics if not math.isnan(entry[diagnostic])]
+            if present:
+                summary[f"{name}.s2_{diagnostic}"] = f"{statistics.fmean(present):.4f}"
+    paired: Section = {}
+    for name, reference in comparisons(names):
+        seeds = sorted(set(scores[name]) & set(scores[reference]))
+        for metric in ("peak", "final", "drop"):
+            differences = [getattr(scores[name][s], metric) - getattr(scores[reference][s], metric) for s in seeds]
+            label = "final_minus_peak" if metric == "drop" else metric
+            paired[f"{name} - {reference}.{label}_pp"] = percent_interval(t_interval(differences))
+    return summary, paired
+
+
+def result_sections(results: list[RunResult], noisy_mious: Mapping[float, float], window: int) -> dict[str, Section]:
+    """Per noise rate: ``noise <rate>`` (runs) and ``noise <rate> paired`` (differences)."""
     sections: dict[str, Section] = {}
     for noise, noisy_miou in noisy_mious.items():
-        section: Section = {"noisy_labels.miou_pct": f"{100 * noisy_miou:.2f}"}
-        runs = [result for result in results if result.noise == noise]
-        for key in dict.fromkeys((result.fusion, result.variant) for result in runs):
-            group = [result for result in runs if (result.fusion, result.variant) == key]
-            prefix = key[1] if key[1] == S2_ONLY else f"{key[0]}.{key[1]}"
-            for score in ("s2", "fused", "frozen", "finetuned"):
-                values = [getattr(result, f"{score}_miou") for result in group]
-                if any(value is not None for value in values):
-                    section[f"{prefix}.{score}_miou_pct"] = summarise(values)
-        sections[f"noise {noise}"] = section
-    baseline = [result for result in results if result.variant == RANDOM_INIT]
-    if baseline:
-        sections[RANDOM_INIT] = {
-            f"{score}_miou_pct": summarise([getattr(result, f"{score}_miou") for result in baseline])
-            for score in ("frozen", "finetuned")
-        }
+        summary, paired = noise_section([result for result in results if result.noise == noise], noisy_miou, window)
+        sections[f"noise {noise}"] = summary
+        if paired:
+            sections[f"noise {noise} paired"] = paired
     return sections
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.noise_robustness", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--locations", type=int, default=32, help="pretraining locations (default 32)")
-    parser.add_argument("--heldout", type=int, default=16, help="locations scored on clean labels (default 16)")
-    parser.add_argument("--size", type=int, default=64, help="crop side in px, a multiple of 32 (default 64)")
-    parser.add_argument("--epochs", type=int, default=8, help="pretraining epochs (default 8)")
-    parser.add_argument("--batch", type=int, default=4, help="samples per step (default 4)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of pretraining (default 1e-3)")
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--noise-rates", type=float, nargs="+", default=[0.2, 0.4])
-    parser.add_argument("--fusions", nargs="+", choices=("mid", "late"), default=["mid", "late"])
+    parser.add_argument(
+        "--setting", choices=tuple(SETTINGS), default="cpu", help="size defaults: cpu (default) or gpu"
+    )
+    parser.add_argument("--locations", type=int, help="pretraining locations")
+    parser.add_argument("--heldout", type=int, help="locations scored on clean labels")
+    parser.add_argument("--size", type=int, help="crop side in px, a multiple of 32")
+    parser.add_argument("--epochs", type=int, help="pretraining epochs")
+    parser.add_argument("--batch", type=int, help="samples per step")
+    parser.add_argument("--lr", type=float, help="Adam learning rate, held for the whole run")
+    parser.add_argument("--encoder", help="segmentation-models-pytorch encoder name")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--noise-rates", type=float, nargs="+")
+    parser.add_argument("--window", type=int, help="epochs of the trailing mean that smooths each curve")
+    parser.add_argument("--fusions", nargs="+", choices=("mid", "late"))
     parser.add_argument(
         "--variants",
         nargs="+",
         choices=(S2_ONLY, *(variant.name for variant in MULTIMODAL_VARIANTS)),
-        default=[S2_ONLY, *(variant.name for variant in MULTIMODAL_VARIANTS)],
+        default=[S2_ONLY, MULTIMODAL, "cromss"],
     )
-    parser.add_argument(
-        "--transfer", action=argparse.BooleanOptionalAction, default=True, help="transfer every encoder (default on)"
-    )
-    parser.add_argument("--transfer-locations", type=int, default=24, help="DW-like training tiles (default 24)")
-    parser.add_argument("--transfer-test", type=int, default=16, help="DW-like test tiles (default 16)")
-    parser.add_argument("--transfer-epochs", type=int, default=4, help="transfer epochs (default 4)")
-    parser.add_argument("--decoder", default="Unet", help="smp architecture of the transfer network (default Unet)")
     parser.add_argument("--work-dir", type=Path, help="where the synthetic shards go (default: a temporary directory)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke size: 4 locations of 32 px, 1 epoch, 1 seed, mid fusion"
+        "--quick", action="store_true", help="smoke size: 4 locations of 32 px, 2 epochs, 2 seeds, 1 noise rate, mid"
     )
     parser.add_argument(
-        "--json", type=Path, help="write every run's scores here as JSON after each run, and the report at the end"
+        "--json", type=Path, help="write every run's curves here as JSON after each run, and the report at the end"
     )
     return parser
 
 
 def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    """Apply ``--quick`` and reject sizes the networks or the comparison cannot take."""
+    """Fill unset sizes from ``--setting``, apply ``--quick`` and reject sizes the comparison cannot take."""
+    setting = asdict(SETTINGS[args.setting])
     if args.quick:
-        args.locations, args.heldout, args.size, args.epochs, args.batch = 4, 2, 32, 1, 2
-        args.seeds, args.noise_rates, args.fusions = [0], [0.3], ["mid"]
-        args.transfer_locations, args.transfer_test, args.transfer_epochs = 4, 2, 1
+        quick = {"locations": 4, "heldout": 2, "size": 32, "epochs": 2, "batch": 2, "window": 1}
+        setting.update(quick, seeds=(0, 1), noise_rates=(0.3,), fusions=("mid",))
+    for name, default in setting.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(default) if isinstance(default, tuple) else default)
     if args.size % 32 or args.size < 32:
         raise SystemExit(f"--size {args.size}: must be a positive multiple of 32 (the encoders' output stride)")
-    if min(args.locations, args.heldout, args.epochs, args.batch, args.transfer_locations, args.transfer_test) < 1:
-        raise SystemExit("--locations, --heldout, --epochs, --batch and the transfer sizes must be at least 1")
+    if min(args.locations, args.heldout, args.epochs, args.batch, args.window) < 1:
+        raise SystemExit("--locations, --heldout, --epochs, --batch and --window must be at least 1")
     if any(not 0.0 <= noise <= 1.0 for noise in args.noise_rates):
         raise SystemExit(f"--noise-rates {args.noise_rates}: every rate must lie in [0, 1]")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds {args.seeds}: the paired comparison needs distinct seeds")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: must be at least 1")
     return args
@@ -456,6 +552,7 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
 def setup_section(args: argparse.Namespace, sets: SyntheticSets) -> Section:
     achieved = ", ".join(f"{noise}: {rate:.4f}" for noise, rate in sets.achieved_noise.items())
     return {
+        "setting": args.setting + (" (quick)" if args.quick else ""),
         "encoder": args.encoder,
         "pretrain_locations": args.locations,
         "heldout_locations": args.heldout,
@@ -463,13 +560,25 @@ def setup_section(args: argparse.Namespace, sets: SyntheticSets) -> Section:
         "crop_px": args.size,
         "epochs": args.epochs,
         "batch": args.batch,
-        "lr": args.lr,
+        "lr_held": args.lr,
         "selection_ramp_epochs": ramp_length(args.epochs),
+        "smoothing_window_epochs": args.window,
         "seeds": " ".join(str(seed) for seed in args.seeds),
+        "fusions": " ".join(args.fusions),
         "achieved_noise_rates": achieved,
-        "transfer": f"{args.decoder}, {args.transfer_locations} train / {args.transfer_test} test tiles, "
-        f"{args.transfer_epochs} epochs" if args.transfer else "off",
     }
+
+
+def timing_section(results: Sequence[RunResult], total: float) -> Section:
+    """Wall seconds in all, and wall and process-CPU seconds per epoch of each kind of run (CPU
+    seconds, which other load on the machine changes far less, project other sizes)."""
+    section: Section = {"total_s": total}
+    for name in dict.fromkeys(result.name for result in results):
+        runs = [result for result in results if result.name == name]
+        epochs = sum(len(result.curve) for result in runs)
+        section[f"{name}.epoch_s"] = sum(result.seconds for result in runs) / epochs
+        section[f"{name}.epoch_cpu_s"] = sum(result.cpu_seconds for result in runs) / epochs
+    return section
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -485,8 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         results = run_all(args, sets, device)
     sections = {"machine": machine_section(device), "setup": setup_section(args, sets)}
-    sections.update(result_sections(results, noisy))
-    sections["timing"] = {"total_s": time.perf_counter() - started}
+    sections.update(result_sections(results, noisy, args.window))
+    sections["timing"] = timing_section(results, time.perf_counter() - started)
     publish(TITLE, sections, args.json, {"complete": True, "runs": [asdict(result) for result in results]})
     return 0
 
