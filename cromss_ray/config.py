@@ -110,6 +110,12 @@ class OptimConfig(Section):
     step_size: int = Field(default=30, ge=1)
     epochs: int = Field(default=200, ge=1)
     batch_size: int = Field(default=128, ge=1, description="Samples per worker per step.")
+    max_nonfinite_steps: int = Field(
+        default=10,
+        ge=0,
+        description="Steps per epoch whose loss or gradients are non-finite that are skipped (and counted) "
+        "before the run fails.",
+    )
 
 
 class ScalingConfig(Section):
@@ -132,6 +138,11 @@ class RunConfig(Section):
     checkpoints_to_keep: int = Field(default=2, ge=1)
     max_failures: int = Field(default=0, ge=-1)
     validation_figures: int = Field(default=4, ge=0)
+    allow_config_change: bool = Field(
+        default=False,
+        description="Resume a checkpoint whose config differs beyond the changeable keys; the change is "
+        "recorded in the MLflow run.",
+    )
 
 
 class TrackingConfig(Section):
@@ -148,6 +159,20 @@ class TrackingConfig(Section):
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+CROP_MULTIPLE = 32
+"""Training crops are a multiple of the encoders' output stride (5 halvings), checked on the driver."""
+
+
+def check_crop(data: DataConfig | DownstreamDataConfig) -> DataConfig | DownstreamDataConfig:
+    """A training config's crop must be a multiple of :data:`CROP_MULTIPLE` (the network halves it 5 times)."""
+    if data.crop % CROP_MULTIPLE:
+        raise ValueError(
+            f"data.crop: {data.crop} is not a multiple of {CROP_MULTIPLE} (the network's output stride); "
+            f"use e.g. {max(CROP_MULTIPLE, data.crop // CROP_MULTIPLE * CROP_MULTIPLE)}"
+        )
+    return data
+
+
 class PretrainConfig(Section):
     """Everything a CromSS pretraining run needs."""
 
@@ -158,6 +183,8 @@ class PretrainConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    _crop = field_validator("data")(check_crop)
 
     def registry_name(self) -> str:
         """``cromss-<fusion>-<bands>b`` unless the config names one."""
@@ -202,6 +229,8 @@ class FinetuneConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="cromss-finetune"))
     tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(experiment="cromss-finetune"))
+
+    _crop = field_validator("data")(check_crop)
 
 
 class SearchDomain(Section):
@@ -342,6 +371,15 @@ def load_config(
 def to_yaml(config: BaseModel) -> str:
     """The whole config as YAML, as logged to MLflow and stored in checkpoints."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+ConfigChanges = dict[str, tuple[Any, Any]]
+"""Changed dotted config keys: ``key -> (old value, new value)``."""
+
+
+def describe_changes(changes: ConfigChanges) -> str:
+    """``key: old -> new`` for each changed key, joined by ``; ``."""
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
 
 
 def flatten(config: BaseModel) -> dict[str, Any]:

@@ -59,7 +59,16 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, finite_metrics, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
+from cromss_ray.train.loop import (
+    INPUT_KEY,
+    GuardedSteps,
+    RunLinks,
+    WorkerInput,
+    check_checkpoint,
+    run_worker,
+    torch_trainer,
+    worker_input,
+)
 from cromss_ray.train.optim import Precision
 
 logger = logging.getLogger(__name__)
@@ -241,7 +250,7 @@ def build_trainer(
     check_finetune_config(config)
     initialisation = initialisation or resolve_init(config)
     config = effective_config(config, initialisation.source)
-    check_checkpoint(config)
+    changes = check_checkpoint(config)
     datasets = downstream_datasets(config.data, seed=config.run.seed)
     check_against_data(config, datasets)
     meta = datasets.meta
@@ -250,11 +259,11 @@ def build_trainer(
     state = initialisation.encoder_state
     inputs = worker_input(
         config,
-        meta,
-        datasets.clock.name,
+        datasets,
         links,
         tags=run_tags(config, meta, initialisation.source),
         checkpoint_extra={"registry_name": registry_name, "source": asdict(initialisation.source)},
+        config_changes=changes,
         task=TransferInput(
             encoder_state=ray.put(state) if state is not None else None,
             validates=datasets.val is not None,
@@ -365,23 +374,30 @@ def unfreeze_if_due(context: WorkerContext, state: TrainingState, epoch: int) ->
 def train_epoch(
     context: WorkerContext, state: TrainingState, shard: ray.data.DataIterator, epoch: int
 ) -> dict[str, float]:
-    """One pass over the worker's training share; the cross-entropy over labelled pixels of every rank."""
+    """One pass over the worker's training share; the cross-entropy over labelled pixels of every rank.
+
+    A step with a non-finite loss or gradients is skipped and counted
+    (:class:`~cromss_ray.train.loop.GuardedSteps`, ``train/nonfinite_steps``).
+    """
     state.model.train()
     nodata = context.meta.nodata
     loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
     pixels = torch.zeros((), dtype=torch.int64, device=context.device)
-    for image, label in context.batches(shard, training=True):
+    guard = GuardedSteps.of(context.config, state, epoch)
+    for image, label in guard.batches(context.batches(shard, training=True)):
         with context.precision.autocast():
             logits = state.model(image)
         batch_sum = F.cross_entropy(logits.float(), label, ignore_index=nodata, reduction="sum")
         labelled = (label != nodata).sum()
-        state.optimise(batch_sum / labelled.clamp_min(1))
+        if not guard.optimise(batch_sum / labelled.clamp_min(1)):
+            continue
         loss_sum += batch_sum.detach().double()
         pixels += labelled
+    skipped = guard.metrics()
     totals = all_reduce_sums({"loss": float(loss_sum), "pixels": int(pixels)}, context.device)
     if totals["pixels"] == 0:
         raise RuntimeError(f"no labelled training pixel on any worker in epoch {epoch + 1}")
-    return {f"{TRAIN}/loss": totals["loss"] / totals["pixels"]}
+    return {f"{TRAIN}/loss": totals["loss"] / totals["pixels"], **skipped}
 
 
 @dataclass
@@ -538,10 +554,7 @@ class FinetuneTask:
             aliases=config.tracking.aliases,
             input_example=example,
             epoch=epochs,
-            version_tags={
-                "epoch": str(epochs),
-                **{key: f"{value:.6g}" for key, value in finite_metrics(test.metrics).items()},
-            },
+            version_tags={key: f"{value:.6g}" for key, value in finite_metrics(test.metrics).items()},
         )
         return summary
 

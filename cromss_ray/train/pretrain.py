@@ -46,7 +46,16 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_gather_objects, all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
+from cromss_ray.train.loop import (
+    INPUT_KEY,
+    GuardedSteps,
+    RunLinks,
+    WorkerInput,
+    check_checkpoint,
+    run_worker,
+    torch_trainer,
+    worker_input,
+)
 from cromss_ray.train.optim import Precision
 
 RGB_BANDS = ("B4", "B3", "B2")
@@ -84,7 +93,7 @@ class PretrainResult:
 
 def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> TorchTrainer:
     """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised)."""
-    check_checkpoint(config)
+    changes = check_checkpoint(config)
     datasets = pretrain_datasets(
         config.data, seed=config.run.seed, prior=config.cromss.prior, sigma=config.cromss.prior_sigma
     )
@@ -105,11 +114,11 @@ def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> Torch
         )
     inputs = worker_input(
         config,
-        datasets.meta,
-        datasets.clock.name,
+        datasets,
         links,
         tags={},
         checkpoint_extra={"registry_name": config.registry_name()},
+        config_changes=changes,
     )
     return torch_trainer(pretrain_loop, config, inputs, {TRAIN: datasets.train, VAL: datasets.val}, links)
 
@@ -214,6 +223,9 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over the worker's training share; the loss terms and diagnostics averaged over every rank's steps.
 
+    A step with a non-finite loss or gradients is skipped and counted
+    (:class:`~cromss_ray.train.loop.GuardedSteps`, ``train/nonfinite_steps``).
+
     With clean labels, also the noise diagnostics of the selection each step applied,
     over every rank's training pixels (``train/<branch>/<metric>``, :data:`NOISE_METRICS`).
     """
@@ -221,24 +233,28 @@ def train_epoch(
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     noise = context.noise_diagnostics()
-    for _, inputs in context.batches(shard, training=True):
+    guard = GuardedSteps.of(context.config, state, epoch)
+    for _, inputs in guard.batches(context.batches(shard, training=True)):
         with context.precision.autocast():
             z1, z2 = state.model(inputs.x1, inputs.x2)
         loss, diagnostics, maps = context.criterion.forward_with_selection(
             z1, z2, inputs.y, prior=inputs.prior, epoch=epoch
         )
-        state.optimise(loss)
+        if not guard.optimise(loss):
+            continue
         add_noise_evidence(noise, inputs, maps)
         for key, value in {"loss": loss.detach(), **diagnostics}.items():
             sums[key] = sums.get(key, 0.0) + value.float()
         steps += 1
+    skipped = guard.metrics()
     if steps == 0:
         raise RuntimeError(
             f"worker {ray.train.get_context().get_world_rank()} got no training batch in epoch {epoch + 1}"
         )
     totals = all_reduce_sums({**{key: float(value) for key, value in sums.items()}, "steps": steps}, context.device)
     count = totals.pop("steps")
-    return {**{f"{TRAIN}/{key}": value / count for key, value in totals.items()}, **noise_metrics(TRAIN, noise)}
+    averages = {f"{TRAIN}/{key}": value / count for key, value in totals.items()}
+    return {**averages, **noise_metrics(TRAIN, noise), **skipped}
 
 
 def rgb_positions(s2_bands: int) -> list[int]:
@@ -421,7 +437,7 @@ class PretrainTask:
             aliases=config.tracking.aliases,
             input_example=validation.example,
             epoch=epoch,
-            version_tags={"epoch": str(epoch), **version_tags},
+            version_tags=version_tags,
         )
         return {"model_version": version}
 
