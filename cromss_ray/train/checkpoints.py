@@ -41,7 +41,7 @@ from cromss_ray.config import (
     to_yaml,
 )
 from cromss_ray.data.storage import write_atomically
-from cromss_ray.models.stored import CONFIG_FILE, WEIGHTS_FILE, check_finite
+from cromss_ray.models.stored import CONFIG_FILE, WEIGHTS_FILE, check_finite, read_config
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.cluster import absolute_storage_path
 from cromss_ray.train.collectives import unwrap
@@ -112,6 +112,12 @@ def config_changes(config: PretrainConfig | FinetuneConfig, saved: PretrainConfi
     }
 
 
+def changes_to_record(config: PretrainConfig | FinetuneConfig, saved: PretrainConfig | FinetuneConfig) -> ConfigChanges:
+    """The changes from ``saved`` (a checkpoint's config) to ``config`` beyond :data:`CHANGEABLE_KEYS`:
+    those ``run.allow_config_change`` lets through and the run records."""
+    return {key: change for key, change in config_changes(config, saved).items() if not changeable(key, config)}
+
+
 def check_resumable(config: PretrainConfig | FinetuneConfig, checkpoint: ray.train.Checkpoint) -> ConfigChanges:
     """A run resumes only with the network its checkpoint holds (:data:`RESUME_KEYS`) and, unless
     ``run.allow_config_change``, with its config but for :data:`CHANGEABLE_KEYS`.
@@ -119,14 +125,13 @@ def check_resumable(config: PretrainConfig | FinetuneConfig, checkpoint: ray.tra
     Returns the changes allowed by ``run.allow_config_change`` (to record in the run); a
     ConfigError names every refused key with its old and new value.
     """
-    changes = config_changes(config, read_checkpoint_config(config, checkpoint))
+    changed = changes_to_record(config, read_checkpoint_config(config, checkpoint))
     where = f"run '{config.run.name}' in {config.run.storage_path} has a checkpoint ({checkpoint.path})"
-    network = {key: change for key, change in changes.items() if key.startswith(RESUME_KEYS)}
+    network = {key: change for key, change in changed.items() if key.startswith(RESUME_KEYS)}
     if network:
         raise ConfigError(
             f"{where} of another network: {describe_changes(network)}. Choose a new run.name to start afresh."
         )
-    changed = {key: change for key, change in changes.items() if not changeable(key, config)}
     if changed and not config.run.allow_config_change:
         raise ConfigError(
             f"{where} with another config: {describe_changes(changed)}. Resume with the checkpoint's values, "
@@ -205,6 +210,15 @@ def read_meta(directory: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable checkpoint meta file: {exc}") from None
+
+
+def restored_changes(config: PretrainConfig | FinetuneConfig, checkpoint: Path | None) -> ConfigChanges:
+    """The changes a run resumed from the checkpoint directory ``checkpoint`` makes to its config
+    (:func:`changes_to_record`; none without a checkpoint): after a restart from a checkpoint the
+    resumed run wrote itself, none."""
+    if checkpoint is None:
+        return {}
+    return changes_to_record(config, read_config(checkpoint / CONFIG_FILE, type(config)))
 
 
 def restore_model(network: nn.Module, checkpoint: Path | None) -> dict[str, Any] | None:

@@ -59,16 +59,8 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, finite_metrics, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import (
-    INPUT_KEY,
-    GuardedSteps,
-    RunLinks,
-    WorkerInput,
-    check_checkpoint,
-    run_worker,
-    torch_trainer,
-    worker_input,
-)
+from cromss_ray.train.loop import INPUT_KEY, GuardedSteps, RunLinks, WorkerInput, check_checkpoint
+from cromss_ray.train.loop import run_worker, torch_trainer, worker_input
 from cromss_ray.train.optim import Precision
 
 logger = logging.getLogger(__name__)
@@ -250,7 +242,7 @@ def build_trainer(
     check_finetune_config(config)
     initialisation = initialisation or resolve_init(config)
     config = effective_config(config, initialisation.source)
-    changes = check_checkpoint(config)
+    check_checkpoint(config)
     datasets = downstream_datasets(config.data, seed=config.run.seed)
     check_against_data(config, datasets)
     meta = datasets.meta
@@ -263,7 +255,6 @@ def build_trainer(
         links,
         tags=run_tags(config, meta, initialisation.source),
         checkpoint_extra={"registry_name": registry_name, "source": asdict(initialisation.source)},
-        config_changes=changes,
         task=TransferInput(
             encoder_state=ray.put(state) if state is not None else None,
             validates=datasets.val is not None,

@@ -39,7 +39,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from cromss_ray.config import ConfigChanges, FinetuneConfig, PretrainConfig
+from cromss_ray.config import FinetuneConfig, PretrainConfig
 from cromss_ray.data.pipeline import DownstreamDatasets, PretrainDatasets, SkippedRows, set_epoch
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri
@@ -50,6 +50,7 @@ from cromss_ray.train.checkpoints import (
     finite_metrics,
     latest_checkpoint,
     latest_checkpoint_directory,
+    restored_changes,
 )
 from cromss_ray.train.cluster import TRAIN, VAL, ExactValidationDataConfig, ray_run_config, ray_scaling_config
 from cromss_ray.train.collectives import all_reduce_tensor
@@ -144,10 +145,9 @@ class GuardedSteps:
 @dataclass(frozen=True)
 class WorkerInput:
     """What the driver hands every worker: the config and shard metadata (as JSON, validated again on the
-    worker), the names of the pipeline's epoch clock and skipped-row counter, where and how to track, what
-    each checkpoint's ``meta.json`` adds (``checkpoint_extra``, e.g. the registry name) and the config
-    changes a resumed run was allowed (``config_changes``, recorded in its MLflow run). ``task`` holds
-    what only one task needs."""
+    worker), the names of the pipeline's epoch clock and skipped-row counter, where and how to track, and
+    what each checkpoint's ``meta.json`` adds (``checkpoint_extra``, e.g. the registry name). ``task``
+    holds what only one task needs."""
 
     config: dict[str, Any]
     meta: dict[str, Any]
@@ -157,7 +157,6 @@ class WorkerInput:
     parent_run_id: str | None
     tags: dict[str, str]
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
-    config_changes: ConfigChanges = field(default_factory=dict)
     task: Any = None
 
 
@@ -179,7 +178,6 @@ def worker_input(
     *,
     tags: Mapping[str, str],
     checkpoint_extra: Mapping[str, Any],
-    config_changes: ConfigChanges,
     task: Any = None,
 ) -> WorkerInput:
     """The :class:`WorkerInput` of a run (driver side): JSON config and metadata, absolute tracking URI;
@@ -193,19 +191,17 @@ def worker_input(
         parent_run_id=links.parent_run_id,
         tags={**tags, **links.tags},
         checkpoint_extra=dict(checkpoint_extra),
-        config_changes=dict(config_changes),
         task=task,
     )
 
 
-def check_checkpoint(config: PretrainConfig | FinetuneConfig) -> ConfigChanges:
+def check_checkpoint(config: PretrainConfig | FinetuneConfig) -> None:
     """An earlier run of the same name and storage path must hold the same network and, unless
-    ``run.allow_config_change``, the same config but for the changeable keys (driver side); the
-    allowed changes (:func:`~cromss_ray.train.checkpoints.check_resumable`)."""
+    ``run.allow_config_change``, the same config but for the changeable keys (driver side,
+    :func:`~cromss_ray.train.checkpoints.check_resumable`)."""
     checkpoint = latest_checkpoint(config)
-    if checkpoint is None:
-        return {}
-    return check_resumable(config, checkpoint)
+    if checkpoint is not None:
+        check_resumable(config, checkpoint)
 
 
 def torch_trainer(
@@ -286,12 +282,13 @@ def run_worker(task: Task, inputs: WorkerInput) -> dict[str, Any] | None:
     is_rank_zero = train_context.get_world_rank() == 0
     with latest_checkpoint_directory() as checkpoint:
         state, saved = task.restore(checkpoint)
+        changes = restored_changes(config, checkpoint) if is_rank_zero else {}
     start_epoch = int(saved["epoch"]) if saved else 0
     epochs = config.optim.epochs
     tracker = open_tracker(config, inputs, saved) if is_rank_zero else None
     skipped_rows = SkippedRows.named(inputs.skipped) if is_rank_zero else None
-    if tracker is not None and inputs.config_changes and saved:
-        tracker.record_config_change(inputs.config_changes, start_epoch)
+    if tracker is not None and changes:
+        tracker.record_config_change(changes, start_epoch)
     if tracker is not None:
         logger.info(
             "[cromss %s] run %s: %sepochs %d..%d on %d worker(s), %s, %s; MLflow run %s",

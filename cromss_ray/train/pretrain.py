@@ -46,16 +46,8 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_gather_objects, all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import (
-    INPUT_KEY,
-    GuardedSteps,
-    RunLinks,
-    WorkerInput,
-    check_checkpoint,
-    run_worker,
-    torch_trainer,
-    worker_input,
-)
+from cromss_ray.train.loop import INPUT_KEY, GuardedSteps, RunLinks, WorkerInput, check_checkpoint
+from cromss_ray.train.loop import run_worker, torch_trainer, worker_input
 from cromss_ray.train.optim import Precision
 
 RGB_BANDS = ("B4", "B3", "B2")
@@ -93,7 +85,7 @@ class PretrainResult:
 
 def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> TorchTrainer:
     """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised)."""
-    changes = check_checkpoint(config)
+    check_checkpoint(config)
     datasets = pretrain_datasets(
         config.data, seed=config.run.seed, prior=config.cromss.prior, sigma=config.cromss.prior_sigma
     )
@@ -118,7 +110,6 @@ def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> Torch
         links,
         tags={},
         checkpoint_extra={"registry_name": config.registry_name()},
-        config_changes=changes,
     )
     return torch_trainer(pretrain_loop, config, inputs, {TRAIN: datasets.train, VAL: datasets.val}, links)
 

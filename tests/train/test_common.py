@@ -15,7 +15,14 @@ from interrupted_writes import WriteInterrupted, interrupting_filesystem
 from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, ReduceLROnPlateau, StepLR
 
 from cromss_ray.config import ConfigError, OptimConfig, PretrainConfig, RunConfig, ScalingConfig, build_config, to_yaml
-from cromss_ray.train.checkpoints import CHANGEABLE_KEYS, TrainingState, check_resumable, load_model_state, read_meta
+from cromss_ray.train.checkpoints import (
+    CHANGEABLE_KEYS,
+    TrainingState,
+    check_resumable,
+    load_model_state,
+    read_meta,
+    restored_changes,
+)
 from cromss_ray.train.cluster import ExactValidationDataConfig, absolute_storage_path, ray_run_config, ray_scaling_config
 from cromss_ray.train.collectives import all_reduce_sums
 from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer, step_lr_scheduler
@@ -169,6 +176,8 @@ def test_an_allowed_change_is_returned_to_record_but_never_one_of_the_network(tm
     checkpoint = checkpoint_of(tmp_path, "optim.lr=0.005")
     allowed = build_config(PretrainConfig, {}, ["optim.lr=0.001", "optim.epochs=7", "run.allow_config_change=true"])
     assert check_resumable(allowed, checkpoint) == {"optim.lr": (0.005, 0.001)}
+    assert restored_changes(allowed, tmp_path) == {"optim.lr": (0.005, 0.001)}, "what rank 0 records"
+    assert restored_changes(allowed, None) == {}
     other_network = build_config(PretrainConfig, {}, ["model.fusion=late", "run.allow_config_change=true"])
     with pytest.raises(ConfigError, match=r"of another network: model\.fusion: 'mid' -> 'late'"):
         check_resumable(other_network, checkpoint)
