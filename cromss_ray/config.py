@@ -125,6 +125,12 @@ class OptimConfig(Section):
     cosine_epochs: int | None = Field(
         default=None, ge=1, description="Epochs of the cosine decay, then held at lr_floor; empty: all epochs."
     )
+    max_nonfinite_steps: int = Field(
+        default=10,
+        ge=0,
+        description="Steps per epoch whose loss or gradients are non-finite that are skipped (and counted) "
+        "before the run fails.",
+    )
 
     @model_validator(mode="after")
     def _cosine_within_run(self) -> OptimConfig:
@@ -155,6 +161,11 @@ class RunConfig(Section):
     checkpoints_to_keep: int = Field(default=2, ge=1)
     max_failures: int = Field(default=0, ge=-1)
     validation_figures: int = Field(default=4, ge=0)
+    allow_config_change: bool = Field(
+        default=False,
+        description="Resume a checkpoint whose config differs beyond the changeable keys; the change is "
+        "recorded in the MLflow run.",
+    )
 
 
 class TrackingConfig(Section):
@@ -171,6 +182,24 @@ class TrackingConfig(Section):
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+CROP_MULTIPLE = 32
+"""Training crops are a multiple of the encoders' output stride (5 halvings), checked on the driver."""
+
+
+def check_crop(data: DataConfig) -> DataConfig:
+    """A pretraining crop must be a multiple of :data:`CROP_MULTIPLE` (the network halves it 5 times).
+
+    Fine-tuning crops are checked against the decoder's own output stride instead (spec 11:
+    DeepLabV3+ and PSPNet take 496 px), before any data is read.
+    """
+    if data.crop % CROP_MULTIPLE:
+        raise ValueError(
+            f"data.crop: {data.crop} is not a multiple of {CROP_MULTIPLE} (the network's output stride); "
+            f"use e.g. {max(CROP_MULTIPLE, data.crop // CROP_MULTIPLE * CROP_MULTIPLE)}"
+        )
+    return data
+
+
 class PretrainConfig(Section):
     """Everything a CromSS pretraining run needs."""
 
@@ -181,6 +210,8 @@ class PretrainConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    _crop = field_validator("data")(check_crop)
 
     def registry_name(self) -> str:
         """``cromss-<fusion>-<bands>b`` (``cromss-single-s2-<bands>b``, ``cromss-single-s1`` for the
@@ -430,6 +461,15 @@ def load_config(
 def to_yaml(config: BaseModel) -> str:
     """The whole config as YAML, as logged to MLflow and stored in checkpoints."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+ConfigChanges = dict[str, tuple[Any, Any]]
+"""Changed dotted config keys: ``key -> (old value, new value)``."""
+
+
+def describe_changes(changes: ConfigChanges) -> str:
+    """``key: old -> new`` for each changed key, joined by ``; ``."""
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
 
 
 def flatten(config: BaseModel) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import ray.data
 from cromss_ray.data.schema import MANIFEST_NAME, ShardMetadata, read_metadata
 from cromss_ray.data.shards import (
     PARQUET_SUFFIX,
+    TEMP_SUFFIX,
     BadRowPolicy,
     iter_rows,
     list_shards,
@@ -92,6 +93,25 @@ def _s3_options(endpoint: str | None) -> dict[str, object]:
     if region or endpoint:
         options["region"] = region or "us-east-1"
     return options
+
+
+def write_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a hidden temporary file (``.NAME.tmp``) renamed into place.
+
+    A write that fails half-way leaves the previous file as it was and removes its
+    temporary file; readers never see a half-written file. Creates the parent folder.
+    """
+    parent, _, name = path.rpartition("/")
+    temporary = f"{parent}/.{name}{TEMP_SUFFIX}"
+    filesystem.create_dir(parent, recursive=True)
+    try:
+        with filesystem.open_output_stream(temporary) as stream:
+            stream.write(data)
+        filesystem.move(temporary, path)
+    except BaseException:
+        if filesystem.get_file_info(temporary).type == pafs.FileType.File:
+            filesystem.delete_file(temporary)
+        raise
 
 
 def display_path(filesystem: pafs.FileSystem, path: str) -> str:

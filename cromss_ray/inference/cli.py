@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", required=True, metavar="URI", help="downstream shards (directory or s3://...)")
     evaluate.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store")
+    evaluate.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="score a shard set whose manifest.json is missing, incomplete or disagrees with its files "
+        "(as data.allow_incomplete does for training)",
+    )
+    evaluate.add_argument(
+        "--on-bad-row",
+        choices=("raise", "skip"),
+        default="raise",
+        help="a row with labels outside the classes or non-finite imagery: fail naming it (default), or "
+        "leave it out and report it (as data.on_bad_row does for training)",
+    )
 
     predict = add_command(subparsers, "predict", _predict)
     _add_model_arguments(predict)
@@ -107,8 +121,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     Predict every tile of a downstream shard set and print OA, mIoU, mF1 and per-class scores
     from one confusion matrix, and mIoU and mF1 in the reference's convention (spec 11).
     """
-    from cromss_ray.tracking.registry import ModelNotFoundError
+    from cromss_ray.data.storage import IncompleteShardsError
     from cromss_ray.inference.evaluate import evaluate_model, format_evaluation
+    from cromss_ray.tracking.registry import ModelNotFoundError
 
     try:
         result = evaluate_model(
@@ -117,10 +132,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             branch=args.branch,
             tracking_uri=args.tracking_uri,
             s3_endpoint=args.s3_endpoint,
+            allow_incomplete=args.allow_incomplete,
+            on_bad_row=args.on_bad_row,
             **_windows(args),
         )
+    except IncompleteShardsError as exc:
+        return fail("evaluate", f"{exc} (cromss evaluate: --allow-incomplete)")
     except (ModelNotFoundError, ValueError, FileNotFoundError) as exc:
         return fail("evaluate", exc)
+    for message in result.skipped:
+        print(f"cromss evaluate: skipped: {message}", file=sys.stderr)
     print(format_evaluation(result))
     return 0
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cromss_ray.data.schema import DATASET_NAMES
+from cromss_ray.data.shards import BadRowPolicy
 from cromss_ray.data.storage import TileSet, scan_shards
 from cromss_ray.models.scoring import SUMMARY_SCORES, check_tiles, score_tiles
 from cromss_ray.models import MODEL_TILE
@@ -36,6 +37,8 @@ class EvaluationResult:
     class_names: tuple[str, ...]
     tiles: int
     scores: dict[str, Any]
+    skipped: tuple[str, ...] = ()
+    """With ``on_bad_row="skip"``: a message per bad row left out (naming file and id)."""
 
     def metrics(self, split: str = "test") -> dict[str, float]:
         """``<split>/<branch>/oa``, ``miou``, ``mf1``, ``miou_ref`` and ``mf1_ref``, as a transfer run logs them."""
@@ -57,16 +60,24 @@ def evaluate_model(
     overlap: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device | str | None = None,
+    allow_incomplete: bool = False,
+    on_bad_row: BadRowPolicy = "raise",
 ) -> EvaluationResult:
     """Score ``model_uri`` (fine-tuned, or pretrained with ``branch`` or fused) on the shards at ``data_uri``.
 
     The shards must be downstream tiles (one date per row) of the model's classes;
     their stored values are scaled as their metadata declares and cut to the model's
-    S2 band subset (spec 9). A ValueError names the mismatch.
+    S2 band subset (spec 9). A ValueError names the mismatch. The shards are checked as
+    training checks them (``data.allow_incomplete``, ``data.on_bad_row``): before the
+    model is pulled, their manifest must vouch for them unless ``allow_incomplete``; a bad
+    row raises naming file and row, or with ``on_bad_row="skip"`` is left out and listed
+    in the result's ``skipped``.
     """
+    skipped: list[str] = []
+    shards = scan_shards(data_uri, s3_endpoint, allow_incomplete=allow_incomplete)
+    tiles = TileSet(shards, on_bad_row=on_bad_row, skipped=skipped.extend)
     segmenter = load_segmenter(model_uri, branch=branch, tracking_uri=tracking_uri)
     segmenter.network.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    tiles = TileSet(scan_shards(data_uri, s3_endpoint))
     check_tiles(segmenter, tiles.meta, data_uri, model_uri)
     scores = score_tiles(segmenter, tiles.rows(), tiles.meta, tile=tile, overlap=overlap, batch_size=batch_size)
     return EvaluationResult(
@@ -77,6 +88,7 @@ def evaluate_model(
         class_names=segmenter.class_names,
         tiles=scores.tiles,
         scores=scores.matrix.compute(),
+        skipped=tuple(skipped),
     )
 
 
@@ -92,7 +104,8 @@ def format_evaluation(result: EvaluationResult) -> str:
     lines = [
         f"model  {result.model_uri} ({result.branch} prediction)",
         f"data   {result.data_uri}: {DATASET_NAMES[result.dataset]}, {result.tiles} tiles, "
-        f"{result.labelled_pixels} labelled pixels",
+        f"{result.labelled_pixels} labelled pixels"
+        + (f", {len(result.skipped)} bad row{'s' * (len(result.skipped) > 1)} skipped" if result.skipped else ""),
         "",
         header,
         "-" * len(header),

@@ -189,6 +189,27 @@ def save_weights(network: nn.Module, path: Path) -> Path:
     return path
 
 
+class NonFiniteModelError(ValueError):
+    """A network holds NaN or infinite parameters or buffers; it is neither checkpointed nor registered."""
+
+
+NON_FINITE_LISTED = 5
+"""How many non-finite tensors a :class:`NonFiniteModelError` names (all are counted)."""
+
+
+def check_finite(network: nn.Module, what: str) -> None:
+    """Raise :class:`NonFiniteModelError` (``what`` leads its message) when any floating-point parameter
+    or buffer of ``network`` holds a NaN or an infinity."""
+    bad = [
+        name
+        for name, tensor in (*network.named_parameters(), *network.named_buffers())
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        listed = ", ".join(bad[:NON_FINITE_LISTED]) + (", ..." if len(bad) > NON_FINITE_LISTED else "")
+        raise NonFiniteModelError(f"{what}: {len(bad)} tensor(s) of the network are not finite ({listed})")
+
+
 def save_stored(
     folder: Path,
     network: nn.Module,

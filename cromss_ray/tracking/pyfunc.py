@@ -65,6 +65,7 @@ from cromss_ray.models.segmenter import (
 )
 from cromss_ray.models.stored import (
     ModelInputs,
+    check_finite,
     check_matches_config,
     load_stored,
     pretrain_part,
@@ -72,12 +73,14 @@ from cromss_ray.models.stored import (
 )
 from cromss_ray.tracking.registry import (
     ARTIFACT_FILES,
+    EPOCH_TAG,
     LATEST_ALIAS,
     MODEL_NAME,
     stored_files,
     register_model_version,
     set_alias,
     using_tracking_uri,
+    version_of_run,
 )
 from cromss_ray.tracking.runs import RunTracker, config_params, redacted_config
 
@@ -264,10 +267,23 @@ def log_registered_model(
     :func:`~cromss_ray.models.stored.save_stored`).
     The pyfunc is :class:`CromSSPyfunc` from code; the ``cromss_ray`` package is logged
     as its code path and the inference packages are pinned (:func:`pinned_requirements`).
-    ``epoch`` is the step the model is logged at; the version gets ``description`` and
-    ``version_tags``. ``@latest`` is MLflow's built-in alias of the newest version, so
-    ``"latest"`` in ``aliases`` needs (and gets) no assignment.
+    ``epoch`` is the step the model is logged at; the version gets ``description``,
+    ``version_tags`` and the tag ``epoch``. ``@latest`` is MLflow's built-in alias of the
+    newest version, so ``"latest"`` in ``aliases`` needs (and gets) no assignment.
+
+    Registration is idempotent on (run, ``epoch``): when the run registered a version
+    of ``registry_name`` at ``epoch`` already (a finished run started again), that version
+    is returned and nothing is logged, registered or aliased. A network with a NaN or
+    infinite parameter or buffer is refused (:class:`~cromss_ray.models.stored.NonFiniteModelError`
+    naming the run) before anything is logged.
     """
+    if epoch is not None:
+        existing = version_of_run(tracker.client, registry_name, tracker.run_id, epoch)
+        if existing is not None:
+            return existing
+    run_name = tracker.client.get_run(tracker.run_id).info.run_name
+    check_finite(network, f"run '{run_name}' (MLflow run {tracker.run_id}): not registered as {registry_name}")
+    tags = {**(version_tags or {}), **({EPOCH_TAG: epoch} if epoch is not None else {})}
     logged = tracker.client.create_logged_model(
         experiment_id=tracker.experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id, params=config_params(config)
     )
@@ -293,7 +309,7 @@ def log_registered_model(
             logged.model_id,
             description,
             run_id=tracker.run_id,
-            tags={key: str(value) for key, value in (version_tags or {}).items()},
+            tags={key: str(value) for key, value in tags.items()},
         )
     for alias in aliases:
         if alias.lower() != LATEST_ALIAS:

@@ -38,6 +38,8 @@ from cromss_ray.models.stored import (
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
 
 LATEST_ALIAS = "latest"
+EPOCH_TAG = "epoch"
+"""The model-version tag holding the epoch a run registered it at."""
 MODELS_SCHEME = "models:/"
 RUNS_SCHEME = "runs:/"
 PYFUNC_FLAVOR = "python_function"
@@ -113,6 +115,32 @@ def register_model_version(
         name, source=f"models:/{model_id}", model_id=model_id, description=description, **version_fields
     )
     return int(version.version)
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a quoted string of an MLflow search filter."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def version_of_run(client: MlflowClient, name: str, run_id: str, epoch: int) -> int | None:
+    """The version of ``name`` that run ``run_id`` registered for ``epoch`` (its :data:`EPOCH_TAG`), if any.
+
+    Registration is idempotent on (run, epoch): a finished run started again finds its
+    version here instead of registering a duplicate and moving the aliases.
+    """
+    query = f"name = {filter_literal(name)} and run_id = {filter_literal(run_id)}"
+    found = [
+        int(version.version)
+        for version in client.search_model_versions(query)
+        if version.tags.get(EPOCH_TAG) == str(epoch)
+    ]
+    return min(found, default=None)
+
+
+def logged_model_id(version: ModelVersion) -> str:
+    """The logged model a version registers (its source is ``models:/<logged model id>``,
+    :func:`register_model_version`; the store does not fill the version's ``model_id``)."""
+    return version.source.removeprefix(MODELS_SCHEME)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.entities.lifecycle_stage import LifecycleStage
@@ -27,12 +28,13 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH,
 from pydantic import BaseModel
 
 from cromss_ray import __version__
-from cromss_ray.config import flatten, to_yaml
+from cromss_ray.config import describe_changes, flatten, to_yaml
 from cromss_ray.models.stored import CONFIG_FILE
 from cromss_ray.tracking.figures import confusion_matrix_figure, validation_sample_figure
 from cromss_ray.tracking.uris import absolute_tracking_uri, is_local_sqlite, redact_uri, sqlite_database_path
 
 ARTIFACTS_DIR_NAME = "mlartifacts"
+CONFIG_CHANGE_TAG = "cromss.config_change"
 
 TRUNCATION_MARK = "..."
 SAMPLE_KEYS = ("s2_rgb", "label", "clean_label", "prediction", "weights_s1", "weights_s2")
@@ -246,6 +248,15 @@ class RunTracker:
         """Tags on the run; values are redacted and cut to MLflow's 8000 characters."""
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, _truncated(redact_uri(str(value)), MAX_TAG_VAL_LENGTH))
+
+    def record_config_change(self, changes: Mapping[str, tuple[Any, Any]], epoch: int) -> None:
+        """The config keys a resumed run changed (``key -> (old, new)``), from completed ``epoch`` on: the
+        tag ``cromss.config_change.epoch_<E>`` (``key: old -> new; ...``) and the artifact
+        ``config_changes/epoch_<E>.yaml``, values redacted (the run's params keep the first values)."""
+        redacted = {key: (_redact_strings(old), _redact_strings(new)) for key, (old, new) in changes.items()}
+        self.set_tags({f"{CONFIG_CHANGE_TAG}.epoch_{epoch}": describe_changes(redacted)})
+        listed = {key: {"old": old, "new": new} for key, (old, new) in redacted.items()}
+        self.log_text(yaml.safe_dump(listed, sort_keys=True), f"config_changes/epoch_{epoch:04d}.yaml")
 
     def finish(self, status: RunEndStatus = "FINISHED") -> None:
         """End the run with ``status``; later calls do nothing."""

@@ -5,13 +5,15 @@ A checkpoint is one directory (architecture, "names that stay fixed"): ``model.p
 scaler states), ``config.yaml`` (the whole validated config) and ``meta.json`` (the
 completed epoch count, the epoch's metrics, the MLflow run id and package versions).
 A run is resumed from its latest checkpoint (:func:`latest_checkpoint`) only when the
-checkpoint holds the same network (:func:`check_resumable`), and rank 0 keeps writing
+checkpoint holds the same network and, unless ``run.allow_config_change``, the same config
+but for :data:`CHANGEABLE_KEYS` (:func:`check_resumable`), and rank 0 keeps writing
 to the MLflow run the checkpoint names (:func:`~cromss_ray.train.reporting.open_tracker`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -20,15 +22,26 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
 import yaml
-from pydantic import BaseModel
 from torch import nn
 
-from cromss_ray.config import ConfigError, FinetuneConfig, OptimConfig, PretrainConfig, build_config, flatten, to_yaml
-from cromss_ray.models.stored import CONFIG_FILE, WEIGHTS_FILE
+from cromss_ray.config import (
+    ConfigChanges,
+    ConfigError,
+    FinetuneConfig,
+    OptimConfig,
+    PretrainConfig,
+    build_config,
+    describe_changes,
+    flatten,
+    to_yaml,
+)
+from cromss_ray.data.storage import write_atomically
+from cromss_ray.models.stored import CONFIG_FILE, WEIGHTS_FILE, check_finite, read_config
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.cluster import absolute_storage_path
 from cromss_ray.train.collectives import unwrap
@@ -39,6 +52,31 @@ META_FILE = "meta.json"
 VERSIONED_PACKAGES = ("cromss-ray", "torch", "ray", "segmentation-models-pytorch")
 RESUME_KEYS = ("model.", "data.s2_bands")
 """Config keys a resumed run must share with its checkpoint (they fix the network's shape)."""
+CHANGEABLE_KEYS = (
+    "optim.epochs",
+    "optim.max_nonfinite_steps",
+    "run.storage_path",
+    "run.checkpoint_frequency",
+    "run.checkpoints_to_keep",
+    "run.max_failures",
+    "run.validation_figures",
+    "run.allow_config_change",
+    "data.prefetch_batches",
+    "scaling.use_gpu",
+    "scaling.cpus_per_worker",
+    "scaling.gpus_per_worker",
+    "tracking.uri",
+)
+"""Config keys a resumed run may change freely: how long it runs (``optim.epochs``, except under the
+cosine schedule, whose period is the epoch count), how it checkpoints, retries and reports, where it
+runs and where it logs. Any other change is refused unless ``run.allow_config_change``."""
+
+
+def changeable(key: str, config: PretrainConfig | FinetuneConfig) -> bool:
+    """Whether ``key`` may differ from the checkpoint's config without ``run.allow_config_change``."""
+    if key == "optim.epochs":
+        return config.optim.scheduler != "cosine"
+    return key in CHANGEABLE_KEYS
 
 
 def latest_checkpoint(config: PretrainConfig | FinetuneConfig) -> ray.train.Checkpoint | None:
@@ -50,30 +88,57 @@ def latest_checkpoint(config: PretrainConfig | FinetuneConfig) -> ray.train.Chec
         return None
 
 
-def check_resumable(config: PretrainConfig | FinetuneConfig, checkpoint: ray.train.Checkpoint) -> None:
-    """A run resumes only with the network its checkpoint holds (:data:`RESUME_KEYS`).
-
-    Reads the checkpoint's ``config.yaml`` where it is stored (no download of the
-    weights) as a config of ``config``'s type; a ConfigError names what differs.
-    """
+def read_checkpoint_config(
+    config: PretrainConfig | FinetuneConfig, checkpoint: ray.train.Checkpoint
+) -> PretrainConfig | FinetuneConfig:
+    """The checkpoint's ``config.yaml``, read where it is stored (no download of the weights), as a
+    config of ``config``'s type; a ConfigError names the file."""
     path = f"{checkpoint.path}/{CONFIG_FILE}"
     task = "fine-tuning" if isinstance(config, FinetuneConfig) else "pretraining"
     try:
         with checkpoint.filesystem.open_input_stream(path) as stream:
-            saved = build_config(type(config), yaml.safe_load(stream.read()))
+            return build_config(type(config), yaml.safe_load(stream.read()))
     except (OSError, yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f"{path}: not the config of a {task} checkpoint: {exc}") from None
+
+
+def config_changes(config: PretrainConfig | FinetuneConfig, saved: PretrainConfig | FinetuneConfig) -> ConfigChanges:
+    """Every key whose value differs between the checkpoint's config ``saved`` and ``config``, in key order."""
     ours, theirs = flatten(config), flatten(saved)
-    differing = [
-        f"{key} ({theirs.get(key)!r} in the checkpoint, {ours[key]!r} now)"
-        for key in sorted(ours)
-        if key.startswith(RESUME_KEYS) and ours[key] != theirs.get(key)
-    ]
-    if differing:
+    return {
+        key: (theirs.get(key), ours.get(key))
+        for key in sorted(ours.keys() | theirs.keys())
+        if ours.get(key) != theirs.get(key)
+    }
+
+
+def changes_to_record(config: PretrainConfig | FinetuneConfig, saved: PretrainConfig | FinetuneConfig) -> ConfigChanges:
+    """The changes from ``saved`` (a checkpoint's config) to ``config`` beyond :data:`CHANGEABLE_KEYS`:
+    those ``run.allow_config_change`` lets through and the run records."""
+    return {key: change for key, change in config_changes(config, saved).items() if not changeable(key, config)}
+
+
+def check_resumable(config: PretrainConfig | FinetuneConfig, checkpoint: ray.train.Checkpoint) -> ConfigChanges:
+    """A run resumes only with the network its checkpoint holds (:data:`RESUME_KEYS`) and, unless
+    ``run.allow_config_change``, with its config but for :data:`CHANGEABLE_KEYS`.
+
+    Returns the changes allowed by ``run.allow_config_change`` (to record in the run); a
+    ConfigError names every refused key with its old and new value.
+    """
+    changed = changes_to_record(config, read_checkpoint_config(config, checkpoint))
+    where = f"run '{config.run.name}' in {config.run.storage_path} has a checkpoint ({checkpoint.path})"
+    network = {key: change for key, change in changed.items() if key.startswith(RESUME_KEYS)}
+    if network:
         raise ConfigError(
-            f"run '{config.run.name}' in {config.run.storage_path} has a checkpoint ({checkpoint.path}) "
-            f"of another network: {'; '.join(differing)}. Choose a new run.name to start afresh."
+            f"{where} of another network: {describe_changes(network)}. Choose a new run.name to start afresh."
         )
+    if changed and not config.run.allow_config_change:
+        raise ConfigError(
+            f"{where} with another config: {describe_changes(changed)}. Resume with the checkpoint's values, "
+            "choose a new run.name to start afresh, or pass --allow-config-change (run.allow_config_change=true) "
+            "to continue with the new values, recorded in the MLflow run."
+        )
+    return changed
 
 
 def package_versions() -> dict[str, str]:
@@ -96,26 +161,26 @@ class TrainingState:
     scheduler: LearningRateScheduler | None
     scaler: torch.amp.GradScaler
 
-    def save(self, directory: Path, config: BaseModel, meta: Mapping[str, Any]) -> None:
-        """Write ``model.pt``, ``optim.pt``, ``config.yaml`` and ``meta.json`` into ``directory``."""
-        torch.save(unwrap(self.model).state_dict(), directory / WEIGHTS_FILE)
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict(),
-            },
-            directory / OPTIM_FILE,
-        )
-        (directory / CONFIG_FILE).write_text(to_yaml(config))
-        (directory / META_FILE).write_text(json.dumps(dict(meta), indent=2, sort_keys=True))
-
-    def optimise(self, loss: torch.Tensor) -> None:
-        """One optimiser step on ``loss``: gradients (scaled for fp16), step, scaler update."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    def save(self, directory: Path, config: PretrainConfig | FinetuneConfig, meta: Mapping[str, Any]) -> None:
+        """Write ``model.pt``, ``optim.pt``, ``config.yaml`` and ``meta.json`` into ``directory``, each
+        through a temporary file renamed into place; a network with a non-finite parameter or buffer is
+        refused before anything is written (:class:`~cromss_ray.models.stored.NonFiniteModelError`)."""
+        model = unwrap(self.model)
+        check_finite(model, f"run '{config.run.name}', checkpoint of epoch {meta.get('epoch')}: not written")
+        optimisation = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+        files = {
+            WEIGHTS_FILE: torch_bytes(model.state_dict()),
+            OPTIM_FILE: torch_bytes(optimisation),
+            CONFIG_FILE: to_yaml(config).encode(),
+            META_FILE: json.dumps(dict(meta), indent=2, sort_keys=True).encode(),
+        }
+        local = pafs.LocalFileSystem()
+        for name, data in files.items():
+            write_atomically(local, str(directory / name), data)
 
     def load_optimisation(self, directory: Path, device: torch.device) -> None:
         """Restore optimiser, schedule and scaler from ``optim.pt`` (the model is loaded before wrapping)."""
@@ -124,6 +189,13 @@ class TrainingState:
         if self.scheduler is not None and states["scheduler"] is not None:
             self.scheduler.load_state_dict(states["scheduler"])
         self.scaler.load_state_dict(states["scaler"])
+
+
+def torch_bytes(value: Any) -> bytes:
+    """``value`` as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def load_model_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -138,6 +210,15 @@ def read_meta(directory: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable checkpoint meta file: {exc}") from None
+
+
+def restored_changes(config: PretrainConfig | FinetuneConfig, checkpoint: Path | None) -> ConfigChanges:
+    """The changes a run resumed from the checkpoint directory ``checkpoint`` makes to its config
+    (:func:`changes_to_record`; none without a checkpoint): after a restart from a checkpoint the
+    resumed run wrote itself, none."""
+    if checkpoint is None:
+        return {}
+    return changes_to_record(config, read_config(checkpoint / CONFIG_FILE, type(config)))
 
 
 def restore_model(network: nn.Module, checkpoint: Path | None) -> dict[str, Any] | None:

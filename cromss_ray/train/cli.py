@@ -4,7 +4,10 @@
 loads and validates a :class:`~cromss_ray.config.PretrainConfig` (an unknown key or a bad
 value exits with code 2 and names the key), joins the cluster named by ``RAY_ADDRESS`` or
 starts a local one on 127.0.0.1, and trains. Running it again with the same ``run.name``
-and ``run.storage_path`` resumes from the latest checkpoint.
+and ``run.storage_path`` resumes from the latest checkpoint, provided the config is the
+checkpoint's but for the keys that may change freely (``optim.epochs``, ...); any other
+difference is refused before Ray starts, naming each key with its old and new value, unless
+``--allow-config-change``, which continues with the new values and records them in the MLflow run.
 
 ``cromss finetune --config FILE [--init SOURCE] ...`` does the same for a
 :class:`~cromss_ray.config.FinetuneConfig`: a single-modality network from a pretrained
@@ -18,13 +21,21 @@ import argparse
 from cromss_ray.arguments import add_command, add_config_arguments, fail
 
 
+ALLOW_CONFIG_CHANGE_HELP = (
+    "resume the run's checkpoint although the config differs from its own (beyond the keys that may change "
+    "freely, docs/reliability.md); the change is recorded in the MLflow run. Sets run.allow_config_change"
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``pretrain`` and ``finetune`` subcommands."""
     parser = add_command(subparsers, "pretrain", _pretrain)
     add_config_arguments(parser)
+    parser.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
 
     finetune = add_command(subparsers, "finetune", _finetune)
     add_config_arguments(finetune)
+    finetune.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     finetune.add_argument(
         "--init",
         metavar="SOURCE",
@@ -40,11 +51,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     """
     from cromss_ray.config import PretrainConfig, load_config
 
-    config = load_config(PretrainConfig, args.config, args.overrides, data=args.data, tracking_uri=args.tracking_uri)
+    config = load_config(PretrainConfig, args.config, _overrides(args), data=args.data, tracking_uri=args.tracking_uri)
 
     from cromss_ray.train.cluster import init_ray
+    from cromss_ray.train.loop import check_checkpoint
     from cromss_ray.train.pretrain import run_pretrain
 
+    check_checkpoint(config)
     init_ray()
     outcome = run_pretrain(config)
     print(f"MLflow run {outcome.run_id} ({config.tracking.experiment})")
@@ -64,17 +77,19 @@ def _finetune(args: argparse.Namespace) -> int:
     """
     from cromss_ray.config import FinetuneConfig, load_config
 
-    overrides = [*args.overrides, *([f"model.init={args.init}"] if args.init else [])]
+    overrides = [*_overrides(args), *([f"model.init={args.init}"] if args.init else [])]
     config = load_config(FinetuneConfig, args.config, overrides, data=args.data, tracking_uri=args.tracking_uri)
 
     from cromss_ray.tracking.registry import ModelNotFoundError
     from cromss_ray.train.cluster import init_ray
-    from cromss_ray.train.finetune import resolve_init, run_finetune
+    from cromss_ray.train.finetune import effective_config, resolve_init, run_finetune
+    from cromss_ray.train.loop import check_checkpoint
 
     try:
         initialisation = resolve_init(config)
     except ModelNotFoundError as exc:
         return fail("finetune", exc)
+    check_checkpoint(effective_config(config, initialisation.source))
     init_ray()
     outcome = run_finetune(config, initialisation=initialisation)
     print(f"MLflow run {outcome.run_id} ({config.tracking.experiment}), initialised from {outcome.source.label}")
@@ -83,3 +98,8 @@ def _finetune(args: argparse.Namespace) -> int:
     if outcome.version is not None:
         print(f"registered model {outcome.registry_name} version {outcome.version}")
     return 0
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, with ``run.allow_config_change=true`` for ``--allow-config-change``."""
+    return [*args.overrides, *(["run.allow_config_change=true"] if args.allow_config_change else [])]

@@ -73,8 +73,8 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, finite_metrics, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
-from cromss_ray.train.loop import check_no_credentials
+from cromss_ray.train.loop import INPUT_KEY, GuardedSteps, RunLinks, WorkerInput, check_checkpoint
+from cromss_ray.train.loop import check_no_credentials, run_worker, torch_trainer, worker_input
 from cromss_ray.train.optim import Precision
 
 logger = logging.getLogger(__name__)
@@ -308,8 +308,7 @@ def build_trainer(
     state = initialisation.encoder_state
     inputs = worker_input(
         config,
-        meta,
-        datasets.clock.name,
+        datasets,
         links,
         tags=run_tags(config, meta, initialisation.source),
         checkpoint_extra={"registry_name": registry_name, "source": asdict(initialisation.source)},
@@ -433,23 +432,29 @@ def train_epoch(
 
     ``train/loss`` is the batches' losses weighted by their labelled pixels, over every rank
     (for 'ce' the cross-entropy over all labelled pixels).
+
+    A step with a non-finite loss or gradients is skipped and counted
+    (:class:`~cromss_ray.train.loop.GuardedSteps`, ``train/nonfinite_steps``).
     """
     state.model.train()
     nodata, kind = context.meta.nodata, context.config.optim.loss
     loss_sum = torch.zeros((), dtype=torch.float64, device=context.device)
     pixels = torch.zeros((), dtype=torch.int64, device=context.device)
-    for image, label in context.batches(shard, training=True):
+    guard = GuardedSteps.of(context.config, state, epoch)
+    for image, label in guard.batches(context.batches(shard, training=True)):
         with context.precision.autocast():
             logits = state.model(image)
         loss = segmentation_loss(logits.float(), label, kind, ignore_index=nodata)
         labelled = (label != nodata).sum()
-        state.optimise(loss)
+        if not guard.optimise(loss):
+            continue
         loss_sum += loss.detach().double() * labelled
         pixels += labelled
+    skipped = guard.metrics()
     totals = all_reduce_sums({"loss": float(loss_sum), "pixels": int(pixels)}, context.device)
     if totals["pixels"] == 0:
         raise RuntimeError(f"no labelled training pixel on any worker in epoch {epoch + 1}")
-    return {f"{TRAIN}/loss": totals["loss"] / totals["pixels"]}
+    return {f"{TRAIN}/loss": totals["loss"] / totals["pixels"], **skipped}
 
 
 @dataclass
@@ -607,10 +612,7 @@ class FinetuneTask:
             aliases=config.tracking.aliases,
             input_example=example,
             epoch=epochs,
-            version_tags={
-                "epoch": str(epochs),
-                **{key: f"{value:.6g}" for key, value in finite_metrics(test.metrics).items()},
-            },
+            version_tags={key: f"{value:.6g}" for key, value in finite_metrics(test.metrics).items()},
         )
         return summary
 

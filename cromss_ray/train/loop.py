@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,10 +36,11 @@ from typing import Any, Protocol
 
 import ray.data
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from cromss_ray.config import ConfigError, FinetuneConfig, PretrainConfig, flatten
-from cromss_ray.data.pipeline import set_epoch
+from cromss_ray.data.pipeline import DownstreamDatasets, PretrainDatasets, SkippedRows, set_epoch
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri, carries_credentials
 from cromss_ray.train.checkpoints import (
@@ -49,8 +50,10 @@ from cromss_ray.train.checkpoints import (
     finite_metrics,
     latest_checkpoint,
     latest_checkpoint_directory,
+    restored_changes,
 )
 from cromss_ray.train.cluster import TRAIN, VAL, ExactValidationDataConfig, ray_run_config, ray_scaling_config
+from cromss_ray.train.collectives import all_reduce_tensor
 from cromss_ray.train.optim import Precision, learning_rate, step_lr_scheduler
 from cromss_ray.train.rendezvous import rendezvous_config
 from cromss_ray.train.reporting import progress_line, report_epoch
@@ -59,17 +62,98 @@ logger = logging.getLogger(__name__)
 
 INPUT_KEY = "input"
 """The key of the :class:`WorkerInput` in Ray Train's ``train_loop_config``."""
+SKIPPED_ROWS_METRIC = "data/skipped_rows"
+"""Bad rows left out so far with ``data.on_bad_row=skip`` (row reads over all epochs and splits)."""
+NONFINITE_STEPS_METRIC = f"{TRAIN}/nonfinite_steps"
+"""The number of training steps of the epoch skipped for a non-finite loss or gradients."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many training steps of an epoch had a non-finite loss or gradients (``optim.max_nonfinite_steps``)."""
+
+
+@dataclass
+class GuardedSteps:
+    """The optimiser steps of one training epoch, each skipped when its loss or gradients are not finite.
+
+    A skipped step changes nothing: no optimiser step, and the network's buffers (batch-norm
+    statistics, which the forward pass already moved) are put back as they were before it.
+    Every rank takes the same decision (a non-finite value on any rank skips the step on
+    all), so the ranks stay in step and in sync. More than ``optim.max_nonfinite_steps``
+    skipped steps in the epoch, or an epoch with no step taken at all, fail the run with
+    :class:`NonFiniteLossError`. With fp16 the gradient scaler keeps skipping the steps whose
+    scaled gradients overflow (and lowers its scale), as it always does; only a non-finite
+    loss counts there.
+    """
+
+    state: TrainingState
+    run_name: str
+    epoch: int
+    limit: int
+    skipped: int = 0
+    taken: int = 0
+    buffers: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config: PretrainConfig | FinetuneConfig, state: TrainingState, epoch: int) -> GuardedSteps:
+        return cls(state, config.run.name, epoch, config.optim.max_nonfinite_steps)
+
+    def batches(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """``batches``, with the network's buffers kept before each is handed out (to restore on a skip)."""
+        for batch in batches:
+            self.buffers = [buffer.detach().clone() for buffer in self.state.model.buffers()]
+            yield batch
+
+    def optimise(self, loss: torch.Tensor) -> bool:
+        """Back-propagate ``loss`` and step the optimiser, unless a rank's loss or gradients are not finite;
+        whether the step was taken."""
+        state = self.state
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        bad = ~torch.isfinite(loss.detach())
+        if not state.scaler.is_enabled():
+            gradients = [parameter.grad for parameter in state.model.parameters() if parameter.grad is not None]
+            if gradients:
+                bad |= ~torch.isfinite(torch.nn.utils.get_total_norm(gradients))
+        if int(all_reduce_tensor(bad.to(torch.int32).reshape(1))) == 0:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            self.taken += 1
+            return True
+        state.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, kept in zip(state.model.buffers(), self.buffers, strict=True):
+                buffer.copy_(kept)
+        self.skipped += 1
+        if self.skipped > self.limit:
+            raise NonFiniteLossError(
+                f"run '{self.run_name}', epoch {self.epoch + 1}: {self.skipped} training steps with a non-finite "
+                f"loss or gradients, more than optim.max_nonfinite_steps ({self.limit}); the run stops, its last "
+                "checkpoint (all finite) is kept"
+            )
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        """The epoch's skipped-step count (:data:`NONFINITE_STEPS_METRIC`); raises when every step was skipped."""
+        if self.skipped and not self.taken:
+            raise NonFiniteLossError(
+                f"run '{self.run_name}', epoch {self.epoch + 1}: every training step ({self.skipped}) had a "
+                "non-finite loss or gradients; the run stops, its last checkpoint (all finite) is kept"
+            )
+        return {NONFINITE_STEPS_METRIC: float(self.skipped)}
 
 
 @dataclass(frozen=True)
 class WorkerInput:
     """What the driver hands every worker: the config and shard metadata (as JSON, validated again on the
-    worker), the pipeline's epoch clock, where and how to track, and what each checkpoint's ``meta.json``
-    adds (``checkpoint_extra``, e.g. the registry name). ``task`` holds what only one task needs."""
+    worker), the names of the pipeline's epoch clock and skipped-row counter, where and how to track, and
+    what each checkpoint's ``meta.json`` adds (``checkpoint_extra``, e.g. the registry name). ``task``
+    holds what only one task needs."""
 
     config: dict[str, Any]
     meta: dict[str, Any]
     clock: str
+    skipped: str
     tracking_uri: str
     parent_run_id: str | None
     tags: dict[str, str]
@@ -90,8 +174,7 @@ class RunLinks:
 
 def worker_input(
     config: PretrainConfig | FinetuneConfig,
-    meta: Any,
-    clock: str,
+    datasets: PretrainDatasets | DownstreamDatasets,
     links: RunLinks,
     *,
     tags: Mapping[str, str],
@@ -102,8 +185,9 @@ def worker_input(
     ``tags`` are the task's own run tags, ``links.tags`` the caller's (which win)."""
     return WorkerInput(
         config=config.model_dump(mode="json"),
-        meta=meta.model_dump(mode="json"),
-        clock=clock,
+        meta=datasets.meta.model_dump(mode="json"),
+        clock=datasets.clock.name,
+        skipped=datasets.skipped.name,
         tracking_uri=absolute_tracking_uri(config.tracking.resolved_uri()),
         parent_run_id=links.parent_run_id,
         tags={**tags, **links.tags},
@@ -137,7 +221,9 @@ def check_no_credentials(config: PretrainConfig | FinetuneConfig) -> None:
 
 
 def check_checkpoint(config: PretrainConfig | FinetuneConfig) -> None:
-    """An earlier run of the same name and storage path must hold the same network (driver side)."""
+    """An earlier run of the same name and storage path must hold the same network and, unless
+    ``run.allow_config_change``, the same config but for the changeable keys (driver side,
+    :func:`~cromss_ray.train.checkpoints.check_resumable`)."""
     checkpoint = latest_checkpoint(config)
     if checkpoint is not None:
         check_resumable(config, checkpoint)
@@ -223,9 +309,13 @@ def run_worker(task: Task, inputs: WorkerInput) -> dict[str, Any] | None:
     is_rank_zero = train_context.get_world_rank() == 0
     with latest_checkpoint_directory() as checkpoint:
         state, saved = task.restore(checkpoint)
+        changes = restored_changes(config, checkpoint) if is_rank_zero else {}
     start_epoch = int(saved["epoch"]) if saved else 0
     epochs = config.optim.epochs
     tracker = open_tracker(config, inputs, saved) if is_rank_zero else None
+    skipped_rows = SkippedRows.named(inputs.skipped) if is_rank_zero else None
+    if tracker is not None and changes:
+        tracker.record_config_change(changes, start_epoch)
     if tracker is not None:
         logger.info(
             "[cromss %s] run %s: %sepochs %d..%d on %d worker(s), %s, %s; MLflow run %s",
@@ -252,7 +342,8 @@ def run_worker(task: Task, inputs: WorkerInput) -> dict[str, Any] | None:
             step_lr_scheduler(state.scheduler, metrics.get(f"{VAL}/loss", math.nan))
             completed = epoch + 1
             write = None
-            if tracker is not None:
+            if tracker is not None and skipped_rows is not None:
+                metrics[SKIPPED_ROWS_METRIC] = float(skipped_rows.count())
                 tracker.log_metrics(metrics, completed)
                 seconds = time.perf_counter() - started
                 logger.info(

@@ -55,8 +55,8 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_gather_objects, all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import INPUT_KEY, RunLinks, WorkerInput, check_checkpoint, run_worker, torch_trainer, worker_input
-from cromss_ray.train.loop import check_no_credentials
+from cromss_ray.train.loop import INPUT_KEY, GuardedSteps, RunLinks, WorkerInput, check_checkpoint
+from cromss_ray.train.loop import check_no_credentials, run_worker, torch_trainer, worker_input
 from cromss_ray.train.optim import Precision
 
 RGB_BANDS = ("B4", "B3", "B2")
@@ -117,8 +117,7 @@ def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> Torch
         )
     inputs = worker_input(
         config,
-        datasets.meta,
-        datasets.clock.name,
+        datasets,
         links,
         tags={},
         checkpoint_extra={"registry_name": config.registry_name()},
@@ -254,6 +253,9 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over the worker's training share; the loss terms and diagnostics averaged over every rank's steps.
 
+    A step with a non-finite loss or gradients is skipped and counted
+    (:class:`~cromss_ray.train.loop.GuardedSteps`, ``train/nonfinite_steps``).
+
     With clean labels, also the noise diagnostics of the selection each step applied,
     over every rank's training pixels (``train/<branch>/<metric>``, :data:`NOISE_METRICS`).
     """
@@ -261,23 +263,27 @@ def train_epoch(
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     noise = context.noise_diagnostics()
-    for _, inputs in context.batches(shard, training=True):
+    guard = GuardedSteps.of(context.config, state, epoch)
+    for _, inputs in guard.batches(context.batches(shard, training=True)):
         logits = context.logits(state.model, inputs)
         loss, diagnostics, maps = context.criterion.forward_with_selection(
             *logits, inputs.y, prior=inputs.prior, epoch=epoch
         )
-        state.optimise(loss)
+        if not guard.optimise(loss):
+            continue
         add_noise_evidence(noise, inputs, maps)
         for key, value in {"loss": loss.detach(), **diagnostics}.items():
             sums[key] = sums.get(key, 0.0) + value.float()
         steps += 1
+    skipped = guard.metrics()
     if steps == 0:
         raise RuntimeError(
             f"worker {ray.train.get_context().get_world_rank()} got no training batch in epoch {epoch + 1}"
         )
     totals = all_reduce_sums({**{key: float(value) for key, value in sums.items()}, "steps": steps}, context.device)
     count = totals.pop("steps")
-    return {**{f"{TRAIN}/{key}": value / count for key, value in totals.items()}, **noise_metrics(TRAIN, noise)}
+    averages = {f"{TRAIN}/{key}": value / count for key, value in totals.items()}
+    return {**averages, **noise_metrics(TRAIN, noise), **skipped}
 
 
 def rgb_positions(s2_bands: int) -> list[int]:
@@ -466,7 +472,7 @@ class PretrainTask:
             input_example=validation.example,
             example_storage={"s1": self.context.meta.s1, "s2": self.context.meta.s2},
             epoch=epoch,
-            version_tags={"epoch": str(epoch), **version_tags},
+            version_tags=version_tags,
         )
         return {"model_version": version}
 

@@ -5,7 +5,8 @@ scheduler: the restored ASHA starts with empty rungs, so the trials that run aft
 resume would be compared only with each other, and a trial that the full history would
 stop could run to the end. :class:`ResumableASHA` is Ray's ``AsyncHyperBandScheduler``
 that saves itself (its public ``save``) to the sweep folder whenever a trial reports or
-ends, and reloads that file (``restore``) the first time a restored copy is used.
+ends (through a temporary file renamed into place), and reloads that file (``restore``)
+the first time a restored copy is used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from cromss_ray.data.storage import write_atomically
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
@@ -50,12 +53,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
         self._state_path, self._filesystem = state_path, filesystem
 
     def _persist(self) -> None:
+        """Save the rungs through a temporary file renamed into place (an interrupted save keeps the last)."""
         with tempfile.TemporaryDirectory(prefix="cromss-asha-") as folder:
             local = Path(folder, "asha.pkl")
             self.save(str(local))
-            self._filesystem.create_dir(self._state_path.rpartition("/")[0], recursive=True)
-            with self._filesystem.open_output_stream(self._state_path) as stream:
-                stream.write(local.read_bytes())
+            write_atomically(self._filesystem, self._state_path, local.read_bytes())
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         self._recall()

@@ -7,13 +7,16 @@ attribute, and one pretraining Ray Train run per trial (:mod:`.trial`).
 
 Tracking: one MLflow parent run per sweep in ``tune.experiment`` (``cromss-tune``), one
 child run per trial (written by the trial's rank 0, tagged with the sweep and trial id);
-when Tune ends a trial, its run is tagged ``stopped_early`` and closed. At the end, the
-best completed trial's registered model gets the alias ``@best``, and the results table
+when Tune ends a trial, its run is tagged ``stopped_early`` and closed. Trials register
+their models as ``<name>-trials``, apart from the standalone models; at the end, the best
+completed trial's model becomes a version of the standalone name with the alias ``@best``
+(:func:`~cromss_ray.tune.trial_runs.promote_trial_model`), and the results table
 (``results.csv``) and a parallel-coordinates plot are logged on the parent run and kept
 in the sweep folder ``<run.storage_path>/<run.name>``.
 
 Resuming: the sweep folder holds Tune's experiment state, ``cromss-sweep.json`` (the
-config and the parent run id) and ASHA's rungs (``asha-rungs.pkl``, :mod:`.scheduler`).
+config and the parent run id) and ASHA's rungs (``asha-rungs.pkl``, :mod:`.scheduler`),
+both written through a temporary file renamed into place.
 Running the same command again restores the Tuner, finishes the unfinished trials (each
 continues its Train run from its latest checkpoint), judges them against the rungs of
 the trials before the interruption, and logs into the same parent run.
@@ -46,7 +49,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 from ray.tune.search.optuna import OptunaSearch
 
 from cromss_ray.config import ConfigError, PretrainConfig, TrackingConfig, TuneConfig, flatten
-from cromss_ray.data.storage import resolve_filesystem, scan_shards
+from cromss_ray.data.storage import resolve_filesystem, scan_shards, write_atomically
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
 from cromss_ray.train.cluster import absolute_storage_path, init_ray, resolve_use_gpu
@@ -133,7 +136,8 @@ def sweep_metric(config: TuneConfig) -> str:
     """``tune.metric``, else the S2 mIoU against clean labels where the validation data has them."""
     if config.tune.metric:
         return config.tune.metric
-    validation = scan_shards(config.data.val_uri or config.data.uri, config.data.s3_endpoint)
+    data = config.data
+    validation = scan_shards(data.val_uri or data.uri, data.s3_endpoint, allow_incomplete=data.allow_incomplete)
     return METRIC_CLEAN if validation.meta.has_clean_label else METRIC_NOISY
 
 
@@ -231,10 +235,9 @@ class SweepLocation:
         return self.filesystem.get_file_info(self.path(file_name)).type == pafs.FileType.File
 
     def write(self, file_name: str, data: bytes) -> None:
-        """Write ``data`` to a file of the sweep folder, creating the folder."""
-        self.filesystem.create_dir(self.folder, recursive=True)
-        with self.filesystem.open_output_stream(self.path(file_name)) as stream:
-            stream.write(data)
+        """Write ``data`` to a file of the sweep folder (creating the folder) through a temporary file
+        renamed into place: a write that fails leaves the previous file whole."""
+        write_atomically(self.filesystem, self.path(file_name), data)
 
     def read_state(self) -> SweepState | None:
         """The sweep state of the folder, or None when no sweep was started there."""

@@ -27,7 +27,7 @@ from cromss_ray.config import PretrainConfig
 from cromss_ray.train.checkpoints import latest_checkpoint
 from cromss_ray.train.loop import RunLinks
 from cromss_ray.train.pretrain import run_pretrain
-from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, delete_trial_runs
+from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, delete_trial_runs, trial_registry_name
 from cromss_ray.tune.space import apply_sample
 
 TRAIN_RUNS_DIR = "train"
@@ -59,10 +59,12 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 
 
 def trial_config(context: TrialContext, sample: Mapping[str, Any], trial_id: str) -> PretrainConfig:
-    """The pretraining config of one trial: the sampled leaves, and its own run name and storage."""
+    """The pretraining config of one trial: the sampled leaves, its own run name and storage, and its own
+    registered model (:func:`~cromss_ray.tune.trial_runs.trial_registry_name` of the standalone name)."""
     config = apply_sample(context.base, sample)
     config.run.name = trial_run_name(context.sweep_name, trial_id)
     config.run.storage_path = context.train_storage
+    config.tracking.registry_name = trial_registry_name(config.registry_name())
     return config
 
 

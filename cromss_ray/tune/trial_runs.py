@@ -14,17 +14,28 @@ from typing import Any
 import ray.tune
 from ray.tune.experiment import Trial
 
-from cromss_ray.tracking.registry import registry_client, set_alias
+from cromss_ray.tracking.registry import (
+    filter_literal,
+    logged_model_id,
+    register_model_version,
+    registry_client,
+    set_alias,
+    using_tracking_uri,
+)
 
 SWEEP_TAG = "cromss.sweep"
 TRIAL_TAG = "cromss.trial_id"
 STOPPED_EARLY = "stopped_early"
 PARENT_TAG = "mlflow.parentRunId"
 RUNNING = "RUNNING"
+TRIAL_REGISTRY_SUFFIX = "-trials"
+"""Trials register their models as ``<standalone name>-trials``, so that they never move the aliases
+(``@latest`` included) of the standalone models; only the winner is promoted to the standalone name."""
 
 
-def _quoted(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def trial_registry_name(standalone: str) -> str:
+    """The registered model the trials of models named ``standalone`` register under."""
+    return f"{standalone}{TRIAL_REGISTRY_SUFFIX}"
 
 
 def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list[Any]:
@@ -33,7 +44,7 @@ def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list[
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    query = " and ".join(f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items())
+    query = " and ".join(f"tags.`{key}` = {filter_literal(value)}" for key, value in tags.items())
     return client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
 
 
@@ -121,17 +132,36 @@ class TrialRunCloser(ray.tune.Callback):
 
 
 def promote_trial_model(tracking_uri: str, experiment: str, sweep_name: str, trial_id: str, alias: str) -> str | None:
-    """Point ``@alias`` at the model version the trial registered; its ``models:/`` URI, or None.
+    """Register the trial's model as a version of the standalone name and point ``@alias`` there; its
+    ``models:/`` URI, or None when the trial registered no model.
 
-    The trial's run registered its model at the end of training (a pretraining run), so
-    the version is found by run id.
+    The trial registered its model under :func:`trial_registry_name` at the end of training
+    (found by run id); the promoted version is the same logged model, with the trial's
+    tags, the sweep and the trial id. Promoting again (a finished sweep run again) finds
+    the version promoted before instead of registering another.
     """
     run_id = find_trial_run(tracking_uri, experiment, sweep_name, trial_id)
     if run_id is None:
         return None
-    versions = registry_client(tracking_uri).search_model_versions(f"run_id = {_quoted(run_id)}")
-    if not versions:
+    client = registry_client(tracking_uri)
+    versions = client.search_model_versions(f"run_id = {filter_literal(run_id)}")
+    registered = [version for version in versions if version.name.endswith(TRIAL_REGISTRY_SUFFIX)]
+    if not registered:
         return None
-    newest = max(versions, key=lambda version: int(version.version))
-    set_alias(newest.name, alias, int(newest.version), tracking_uri=tracking_uri)
-    return f"models:/{newest.name}@{alias}"
+    trial_version = max(registered, key=lambda version: int(version.version))
+    standalone = trial_version.name.removesuffix(TRIAL_REGISTRY_SUFFIX)
+    promoted = [int(version.version) for version in versions if version.name == standalone]
+    if promoted:
+        number = max(promoted)
+    else:
+        with using_tracking_uri(tracking_uri):
+            number = register_model_version(
+                client,
+                standalone,
+                logged_model_id(trial_version),
+                trial_version.description or "",
+                run_id=run_id,
+                tags={**trial_version.tags, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id},
+            )
+    set_alias(standalone, alias, number, tracking_uri=tracking_uri)
+    return f"models:/{standalone}@{alias}"

@@ -6,9 +6,12 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from finetune_helpers import ENCODER, PRETRAINED_BANDS, TEST_TILE, TILE, Pretrained, Shards
@@ -88,6 +91,35 @@ def test_pretrained_model_is_evaluated_fused_on_dw_classes(pretrained: Pretraine
     result = evaluate_model(f"models:/{pretrained.name}@best", str(dw_shards.test), tracking_uri=store, tile=64)
     assert result.branch == "fused" and 0.0 <= result.scores["oa"] <= 1.0
     assert result.labelled_pixels == sum(int(row) for row in result.scores["matrix"].sum(dim=1))
+
+
+def test_evaluate_checks_the_shards_as_training_does(
+    pretrained: Pretrained, store: str, dw_shards: Shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A test split without its manifest, one row with a label outside the classes: refused unless allowed,
+    then the bad row named, or skipped and reported."""
+    shutil.copytree(dw_shards.test, tmp_path / "test")
+    (tmp_path / "test" / "manifest.json").unlink()
+    path = sorted((tmp_path / "test").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    labels = table.column("label").to_pylist()
+    labels[1] = bytes([9]) + labels[1][1:]
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.binary()))
+    pq.write_table(table, path, write_page_checksum=True)
+    bad_id = table.column("id")[1].as_py()
+    model = f"models:/{pretrained.name}@best"
+
+    code = main(["evaluate", "--model", model, "--data", str(tmp_path / "test"), "--tracking-uri", store])
+    assert code == 1 and "manifest.json: missing" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=rf"row '{bad_id}', field 'label': values \[9\] outside 0..8"):
+        evaluate_model(model, str(tmp_path / "test"), tracking_uri=store, tile=64, allow_incomplete=True)
+    code = main(
+        ["evaluate", "--model", model, "--data", str(tmp_path / "test"), "--tracking-uri", store, "--tile", "64",
+         "--allow-incomplete", "--on-bad-row", "skip"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and f"skipped: {path}" in captured.err and f"row '{bad_id}'" in captured.err
+    assert "2 tiles" in captured.out and "1 bad row skipped" in captured.out
 
 
 def test_summary_and_table_by_hand():

@@ -58,7 +58,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(
 
     other_network = config.model_dump(mode="json", exclude_unset=True)
     other_network["model"]["decoder"] = "FPN"
-    with pytest.raises(ConfigError, match=r"model\.decoder \('Unet' in the checkpoint, 'FPN' now\)"):
+    with pytest.raises(ConfigError, match=r"of another network: model\.decoder: 'Unet' -> 'FPN'"):
         build_trainer(build_config(FinetuneConfig, other_network))
 
     resumed = run_finetune(config)

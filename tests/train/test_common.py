@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import ray.data
 import ray.train
 import torch
 import yaml
+from interrupted_writes import WriteInterrupted, interrupting_filesystem
 from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, ReduceLROnPlateau, StepLR
 
 from cromss_ray.config import (
@@ -21,8 +23,16 @@ from cromss_ray.config import (
     ScalingConfig,
     TuneConfig,
     build_config,
+    to_yaml,
 )
-from cromss_ray.train.checkpoints import TrainingState, check_resumable, load_model_state, read_meta
+from cromss_ray.train.checkpoints import (
+    CHANGEABLE_KEYS,
+    TrainingState,
+    check_resumable,
+    load_model_state,
+    read_meta,
+    restored_changes,
+)
 from cromss_ray.train.cluster import ExactValidationDataConfig, absolute_storage_path, ray_run_config, ray_scaling_config
 from cromss_ray.train.collectives import all_reduce_sums
 from cromss_ray.train import finetune, pretrain
@@ -176,6 +186,24 @@ def test_a_training_state_round_trips_through_a_checkpoint_directory(tmp_path: P
     assert build_config(PretrainConfig, yaml.safe_load((tmp_path / "config.yaml").read_text())) == PretrainConfig()
 
 
+def test_an_interrupted_checkpoint_write_keeps_the_files_written_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model.parameters(), OptimConfig())
+    state = TrainingState(model, optimizer, None, torch.amp.GradScaler("cpu", enabled=False))
+    state.save(tmp_path, PretrainConfig(), {"epoch": 1})
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monkeypatch.setattr(pafs, "LocalFileSystem", interrupting_filesystem)
+
+    with pytest.raises(WriteInterrupted):
+        state.save(tmp_path, PretrainConfig(), {"epoch": 2})
+
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def test_a_broken_meta_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"meta\.json: not a readable checkpoint meta file"):
@@ -186,6 +214,44 @@ def test_a_checkpoint_without_a_readable_config_is_named(tmp_path: Path) -> None
     (tmp_path / "config.yaml").write_text("model: [unclosed")
     with pytest.raises(ConfigError, match=r"config\.yaml: not the config of a pretraining checkpoint"):
         check_resumable(PretrainConfig(), ray.train.Checkpoint.from_directory(str(tmp_path)))
+
+
+def checkpoint_of(directory: Path, *overrides: str) -> ray.train.Checkpoint:
+    """A checkpoint directory holding only the ``config.yaml`` of ``PretrainConfig`` with ``overrides``."""
+    (directory / "config.yaml").write_text(to_yaml(build_config(PretrainConfig, {}, list(overrides))))
+    return ray.train.Checkpoint.from_directory(str(directory))
+
+
+def test_resuming_with_another_config_is_refused_naming_each_key_old_and_new(tmp_path: Path) -> None:
+    checkpoint = checkpoint_of(tmp_path, "optim.lr=0.005", "data.uri=data/a")
+    changed = build_config(PretrainConfig, {}, ["optim.lr=0.001", "data.uri=data/b"])
+    with pytest.raises(ConfigError, match=r"data\.uri: 'data/a' -> 'data/b'; optim\.lr: 0\.005 -> 0\.001\. .*"
+                       r"--allow-config-change"):
+        check_resumable(changed, checkpoint)
+
+
+def test_changeable_keys_resume_silently(tmp_path: Path) -> None:
+    checkpoint = checkpoint_of(tmp_path, "optim.epochs=2", "run.max_failures=0", "scaling.cpus_per_worker=1")
+    assert set(CHANGEABLE_KEYS) >= {"optim.epochs", "run.max_failures", "scaling.cpus_per_worker"}
+    extended = build_config(PretrainConfig, {}, ["optim.epochs=5", "run.max_failures=2", "scaling.cpus_per_worker=2"])
+    assert check_resumable(extended, checkpoint) == {}
+
+
+def test_more_epochs_under_the_cosine_schedule_change_its_period_and_are_refused(tmp_path: Path) -> None:
+    checkpoint = checkpoint_of(tmp_path, "optim.scheduler=cosine", "optim.epochs=2")
+    with pytest.raises(ConfigError, match=r"optim\.epochs: 2 -> 5"):
+        check_resumable(build_config(PretrainConfig, {}, ["optim.scheduler=cosine", "optim.epochs=5"]), checkpoint)
+
+
+def test_an_allowed_change_is_returned_to_record_but_never_one_of_the_network(tmp_path: Path) -> None:
+    checkpoint = checkpoint_of(tmp_path, "optim.lr=0.005")
+    allowed = build_config(PretrainConfig, {}, ["optim.lr=0.001", "optim.epochs=7", "run.allow_config_change=true"])
+    assert check_resumable(allowed, checkpoint) == {"optim.lr": (0.005, 0.001)}
+    assert restored_changes(allowed, tmp_path) == {"optim.lr": (0.005, 0.001)}, "what rank 0 records"
+    assert restored_changes(allowed, None) == {}
+    other_network = build_config(PretrainConfig, {}, ["model.fusion=late", "run.allow_config_change=true"])
+    with pytest.raises(ConfigError, match=r"of another network: model\.fusion: 'mid' -> 'late'"):
+        check_resumable(other_network, checkpoint)
 
 
 def test_sums_of_one_worker_are_its_own() -> None:

@@ -19,7 +19,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from cromss_ray.config import ConfigError, PretrainConfig
+from cromss_ray.cli import main
+from cromss_ray.config import ConfigError, PretrainConfig, to_yaml
 from cromss_ray.data.shards import iter_rows
 from cromss_ray.data.storage import scan_shards
 from cromss_ray.data.transforms import HashSplit, sample_rng, stable_hash
@@ -47,6 +48,8 @@ EPOCH_KEYS = (
     "val_clean/s1/oa",
     "val_clean/s2/miou",
     "val_clean/fused/mf1",
+    "train/nonfinite_steps",
+    "data/skipped_rows",
 )
 
 PREDICT_IN_FRESH_PROCESS = """
@@ -116,6 +119,8 @@ def test_every_epoch_is_reported_and_logged_with_its_epoch(first_run, tracking_u
     assert outcome.start_epoch == 0
     assert 0.0 <= outcome.metrics["train/s1/selected_share"] <= 1.0
     assert outcome.metrics["train/selection/ratio"] < 1.0, "the 2-epoch ramp must have started selecting"
+    for key in ("train/nonfinite_steps", "data/skipped_rows"):
+        assert [m.value for m in client.get_metric_history(outcome.run_id, key)] == [0.0, 0.0], key
 
 
 def right_labels(config: PretrainConfig, season_of: Callable[[str], int]) -> dict[str, tuple[int, int]]:
@@ -244,13 +249,26 @@ def test_the_registered_model_predicts_in_a_fresh_process(first_run, tracking_ur
 
 
 def test_a_run_with_another_network_does_not_resume_the_checkpoint(first_run, tiny_config) -> None:
-    with pytest.raises(ConfigError, match=r"model\.encoder \('resnet18' in the checkpoint, 'resnet34' now\)"):
+    with pytest.raises(ConfigError, match=r"of another network: model\.encoder: 'resnet18' -> 'resnet34'"):
         build_trainer(tiny_config(RUN_NAME, NO_ROTATION, "model.encoder=resnet34"))
+
+
+def test_the_cli_refuses_to_resume_with_another_learning_rate_before_training(
+    first_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = first_run
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(config))
+    code = main(["pretrain", "--config", str(saved), "--set", "optim.lr=0.002"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "optim.lr: 0.001 -> 0.002" in error and "--allow-config-change" in error
 
 
 def test_rerunning_the_same_name_resumes_from_the_latest_checkpoint(first_run, tiny_config, tracking_uri) -> None:
     _, outcome = first_run
-    resumed = run_pretrain(tiny_config(RUN_NAME, NO_ROTATION, "optim.epochs=3"))
+    changed = ("cromss.consistency_weight=0.5", "run.allow_config_change=true")
+    resumed = run_pretrain(tiny_config(RUN_NAME, NO_ROTATION, "optim.epochs=3", *changed))
     assert resumed.start_epoch == 2
     assert resumed.run_id == outcome.run_id, "the resumed run must keep writing to the same MLflow run"
     assert resumed.result.metrics["epoch"] == 3
@@ -259,3 +277,5 @@ def test_rerunning_the_same_name_resumes_from_the_latest_checkpoint(first_run, t
     assert steps(client, outcome.run_id, "val/s2/miou") == [1, 2, 3]
     assert client.get_run(outcome.run_id).info.status == "FINISHED"
     assert int(client.get_model_version_by_alias(RUN_NAME, "latest").version) == 2
+    tags = client.get_run(outcome.run_id).data.tags
+    assert tags["cromss.config_change.epoch_2"] == "cromss.consistency_weight: 1.0 -> 0.5", "epochs change freely"

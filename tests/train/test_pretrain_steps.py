@@ -1,4 +1,5 @@
-"""The pretraining step functions on one worker without Ray: the noise diagnostics they add to the epoch's metrics.
+"""The training step functions on one worker without Ray: the noise diagnostics pretraining adds to the
+epoch's metrics, and the guard that skips and counts steps with a non-finite loss (both tasks).
 
 Batches come from an in-memory shard that records what it hands out, so every figure
 can be worked out again directly from those batches.
@@ -13,14 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cromss_ray.config import PretrainConfig, build_config, load_config
+from cromss_ray.config import FinetuneConfig, PretrainConfig, build_config, load_config
 from cromss_ray.data.pipeline import to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.synth import synth_metadata
 from cromss_ray.method import SingleModalityLoss, SingleModalityNet
 from cromss_ray.method.losses import MODALITIES
-from cromss_ray.models.stored import network_from_config
+from cromss_ray.models.stored import NonFiniteModelError, network_from_config, transfer_network
+from cromss_ray.train import finetune
 from cromss_ray.train.checkpoints import TrainingState
+from cromss_ray.train.loop import NONFINITE_STEPS_METRIC, NonFiniteLossError
 from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer
 from cromss_ray.train.pretrain import NOISE_METRICS, WorkerContext, build_criterion, train_epoch, validate
 
@@ -54,7 +57,9 @@ class RecordedShard:
                 batch["clean_label"] = clean
             self.batches.append(batch)
 
-    def iter_torch_batches(self, batch_size: int, prefetch_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    def iter_torch_batches(
+        self, batch_size: int, prefetch_batches: int, drop_last: bool = False
+    ) -> Iterator[dict[str, torch.Tensor]]:
         assert batch_size == BATCH_SIZE
         yield from self.batches
 
@@ -227,3 +232,95 @@ def test_smoothing_off_trains_on_the_one_hot_noisy_labels(selection: bool, expec
     assert config.training_prior() == "none"
     smoothed = build_criterion(build_config(PretrainConfig, {}, overrides), 255)
     assert float(smoothed(SMOOTHING_OFF_Z1, SMOOTHING_OFF_Z2, SMOOTHING_OFF_Y, prior=prior)[0]) > expected + 0.05
+
+
+class NaNInputs:
+    """A forward pre-hook that turns the S2 input of the given calls (counted from 0) into NaN."""
+
+    def __init__(self, calls: set[int]) -> None:
+        self.calls, self.count = calls, 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        call, self.count = self.count, self.count + 1
+        if call not in self.calls:
+            return None
+        x1, x2 = args
+        return x1, torch.full_like(x2, math.nan)
+
+
+def network_tensors(state: TrainingState) -> dict[str, torch.Tensor]:
+    return {**dict(state.model.named_parameters()), **dict(state.model.named_buffers())}
+
+
+def test_a_nan_batch_is_skipped_counted_and_leaves_weights_and_batch_norm_as_without_it() -> None:
+    context = worker_context(False)
+    guarded, reference = training_state(context), training_state(context)
+    shard = RecordedShard(context.meta, seed=1)
+    guarded.model.register_forward_pre_hook(NaNInputs({1}))
+
+    metrics = train_epoch(context, guarded, shard, EPOCH)
+    shard.batches = [shard.batches[0], shard.batches[2]]
+    expected = train_epoch(context, reference, shard, EPOCH)
+
+    assert metrics[NONFINITE_STEPS_METRIC] == 1 and expected[NONFINITE_STEPS_METRIC] == 0
+    assert metrics["train/loss"] == pytest.approx(expected["train/loss"], rel=1e-6)
+    ours, theirs = network_tensors(guarded), network_tensors(reference)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert torch.isfinite(tensor.float()).all(), name
+        torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert guarded.optimizer.state_dict()["state"][0]["step"] == 2
+
+
+def test_more_nonfinite_steps_than_allowed_fail_the_run_naming_it_and_the_key() -> None:
+    context = worker_context(False, "optim.max_nonfinite_steps=1")
+    state = training_state(context)
+    state.model.register_forward_pre_hook(NaNInputs({0, 2}))
+    with pytest.raises(NonFiniteLossError, match=r"run 'cromss-pretrain-tiny', epoch 2: 2 training steps .*"
+                       r"optim\.max_nonfinite_steps \(1\)"):
+        train_epoch(context, state, RecordedShard(context.meta, seed=1), EPOCH)
+
+
+def test_an_epoch_without_one_finite_step_fails_the_run() -> None:
+    context = worker_context(False)
+    state = training_state(context)
+    state.model.register_forward_pre_hook(NaNInputs({0, 1, 2}))
+    with pytest.raises(NonFiniteLossError, match=r"every training step \(3\) had a non-finite loss"):
+        train_epoch(context, state, RecordedShard(context.meta, seed=1), EPOCH)
+    assert all(torch.isfinite(tensor.float()).all() for tensor in network_tensors(state).values())
+
+
+def test_a_fine_tuning_step_with_a_nan_loss_is_skipped_and_counted() -> None:
+    meta = synth_metadata("dw").model_copy(update={"s2": synth_metadata("pretrain").s2})
+    config = build_config(
+        FinetuneConfig,
+        {},
+        ["model.encoder=resnet18", "model.branch=s1", f"data.crop={SIZE}", f"optim.batch_size={BATCH_SIZE}"],
+    )
+    device = torch.device("cpu")
+    context = finetune.WorkerContext(config, meta, device, Precision.on(device, "fp32"))
+    torch.manual_seed(0)
+    network = transfer_network(config, meta.num_classes)
+    optimizer = build_optimizer(network.parameters(), config.optim)
+    state = TrainingState(network, optimizer, None, context.precision.grad_scaler())
+    shard = RecordedShard(meta, seed=1)
+    for batch in shard.batches:
+        batch["s1"] = torch.randn(BATCH_SIZE, 2, SIZE, SIZE, generator=torch.Generator().manual_seed(2)) - 12
+    calls = iter(range(BATCHES))
+    network.register_forward_hook(lambda module, args, logits: logits * math.nan if next(calls) == 1 else None)
+
+    metrics = finetune.train_epoch(context, state, shard, 0)
+
+    assert metrics[NONFINITE_STEPS_METRIC] == 1 and math.isfinite(metrics["train/loss"])
+    assert all(torch.isfinite(tensor.float()).all() for tensor in network_tensors(state).values())
+    assert optimizer.state_dict()["state"][0]["step"] == 2
+
+
+def test_a_network_with_a_nan_parameter_is_not_checkpointed(tmp_path: Path) -> None:
+    context = worker_context(False, "run.name=nan-run")
+    state = training_state(context)
+    with torch.no_grad():
+        next(state.model.parameters())[0] = math.nan
+    with pytest.raises(NonFiniteModelError, match=r"run 'nan-run', checkpoint of epoch 3: not written: 1 tensor"):
+        state.save(tmp_path, context.config, {"epoch": 3})
+    assert list(tmp_path.iterdir()) == []

@@ -1,12 +1,16 @@
 """The sweep's ASHA: Ray's decisions, its rungs carried over a resume, trials left to finish
-their last epoch; on values worked out by hand."""
+their last epoch; on values worked out by hand. The sweep's state files survive interrupted writes."""
 
+from dataclasses import replace
+
+import pytest
+from interrupted_writes import WriteInterrupted, interrupting_filesystem
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from cromss_ray.config import TuneConfig, build_config
 from cromss_ray.tune.scheduler import ResumableASHA
-from cromss_ray.tune.sweep import ASHA_STATE_FILE, SweepLocation, build_scheduler
+from cromss_ray.tune.sweep import ASHA_STATE_FILE, SWEEP_STATE_FILE, SweepLocation, build_scheduler
 
 METRIC = "val/s2/miou"
 
@@ -61,3 +65,30 @@ def test_a_better_trial_runs_to_its_last_epoch_after_a_resume(tmp_path):
     assert report(after, second, 1, 0.70) == TrialScheduler.CONTINUE
     assert report(after, second, 2, 0.75) == TrialScheduler.CONTINUE
     assert report(after, second, 4, 0.80) == TrialScheduler.CONTINUE  # its last epoch: it ends by itself
+
+
+def test_an_interrupted_save_of_the_rungs_keeps_the_last_saved_file(tmp_path):
+    location = SweepLocation.of(str(tmp_path), "sweep")
+    scheduler = asha(location)
+    first = trial("a")
+    scheduler.on_trial_add(None, first)
+    report(scheduler, first, 1, 0.50)
+    saved = (tmp_path / "sweep" / ASHA_STATE_FILE).read_bytes()
+
+    scheduler._filesystem = interrupting_filesystem()
+    with pytest.raises(WriteInterrupted):
+        report(scheduler, first, 2, 0.60)
+
+    assert (tmp_path / "sweep" / ASHA_STATE_FILE).read_bytes() == saved
+    assert sorted(path.name for path in (tmp_path / "sweep").iterdir()) == [ASHA_STATE_FILE]
+
+
+def test_an_interrupted_write_of_the_sweep_state_keeps_the_previous_file(tmp_path):
+    location = SweepLocation.of(str(tmp_path), "sweep")
+    location.write(SWEEP_STATE_FILE, b'{"name": "sweep"}')
+
+    with pytest.raises(WriteInterrupted):
+        replace(location, filesystem=interrupting_filesystem()).write(SWEEP_STATE_FILE, b'{"name": "changed"}')
+
+    assert (tmp_path / "sweep" / SWEEP_STATE_FILE).read_bytes() == b'{"name": "sweep"}'
+    assert sorted(path.name for path in (tmp_path / "sweep").iterdir()) == [SWEEP_STATE_FILE]

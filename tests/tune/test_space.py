@@ -185,5 +185,5 @@ def test_trial_config_has_its_own_run_name_and_storage():
     trial = trial_config(context, {"model.fusion": "late"}, "abc12_00003")
     assert (trial.run.name, trial.run.storage_path) == ("sweep_abc12_00003", "/runs/sweep/train")
     assert trial.model.fusion == "late"
-    assert trial.registry_name() == "cromss-late-13b"
+    assert trial.registry_name() == "cromss-late-13b-trials", "trials never register under the standalone name"
     assert (base.run.name, base.model.fusion) == ("cromss-pretrain", "mid")

@@ -33,7 +33,7 @@ from cromss_ray.cli import main
 from cromss_ray.config import ConfigError, TuneConfig, build_config, load_config, to_yaml
 from cromss_ray.tracking.registry import load_pretrained, registry_client
 from cromss_ray.tune.results import COMPLETED, STOPPED_EARLY
-from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG
+from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, trial_registry_name
 from cromss_ray.tune.space import param_space
 from cromss_ray.tune.sweep import (
     ASHA_STATE_FILE,
@@ -171,7 +171,11 @@ def test_best_model_is_registered_and_loads(sweep, tracking_uri):
     config, second = sweep.config, sweep.second
     name = config.registry_name()
     assert second.best_model == f"models:/{name}@best"
-    version = registry_client(tracking_uri).get_model_version_by_alias(name, "best")
+    client = registry_client(tracking_uri)
+    version = client.get_model_version_by_alias(name, "best")
+    assert version.tags[TRIAL_TAG] == second.best.trial_id
+    trial_versions = client.search_model_versions(f"name = '{trial_registry_name(name)}'")
+    assert version.run_id in {trial_version.run_id for trial_version in trial_versions}
     pulled = load_pretrained(second.best_model, tracking_uri=tracking_uri)
     assert pulled.version == int(version.version) and pulled.config.cromss.consistency_weight == 0.0
     with torch.no_grad():
