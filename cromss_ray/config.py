@@ -142,6 +142,11 @@ class TrackingConfig(Section):
     registry_name: str | None = None
     aliases: list[str] = Field(default_factory=lambda: ["latest"])
     log_model: bool = True
+    flush_timeout_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="How long a run waits at its end for an unreachable tracking server before it fails.",
+    )
 
     def resolved_uri(self) -> str:
         """The tracking URI this run uses: the config, then the environment, then local sqlite."""
