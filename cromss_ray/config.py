@@ -130,8 +130,21 @@ class RunConfig(Section):
     seed: int = 0
     checkpoint_frequency: int = Field(default=1, ge=1)
     checkpoints_to_keep: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=0, ge=-1)
+    max_failures: int = Field(
+        default=1, description="Restarts from the latest checkpoint after a worker, node or storage failure."
+    )
     validation_figures: int = Field(default=4, ge=0)
+
+    @field_validator("max_failures")
+    @classmethod
+    def _bounded_restarts(cls, value: int) -> int:
+        """-1 (Ray's "without limit") is refused: a lasting fault would restart the run forever."""
+        if value < 0:
+            raise ValueError(
+                f"{value} is not a number of restarts: give 0 (none) or more; restarting without limit (-1) "
+                "is refused, since a fault that lasts would restart the run forever"
+            )
+        return value
 
 
 class TrackingConfig(Section):
