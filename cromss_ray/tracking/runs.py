@@ -16,9 +16,9 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from functools import partial
 from typing import Any, Literal
 
 import numpy as np

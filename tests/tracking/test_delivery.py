@@ -153,9 +153,7 @@ class DownClient:
         self.terminated.append(status)
 
 
-def test_a_tracker_keeps_logging_through_an_outage_and_delivers_every_epoch_at_the_end(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_tracker_keeps_logging_through_an_outage_and_delivers_every_epoch_at_the_end() -> None:
     client = DownClient()
     tracker = RunTracker(client, "run-1", "0", "http://127.0.0.1:5000", flush_timeout_s=30.0)  # type: ignore[arg-type]
     restarts: list[float] = []
@@ -164,7 +162,7 @@ def test_a_tracker_keeps_logging_through_an_outage_and_delivers_every_epoch_at_t
         restarts.append(seconds)
         client.down = False
 
-    monkeypatch.setattr(tracker.writes, "_sleep", server_back_after_a_pause)
+    tracker.writes = DeliveryQueue(tracker.writes.destination, sleep=server_back_after_a_pause)
     for epoch in (1, 2, 3):
         tracker.log_metrics({"train/loss": 1.0 / epoch}, epoch)
     tracker.log_text("note", "notes/outage.txt")
