@@ -159,13 +159,26 @@ class RunConfig(Section):
     seed: int = 0
     checkpoint_frequency: int = Field(default=1, ge=1)
     checkpoints_to_keep: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=0, ge=-1)
+    max_failures: int = Field(
+        default=1, description="Restarts from the latest checkpoint after a worker, node or storage failure."
+    )
     validation_figures: int = Field(default=4, ge=0)
     allow_config_change: bool = Field(
         default=False,
         description="Resume a checkpoint whose config differs beyond the changeable keys; the change is "
         "recorded in the MLflow run.",
     )
+
+    @field_validator("max_failures")
+    @classmethod
+    def _bounded_restarts(cls, value: int) -> int:
+        """-1 (Ray's "without limit") is refused: a lasting fault would restart the run forever."""
+        if value < 0:
+            raise ValueError(
+                f"{value} is not a number of restarts: give 0 (none) or more; restarting without limit (-1) "
+                "is refused, since a fault that lasts would restart the run forever"
+            )
+        return value
 
 
 class TrackingConfig(Section):
@@ -176,6 +189,11 @@ class TrackingConfig(Section):
     registry_name: str | None = None
     aliases: list[str] = Field(default_factory=lambda: ["latest"])
     log_model: bool = True
+    flush_timeout_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="How long a run waits at its end for an unreachable tracking server before it fails.",
+    )
 
     def resolved_uri(self) -> str:
         """The tracking URI this run uses: the config, then the environment, then local sqlite."""

@@ -52,6 +52,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import ray
 import ray.data
+import ray.experimental.internal_kv as internal_kv
 import torch
 from ray.data.expressions import col
 
@@ -94,14 +95,22 @@ DOWNSTREAM_ROTATION_PROBABILITY = 0.2
 PRIOR_CHOICES = (*PRIOR_KINDS, "none")
 
 
+CLOCK_RESTARTS = 5
+"""How often Ray restarts a lost epoch clock (its node died, it was killed); calls to it are retried as often."""
+
+
 @ray.remote(num_cpus=0)
 class _EpochCounter:
-    """The actor behind :class:`EpochClock`."""
+    """The actor behind :class:`EpochClock`. The epoch is also kept in the cluster's key-value store
+    under ``key``, so that a restarted clock goes on with the epoch it had."""
 
-    def __init__(self) -> None:
-        self._epoch = 0
+    def __init__(self, key: str) -> None:
+        self._key = key.encode()
+        stored = internal_kv._internal_kv_get(self._key, namespace=CLOCK_NAMESPACE)
+        self._epoch = int(stored) if stored is not None else 0
 
     def set(self, epoch: int) -> None:
+        internal_kv._internal_kv_put(self._key, str(epoch).encode(), overwrite=True, namespace=CLOCK_NAMESPACE)
         self._epoch = epoch
 
     def get(self) -> int:
@@ -118,11 +127,17 @@ class _NamedActor:
     actor_class: ClassVar[Any]
     prefix: ClassVar[str]
     described_as: ClassVar[str]
+    restarts: ClassVar[int] = 0
+    """How often Ray restarts the actor when it is lost (its calls retried as often); its
+    constructor then gets the actor's name, to find its state again."""
 
     @classmethod
     def create(cls: type[ActorT]) -> ActorT:
         name = f"cromss-{cls.prefix}-{uuid.uuid4().hex[:12]}"
-        return cls(name, cls.actor_class.options(name=name, namespace=CLOCK_NAMESPACE).remote())
+        if not cls.restarts:
+            return cls(name, cls.actor_class.options(name=name, namespace=CLOCK_NAMESPACE).remote())
+        restarting = {"max_restarts": cls.restarts, "max_task_retries": cls.restarts}
+        return cls(name, cls.actor_class.options(name=name, namespace=CLOCK_NAMESPACE, **restarting).remote(name))
 
     @classmethod
     def named(cls: type[ActorT], name: str) -> ActorT:
@@ -137,11 +152,13 @@ ActorT = TypeVar("ActorT", bound=_NamedActor)
 
 @dataclass(frozen=True)
 class EpochClock(_NamedActor):
-    """The epoch a pipeline's augmentation uses: a named Ray actor, read once per batch."""
+    """The epoch a pipeline's augmentation uses: a named Ray actor, read once per batch, restarted
+    with its epoch when it is lost."""
 
     actor_class = _EpochCounter
     prefix = "epoch"
     described_as = "epoch clock"
+    restarts = CLOCK_RESTARTS
 
     def set(self, epoch: int) -> None:
         if epoch < 0:

@@ -47,6 +47,10 @@ class RowValidationError(ValueError):
         self.field_name = field_name
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        """Pickled whole, as it travels from a Ray task to the training worker and the driver."""
+        return (type(self), (self.row_id, self.field_name, self.reason))
+
 
 class ShardFileError(ValueError):
     """A shard file that cannot be read as a whole (corrupt, not a shard, missing columns)."""
@@ -55,6 +59,10 @@ class ShardFileError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickled whole, as it travels from a Ray task to the training worker and the driver."""
+        return (type(self), (self.path, self.reason))
 
 
 def row_fields(meta: ShardMetadata) -> tuple[str, ...]:

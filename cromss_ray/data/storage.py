@@ -16,11 +16,12 @@ streams them with every page checksum verified (spec 9; ``docs/data.md`` for the
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -45,6 +46,10 @@ from cromss_ray.data.transforms import UINT64_MASK
 FOOTER_READ_THREADS = 16
 """Footers and id columns are fetched concurrently: on object stores each is one round trip."""
 READ_BUFFER_BYTES = 8 * 2**20
+READ_ATTEMPTS = 6
+READ_FIRST_PAUSE_S = 0.5
+"""A training read from an object store that fails with an OS-level error is tried again after
+0.5, 1, 2, 4 and 8 s (about 15 s in all), so a restarting store does not fail the epoch."""
 """Buffered page reads of 8 MiB, as Ray Data's Parquet reader does when it sets the scan options itself."""
 
 
@@ -346,7 +351,8 @@ class EpochRows:
         groups = np.searchsorted(group_starts, rows, side="right") - 1
         needed = np.unique(groups)
         try:
-            table = parquet.read_row_groups([int(group) for group in needed])
+            groups_read = [int(group) for group in needed]
+            table = retried_read(self.shards.filesystem, lambda: parquet.read_row_groups(groups_read))
         except (OSError, pa.ArrowException) as exc:
             where = display_path(self.shards.filesystem, path)
             raise ValueError(f"{where}: cannot read rows {rows.tolist()}: {exc}") from None
@@ -362,8 +368,12 @@ class EpochRows:
             return self._files[file]
         path = self.shards.files[file]
         try:
-            source = self.shards.filesystem.open_input_file(path)
-            parquet = pq.ParquetFile(source, pre_buffer=True, page_checksum_verification=True)
+            parquet = retried_read(
+                self.shards.filesystem,
+                lambda: pq.ParquetFile(
+                    self.shards.filesystem.open_input_file(path), pre_buffer=True, page_checksum_verification=True
+                ),
+            )
         except (OSError, pa.ArrowException) as exc:
             raise ValueError(f"{display_path(self.shards.filesystem, path)}: cannot open: {exc}") from None
         counts = [parquet.metadata.row_group(group).num_rows for group in range(parquet.num_row_groups)]
@@ -371,6 +381,21 @@ class EpochRows:
         if len(self._files) > self.open_files:
             self._files.popitem(last=False)
         return self._files[file]
+
+
+Read = TypeVar("Read")
+
+
+def retried_read(filesystem: pafs.FileSystem, read: Callable[[], Read]) -> Read:
+    """``read()``, tried :data:`READ_ATTEMPTS` times with a doubling pause while an object store fails
+    with an OS-level error (a restart, a dropped connection); on the local disk it is tried once."""
+    retries = 0 if isinstance(filesystem, pafs.LocalFileSystem) else READ_ATTEMPTS - 1
+    for retry in range(retries):
+        try:
+            return read()
+        except OSError:
+            time.sleep(READ_FIRST_PAUSE_S * 2**retry)
+    return read()
 
 
 def read_epoch_order(shards: ShardSet, seed: int, epoch_of: Callable[[], int], chunk_rows: int) -> ray.data.Dataset:

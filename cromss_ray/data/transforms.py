@@ -33,7 +33,7 @@ import pyarrow as pa
 import torch
 
 from cromss_ray.data.schema import S2_BAND_SUBSETS, ShardMetadata, s2_subset_names
-from cromss_ray.data.shards import BadRowPolicy, RowValidationError, check_values
+from cromss_ray.data.shards import BadRowPolicy, RowValidationError, ShardFileError, check_values
 from cromss_ray.method.smoothing import PriorKind, smoothing_prior
 
 UINT64_MASK = (1 << 64) - 1
@@ -387,7 +387,7 @@ class CutSamples:
                 self._check(columns, row, row_id, int(heights[row]), int(widths[row]))
             except RowValidationError as exc:
                 if self.on_bad_row == "raise":
-                    raise ValueError(f"{paths[row]}: {exc}") from None
+                    raise ShardFileError(paths[row], str(exc)) from None
                 bad.append(f"{paths[row]}: {exc}")
                 continue
             samples.append(self._plan(row, row_id, int(heights[row]), int(widths[row]), epoch))

@@ -3,15 +3,20 @@
 :class:`RunTracker` talks to the store through an explicit :class:`mlflow.MlflowClient`
 and run id, never through MLflow's process-wide active run, so a Ray worker, a Tune
 trial and a test can each hold their own run. Credentials are stripped from everything
-it logs (:func:`~cromss_ray.tracking.uris.redact_uri`).
+it logs (:func:`~cromss_ray.tracking.uris.redact_uri`). What a run logs once it has started
+goes through a :class:`~cromss_ray.tracking.delivery.DeliveryQueue`, so a tracking-server
+outage delays it instead of failing the training.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -22,6 +27,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.entities.lifecycle_stage import LifecycleStage
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
@@ -30,14 +36,18 @@ from pydantic import BaseModel
 from cromss_ray import __version__
 from cromss_ray.config import describe_changes, flatten, to_yaml
 from cromss_ray.models.stored import CONFIG_FILE
+from cromss_ray.tracking.delivery import DeliveryQueue, is_transient
 from cromss_ray.tracking.figures import confusion_matrix_figure, validation_sample_figure
 from cromss_ray.tracking.uris import absolute_tracking_uri, is_local_sqlite, redact_uri, sqlite_database_path
+
+logger = logging.getLogger(__name__)
 
 ARTIFACTS_DIR_NAME = "mlartifacts"
 CONFIG_CHANGE_TAG = "cromss.config_change"
 
 TRUNCATION_MARK = "..."
 SAMPLE_KEYS = ("s2_rgb", "label", "clean_label", "prediction", "weights_s1", "weights_s2")
+DEFAULT_FLUSH_TIMEOUT_S = 300.0
 RunEndStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 
@@ -126,14 +136,26 @@ class RunTracker:
     """An MLflow run: config as params, per-epoch metrics, confusion matrices, sample figures.
 
     Create one with :meth:`start`; use it as a context manager so the run ends FINISHED,
-    FAILED (an exception) or KILLED (an interrupt).
+    FAILED (an exception) or KILLED (an interrupt). Metrics, tags and artifact files are
+    queued in ``writes`` and sent in order; while the server is away they wait (module
+    docstring), and :meth:`flush` (also before the run ends FINISHED) waits at most
+    ``flush_timeout_s`` for them.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, tracking_uri: str) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        tracking_uri: str,
+        flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.tracking_uri = tracking_uri
+        self.flush_timeout_s = flush_timeout_s
+        self.writes = DeliveryQueue(f"MLflow run {run_id} at {redact_uri(tracking_uri)}")
         self._finished = False
 
     @classmethod
@@ -147,6 +169,7 @@ class RunTracker:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
     ) -> RunTracker:
         """Open a new run in ``experiment`` (created if needed), or resume ``run_id``.
 
@@ -160,7 +183,7 @@ class RunTracker:
         if run_id is None:
             run_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {}
             run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
-            tracker = cls(client, run.info.run_id, experiment_id, uri)
+            tracker = cls(client, run.info.run_id, experiment_id, uri, flush_timeout_s)
             try:
                 params = config_params(config)
                 client.log_batch(tracker.run_id, params=[Param(key, value) for key, value in params.items()])
@@ -176,7 +199,7 @@ class RunTracker:
             if run.info.lifecycle_stage == LifecycleStage.DELETED:
                 raise ValueError(f"cannot resume MLflow run '{run_id}': it is deleted")
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-            tracker = cls(client, run_id, run.info.experiment_id, uri)
+            tracker = cls(client, run_id, run.info.experiment_id, uri, flush_timeout_s)
         tracker.set_tags({"cromss_ray.version": __version__, **(tags or {})})
         return tracker
 
@@ -197,9 +220,8 @@ class RunTracker:
         """Each metric at step ``epoch``, plus the ``epoch`` metric itself (architecture: metric keys)."""
         timestamp = int(time.time() * 1000)
         values = {**{key: float(value) for key, value in metrics.items()}, "epoch": float(epoch)}
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(key, value, timestamp, epoch) for key, value in values.items()]
-        )
+        batch = [Metric(key, value, timestamp, epoch) for key, value in values.items()]
+        self._write(f"metrics of epoch {epoch} ({', '.join(values)})", self.client.log_batch, metrics=batch)
 
     def log_confusion_matrix(self, name: str, result: Mapping[str, Any], class_names: Sequence[str]) -> None:
         """``confusion/<name>.json`` (every entry of ``result``) and ``confusion/<name>.png``.
@@ -215,7 +237,7 @@ class RunTracker:
         self.log_dict({"class_names": list(class_names), **_jsonable(result)}, f"confusion/{name}.json")
         title = f"{name}: OA {float(result['oa']):.1%}, mIoU {float(result['miou']):.1%}"
         figure = confusion_matrix_figure(matrix, class_names, title)
-        self.client.log_figure(self.run_id, figure, f"confusion/{name}.png")
+        self._write(f"confusion/{name}.png", self.client.log_figure, figure, f"confusion/{name}.png")
 
     def log_validation_samples(
         self, samples: Sequence[Mapping[str, Any]], class_names: Sequence[str], epoch: int
@@ -230,24 +252,35 @@ class RunTracker:
             arrays = _sample_arrays(index, sample)
             title = f"epoch {epoch}, sample {sample.get('id', index)}"
             figure = validation_sample_figure(arrays, class_names, title)
-            self.client.log_figure(self.run_id, figure, f"samples/epoch_{epoch:04d}/sample_{index:02d}.png")
+            path = f"samples/epoch_{epoch:04d}/sample_{index:02d}.png"
+            self._write(path, self.client.log_figure, figure, path)
 
     def log_text(self, text: str, path: str) -> None:
         """``text`` as the artifact file ``path``."""
-        self.client.log_text(self.run_id, text, path)
+        self._write(path, self.client.log_text, text, path)
 
     def log_dict(self, dictionary: Mapping[str, Any], path: str) -> None:
         """``dictionary`` as a JSON (``.json``) or YAML (``.yaml``) artifact file ``path``."""
-        self.client.log_dict(self.run_id, _jsonable(dictionary), path)
+        self._write(path, self.client.log_dict, _jsonable(dictionary), path)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        """A local file or folder under ``artifact_path`` of the run."""
+        """A local file or folder under ``artifact_path`` of the run, sent now (the files may not outlive
+        the call, so it is not queued)."""
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Tags on the run; values are redacted and cut to MLflow's 8000 characters."""
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, _truncated(redact_uri(str(value)), MAX_TAG_VAL_LENGTH))
+            self._write(f"tag {key}", self.client.set_tag, key, _truncated(redact_uri(str(value)), MAX_TAG_VAL_LENGTH))
+
+    def _write(self, description: str, method: Any, *args: Any, **kwargs: Any) -> None:
+        """Queue ``method(run_id, *args, **kwargs)`` (an :class:`MlflowClient` write) as one write."""
+        self.writes.put(description, partial(_without_http_retries, method, self.run_id, *args, **kwargs))
+
+    def flush(self) -> None:
+        """Deliver every queued write, waiting at most ``flush_timeout_s`` for the server;
+        :class:`~cromss_ray.tracking.delivery.UndeliveredError` names what is left."""
+        self.writes.flush(self.flush_timeout_s)
 
     def record_config_change(self, changes: Mapping[str, tuple[Any, Any]], epoch: int) -> None:
         """The config keys a resumed run changed (``key -> (old, new)``), from completed ``epoch`` on: the
@@ -259,12 +292,41 @@ class RunTracker:
         self.log_text(yaml.safe_dump(listed, sort_keys=True), f"config_changes/epoch_{epoch:04d}.yaml")
 
     def finish(self, status: RunEndStatus = "FINISHED") -> None:
-        """End the run with ``status``; later calls do nothing."""
+        """End the run with ``status``; later calls do nothing.
+
+        FINISHED first delivers every queued write (:meth:`flush`); a failed or killed run
+        sends what the server takes at once and, with the server away, leaves its status to
+        the server rather than hide the error that ended it.
+        """
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"run status must be FINISHED, FAILED or KILLED, not '{status}'")
-        if not self._finished:
+        if self._finished:
+            return
+        if status == "FINISHED":
+            self.flush()
             self.client.set_terminated(self.run_id, status)
-            self._finished = True
+        else:
+            try:
+                self.writes.deliver()
+                _without_http_retries(self.client.set_terminated, self.run_id, status)
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                logger.warning("MLflow run %s not marked %s: %s", self.run_id, status, error)
+        self._finished = True
+
+
+def _without_http_retries(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """``method(*args, **kwargs)`` with MLflow's own HTTP retries off (unless the environment sets them):
+    they would hold the training for minutes on every write while the server is away, and the
+    delivery queue retries instead."""
+    if MLFLOW_HTTP_REQUEST_MAX_RETRIES.is_set():
+        return method(*args, **kwargs)
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"
+    try:
+        return method(*args, **kwargs)
+    finally:
+        os.environ.pop(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, None)
 
 
 def _sample_arrays(index: int, sample: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -2,7 +2,9 @@
 
 ``scaling`` becomes a :class:`ray.train.ScalingConfig` (GPUs used when the cluster has
 them) and ``run`` a :class:`ray.train.RunConfig` whose name and storage path identify the
-run, so that running it again resumes it.
+run, so that running it again resumes it, and whose failure handling restarts the workers
+after a fault of the infrastructure but not after an error in the configuration or the data
+(:class:`FailFastOnBadInput`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import ray
 import ray._private.ray_constants as ray_constants
 import ray.data
 import ray.train
+from pydantic import ValidationError
 from ray.actor import ActorHandle
 
-from cromss_ray.config import RunConfig, ScalingConfig
+from cromss_ray.config import ConfigError, RunConfig, ScalingConfig
+from cromss_ray.data.shards import RowValidationError, ShardFileError
+from cromss_ray.data.storage import IncompleteShardsError
+from cromss_ray.tracking.delivery import UndeliveredError
 
 LOCAL_HOST = "127.0.0.1"
 TRAIN = "train"
@@ -117,15 +123,76 @@ def ray_run_config(run: RunConfig, callbacks: Sequence[ray.train.UserCallback] =
     earlier run with the same pair and hands the latest to the loop, which resumes from
     it. Retention keeps the most recent ``run.checkpoints_to_keep`` checkpoints, and a
     failed worker group is restarted from the latest checkpoint up to
-    ``run.max_failures`` times (-1: without limit).
+    ``run.max_failures`` times, unless it failed on bad configuration or data
+    (:class:`FailFastOnBadInput`).
     """
     return ray.train.RunConfig(
         name=run.name,
         storage_path=absolute_storage_path(run.storage_path),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep),
         failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
-        callbacks=list(callbacks),
+        callbacks=[FailFastOnBadInput(), *callbacks],
     )
+
+
+NOT_RETRIED = (
+    ValidationError,
+    ConfigError,
+    RowValidationError,
+    ShardFileError,
+    IncompleteShardsError,
+    UndeliveredError,
+)
+"""Errors a restart cannot mend: the configuration, the shards' rows or files, writes the tracking
+server did not take in the time allowed. Anything else (a lost worker, actor or node, a storage
+read that failed) is an infrastructure fault and restarts the workers."""
+
+
+class BadInputError(RuntimeError):
+    """A training worker failed on one of :data:`NOT_RETRIED`; the run ends without a restart."""
+
+
+def _qualified_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def not_retried_cause(error: BaseException) -> str | None:
+    """The name of the :data:`NOT_RETRIED` error behind a worker's failure, or None.
+
+    Ray hands the controller a wrapper of the worker's exception (with its traceback as
+    text) whose chained causes do not survive pickling, so both the exceptions reachable
+    from ``error`` and the exception lines of its text are looked at.
+    """
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for kind in NOT_RETRIED:
+            if isinstance(node, kind) or f"{_qualified_name(kind)}:" in str(node):
+                return kind.__name__
+        pending += [getattr(node, "_base_exc", None), getattr(node, "cause", None), node.__cause__, node.__context__]
+    return None
+
+
+class FailFastOnBadInput(ray.train.UserCallback):
+    """Ends a run at once when a worker fails on bad configuration or data (:data:`NOT_RETRIED`).
+
+    Ray Train retries every worker failure up to ``max_failures`` times and offers no
+    public way to tell them apart; an error raised by a callback on the controller ends
+    the run without a retry, so this callback raises :class:`BadInputError`, carrying the
+    worker's error, for the failures a restart cannot mend.
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            cause = not_retried_cause(error)
+            if cause is not None:
+                raise BadInputError(
+                    f"worker {rank} failed on a {cause}, which a restart cannot mend (not retried):\n{error}"
+                )
 
 
 class ExactValidationDataConfig(ray.train.DataConfig):

@@ -12,11 +12,13 @@ does at the end. Everything else is written here once:
   checkpoint names when resuming);
 * each epoch: rank 0 advances the pipeline's epoch clock, the task trains and
   validates, the learning-rate schedule steps (on the validation loss for the plateau
-  schedule), rank 0 logs the metrics and the progress line, and every rank reports the
-  epoch to Ray Train, with a checkpoint every ``run.checkpoint_frequency`` epochs and
-  after the last one;
-* at the end the task finishes (on every rank, so it may run collectives) and rank 0
-  returns the run summary.
+  schedule), every rank reports the epoch to Ray Train, with a checkpoint every
+  ``run.checkpoint_frequency`` epochs and after the last one, and only then rank 0 logs
+  the metrics: MLflow writes are queued and sent when the server answers, so a
+  tracking-server outage neither stops the training nor costs an epoch;
+* at the end rank 0 delivers what is queued (waiting at most ``tracking.flush_timeout_s``),
+  the task finishes (on every rank, so it may run collectives) and rank 0 returns the run
+  summary.
 
 Per-epoch additions that every task needs (diagnostics, guards on the loss, metric
 buffering) belong in :func:`run_worker`; what one task needs, in its :class:`Task`.
@@ -262,6 +264,7 @@ def open_tracker(
         run_id=saved["mlflow_run_id"] if saved else None,
         parent_run_id=inputs.parent_run_id,
         tags={"ray.train.run_name": config.run.name, **inputs.tags},
+        flush_timeout_s=config.tracking.flush_timeout_s,
     )
 
 
@@ -344,7 +347,6 @@ def run_worker(task: Task, inputs: WorkerInput) -> dict[str, Any] | None:
             write = None
             if tracker is not None and skipped_rows is not None:
                 metrics[SKIPPED_ROWS_METRIC] = float(skipped_rows.count())
-                tracker.log_metrics(metrics, completed)
                 seconds = time.perf_counter() - started
                 logger.info(
                     progress_line(
@@ -355,6 +357,10 @@ def run_worker(task: Task, inputs: WorkerInput) -> dict[str, Any] | None:
                     meta = checkpoint_meta(tracker, completed, metrics, **inputs.checkpoint_extra)
                     write = partial(state.save, config=config, meta=meta)
             report_epoch(metrics, epoch=completed, write_checkpoint=write)
+            if tracker is not None:
+                tracker.log_metrics(metrics, completed)
+        if tracker is not None:
+            tracker.flush()
         summary = task.finish(state, tracker, metrics)
     if tracker is None:
         return None

@@ -213,6 +213,16 @@ def test_augmentation_is_a_function_of_seed_id_and_epoch(ray_cluster: None, pret
     assert changed >= len(by_one_reader) - 1
 
 
+def test_a_lost_epoch_clock_is_restarted_with_its_epoch(ray_cluster: None) -> None:
+    clock = EpochClock.create()
+    set_epoch(clock, 3)
+    ray.kill(clock.actor, no_restart=False)
+    assert clock.read() == 3, "the call waits for the restarted clock, which kept its epoch"
+    set_epoch(clock.name, 4)
+    assert EpochClock.named(clock.name).read() == 4
+    ray.kill(clock.actor)
+
+
 def test_training_order_is_a_fresh_permutation_every_epoch(ray_cluster: None, coordinate_dir: Path) -> None:
     """Spec 9: every epoch an i.i.d. order over all rows of all files (not file by file),
     exactly the epoch's permutation of the rows whatever the dataset object or its executions."""

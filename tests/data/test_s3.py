@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -16,7 +16,9 @@ import ray
 from moto.server import ThreadedMotoServer
 
 from cromss_ray.config import DataConfig
+from cromss_ray.data import storage
 from cromss_ray.data.pipeline import open_shards, pretrain_datasets, resolve_filesystem, set_epoch
+from cromss_ray.data.storage import READ_ATTEMPTS, retried_read
 
 BUCKET = "cromss-test"
 ACCESS_KEY = "moto-access-key"
@@ -121,3 +123,30 @@ def _by_key(dataset: ray.data.Dataset) -> Iterator[tuple[int, dict[str, np.ndarr
     for batch in dataset.iter_batches(batch_size=4, batch_format="numpy"):
         for index, key in enumerate(batch["key"].tolist()):
             yield key, {name: values[index] for name, values in batch.items()}
+
+
+def test_object_store_reads_are_tried_again_while_the_store_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", pauses.append)
+    attempts: list[int] = []
+
+    def read_failing(times: int) -> Callable[[], str]:
+        def read() -> str:
+            attempts.append(1)
+            if len(attempts) <= times:
+                raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection refused")
+            return "rows"
+
+        return read
+
+    s3 = pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http", region="us-east-1", anonymous=True)
+    assert retried_read(s3, read_failing(2)) == "rows" and pauses == [0.5, 1.0]
+    attempts.clear()
+    pauses.clear()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        retried_read(s3, read_failing(READ_ATTEMPTS))
+    assert len(attempts) == READ_ATTEMPTS and pauses == [0.5, 1.0, 2.0, 4.0, 8.0]
+    attempts.clear()
+    with pytest.raises(OSError):
+        retried_read(pafs.LocalFileSystem(), read_failing(1))
+    assert len(attempts) == 1, "a local read is not repeated"

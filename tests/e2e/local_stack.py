@@ -289,9 +289,10 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(root: Path) -> Iterator[MlflowServer]:
-    """``mlflow server`` on 127.0.0.1: sqlite backend, artifacts proxied into ``root/artifacts``."""
-    port = free_port()
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[MlflowServer]:
+    """``mlflow server`` on 127.0.0.1: sqlite backend, artifacts proxied into ``root/artifacts``; on ``port``
+    (a server started again on the same store and port carries on), else on a free one."""
+    port = port or free_port()
     backend_store_uri = f"sqlite:///{root / 'mlflow.db'}"
     artifacts_dir = root / "artifacts"
     command = [
@@ -342,9 +343,10 @@ class S3Server:
 
 
 @contextmanager
-def s3_server() -> Iterator[S3Server]:
-    """moto's standalone S3 server on 127.0.0.1, on a port the OS picks."""
-    server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
+def s3_server(port: int = 0) -> Iterator[S3Server]:
+    """moto's standalone S3 server on 127.0.0.1, on ``port`` or one the OS picks. Its objects live in
+    this process, so a server started again on the same port serves them again."""
+    server = ThreadedMotoServer(ip_address=HOST, port=port, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()

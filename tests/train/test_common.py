@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import threading
+import traceback
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pydantic
 import pytest
 import ray.data
 import ray.train
 import torch
 import yaml
 from interrupted_writes import WriteInterrupted, interrupting_filesystem
+from ray import cloudpickle
+from ray.train.v2._internal.util import construct_user_exception_with_traceback
 from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, ReduceLROnPlateau, StepLR
 
 from cromss_ray.config import (
@@ -25,6 +29,8 @@ from cromss_ray.config import (
     build_config,
     to_yaml,
 )
+from cromss_ray.data.shards import RowValidationError, ShardFileError
+from cromss_ray.tracking.delivery import UndeliveredError
 from cromss_ray.train.checkpoints import (
     CHANGEABLE_KEYS,
     TrainingState,
@@ -33,7 +39,15 @@ from cromss_ray.train.checkpoints import (
     read_meta,
     restored_changes,
 )
-from cromss_ray.train.cluster import ExactValidationDataConfig, absolute_storage_path, ray_run_config, ray_scaling_config
+from cromss_ray.train.cluster import (
+    BadInputError,
+    ExactValidationDataConfig,
+    FailFastOnBadInput,
+    absolute_storage_path,
+    not_retried_cause,
+    ray_run_config,
+    ray_scaling_config,
+)
 from cromss_ray.train.collectives import all_reduce_sums
 from cromss_ray.train import finetune, pretrain
 from cromss_ray.train.optim import Precision, build_lr_scheduler, build_optimizer, step_lr_scheduler
@@ -148,10 +162,67 @@ def test_storage_paths_become_absolute_and_uris_stay(tmp_path: Path, monkeypatch
 
 
 def test_run_config_names_the_run_keeps_checkpoints_and_retries(tmp_path: Path) -> None:
-    run = ray_run_config(RunConfig(name="r", storage_path=str(tmp_path), checkpoints_to_keep=3, max_failures=-1))
+    run = ray_run_config(RunConfig(name="r", storage_path=str(tmp_path), checkpoints_to_keep=3, max_failures=4))
     assert (run.name, run.storage_path) == ("r", str(tmp_path))
     assert run.checkpoint_config.num_to_keep == 3
-    assert run.failure_config.max_failures == -1
+    assert run.failure_config.max_failures == 4
+    assert any(isinstance(callback, FailFastOnBadInput) for callback in run.callbacks)
+    assert RunConfig().max_failures == 1, "a lost worker or node is retried by default"
+
+
+def test_restarting_without_limit_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"run\.max_failures: .*restarting without limit \(-1\) is refused"):
+        build_config(PretrainConfig, {}, ["run.max_failures=-1"])
+
+
+def _as_ray_delivers(error: Exception) -> Exception:
+    """``error`` raised in a Ray task, caught by a training worker and handed to the controller as Ray
+    Train does: a ``RayTaskError`` in the worker, wrapped with its traceback text, pickled across."""
+    try:
+        try:
+            raise error
+        except Exception as raised:
+            raise ray.exceptions.RayTaskError("map_batches", traceback.format_exc(), raised).as_instanceof_cause()
+    except Exception as in_worker:
+        return cloudpickle.loads(cloudpickle.dumps(construct_user_exception_with_traceback(in_worker)))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RowValidationError("loc-7", "label", "values [17] outside 0..8"),
+        ShardFileError("/data/part-00001.parquet", "row 3: bad bytes"),
+        ConfigError("model.classes: 9, but the shards have 10 classes"),
+        UndeliveredError("MLflow run r", ["metrics of epoch 2 (train/loss, epoch)"], 300.0, None),
+    ],
+)
+def test_bad_configuration_or_data_fails_the_run_once(error: Exception) -> None:
+    delivered = _as_ray_delivers(error)
+    assert not_retried_cause(delivered) == type(error).__name__
+    with pytest.raises(BadInputError, match=r"worker 1 failed on a \w+, which a restart cannot mend") as failure:
+        FailFastOnBadInput().after_exception(None, {0: _as_ray_delivers(OSError("collective aborted")), 1: delivered})
+    assert str(error) in str(failure.value), "the worker's own message reaches the user"
+
+
+def test_a_config_that_fails_validation_in_a_worker_is_not_retried() -> None:
+    with pytest.raises(pydantic.ValidationError) as failure:
+        PretrainConfig.model_validate({"optim": {"lr": "fast"}})
+    assert not_retried_cause(_as_ray_delivers(failure.value)) == "ValidationError"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ray.exceptions.ActorDiedError(),
+        OSError("AWS Error NETWORK_CONNECTION during GetObject operation"),
+        ValueError("s3://bucket/noldo/part-00000.parquet: cannot read rows [3, 5]: connection refused"),
+        RuntimeError("Connection closed by peer"),
+    ],
+)
+def test_infrastructure_faults_are_left_to_the_restarts(error: Exception) -> None:
+    delivered = _as_ray_delivers(error)
+    assert not_retried_cause(delivered) is None
+    FailFastOnBadInput().after_exception(None, {0: delivered})
 
 
 def test_gpus_are_requested_only_when_asked_or_present(ray_cluster: None) -> None:
