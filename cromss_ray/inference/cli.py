@@ -66,16 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"names of the {modality.upper()} GeoTIFF's bands, in its order (default: its band descriptions); "
             "the model's bands are picked by name, the others dropped",
         )
-
-
-def _band_list(text: str) -> list[str]:
-    """``B2,B3,B4`` as a list of names; empty names are refused."""
-    names = [name.strip() for name in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"band names must be separated by single commas, got {text!r}")
-    return names
-
-
     audit = add_command(subparsers, "audit", _audit)
     audit.add_argument("--model", required=True, help=f"a two-branch CromSS pretrained model: {MODEL_HELP}")
     audit.add_argument("--data", required=True, metavar="URI", help="shards to audit (directory or s3://...)")
@@ -98,6 +88,14 @@ def _band_list(text: str) -> list[str]:
     )
     audit.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store")
     audit.add_argument("--tracking-uri", help=TRACKING_HELP)
+
+
+def _band_list(text: str) -> list[str]:
+    """``B2,B3,B4`` as a list of names; empty names are refused."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"band names must be separated by single commas, got {text!r}")
+    return names
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:

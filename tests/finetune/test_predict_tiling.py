@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cromss_ray.data.schema import DW_CLASSES, NODATA, S2_BAND_NAMES, S2_BAND_SUBSETS, s2_subset_names
+from cromss_ray.data.schema import DW_CLASSES, NODATA, S2_BAND_NAMES, S2_BAND_SUBSETS
 from cromss_ray.method import build_model, build_segmentation_model, fused_probabilities
 from cromss_ray.models.segmenter import (
     MASKED_INPUT,
