@@ -338,14 +338,45 @@ class SearchDomain(Section):
         return self
 
 
+class TransferProbeConfig(Section):
+    """The short frozen-encoder transfer that ``tune.objective: transfer`` scores each trial by (spec 11).
+
+    After every ``every`` pretraining epochs (and the last), rank 0 trains a fresh ``decoder``
+    on the frozen ``branch`` encoder for ``epochs`` epochs on ``data``'s training tiles and
+    scores it on its held-out tiles (``val_fraction``) or on ``test_data``.
+    """
+
+    data: str | None = Field(default=None, description="URI of a small clean downstream shard set (required).")
+    test_data: str | None = Field(default=None, description="Tiles to score on; empty: hold out val_fraction of data.")
+    val_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    branch: Literal["s1", "s2"] = "s2"
+    every: int = Field(default=1, ge=1, description="Pretraining epochs between probes (the last epoch always probes).")
+    decoder: str = Field(default="Unet", description="Any segmentation-models-pytorch architecture name.")
+    epochs: int = Field(default=3, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    crop: int = Field(default=64, ge=1, description="Training crop (px); a multiple of the decoder's output stride.")
+    loss: Literal["ce", "dice", "ce+dice", "focal"] = "ce"
+    frozen_batch_norm: Literal["adapt", "fixed"] = Field(
+        default="fixed", description="'fixed' scores the pretrained encoder as it is; 'adapt' as fine-tuning does."
+    )
+    seed: int = 0
+    s3_endpoint: str | None = None
+
+
 class TuneSection(Section):
     """The sweep: search space over PretrainConfig leaves, algorithm and scheduler."""
 
     search_space: dict[str, SearchDomain] = Field(default_factory=dict)
     search_alg: Literal["random", "grid", "optuna"] = "random"
     num_samples: int = Field(default=4, ge=1)
+    objective: Literal["noisy_validation", "clean_validation", "transfer"] | None = Field(
+        default=None,
+        description="What trials are judged by: empty, clean validation labels where the data has them, else "
+        "noisy ones; 'transfer': the mIoU of tune.transfer's probe.",
+    )
     metric: str | None = Field(
-        default=None, description="Empty: val_clean/s2/miou where the data has clean labels, else val/s2/miou."
+        default=None, description="Empty: the objective's metric (val_clean/s2/miou, val/s2/miou, transfer/s2/miou)."
     )
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "none"] = "asha"
@@ -353,6 +384,13 @@ class TuneSection(Section):
     reduction_factor: float = Field(default=2.0, gt=1.0)
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     experiment: str = "cromss-tune"
+    transfer: TransferProbeConfig = Field(default_factory=TransferProbeConfig)
+
+    @model_validator(mode="after")
+    def _transfer_has_data(self) -> TuneSection:
+        if self.objective == "transfer" and self.transfer.data is None:
+            raise ValueError("transfer.data: tune.objective 'transfer' needs a downstream shard set to probe with")
+        return self
 
 
 class TuneConfig(PretrainConfig):
@@ -376,6 +414,15 @@ class TuneConfig(PretrainConfig):
     def _metric_every_trial_logs(self) -> TuneConfig:
         """The default metric is an S2 score, which a single-modality S1 trial does not log."""
         single_s1 = "single" in self._values("model.fusion") and "s1" in self._values("model.modality")
+        if self.tune.objective == "transfer":
+            branch = self.tune.transfer.branch
+            other = "s2" if branch == "s1" else "s1"
+            if "single" in self._values("model.fusion") and other in self._values("model.modality"):
+                raise ValueError(
+                    f"tune.transfer.branch: '{branch}', but a trial may train the single-modality "
+                    f"{other.upper()} baseline, which has no {branch.upper()} encoder"
+                )
+            return self
         if self.tune.metric is None and single_s1:
             raise ValueError(
                 "tune.metric: a trial may train the single-modality S1 baseline, which logs no S2 scores; "

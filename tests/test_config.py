@@ -172,3 +172,21 @@ def test_the_single_s2_baseline_config_is_the_paper_config_on_s2_alone():
     assert single.registry_name() == "cromss-single-s2-13b"
     assert single.model.encoder == paper.model.encoder and single.cromss.loss_terms == paper.cromss.loss_terms
     assert single.smoothing_factors() == () and single.training_prior() == "none"
+
+
+def test_the_transfer_objective_needs_its_data_and_a_branch_every_trial_has():
+    assert build_config(TuneConfig, {}).tune.objective is None
+    with pytest.raises(ConfigError, match=r"transfer.data: tune.objective 'transfer' needs a downstream shard set"):
+        build_config(TuneConfig, {}, ["tune.objective=transfer"])
+    with pytest.raises(ConfigError, match=r"tune.objective"):
+        build_config(TuneConfig, {}, ["tune.objective=transfer_learning"])
+    transfer = ["tune.objective=transfer", "tune.transfer.data=data/dw"]
+    config = build_config(TuneConfig, {}, [*transfer, "tune.transfer.every=2"])
+    assert (config.tune.transfer.branch, config.tune.transfer.every) == ("s2", 2)
+    with pytest.raises(ConfigError, match=r"tune.transfer.every"):
+        build_config(TuneConfig, {}, [*transfer, "tune.transfer.every=0"])
+    s1_baseline = ["model.fusion=single", "model.modality=s1"]
+    with pytest.raises(ConfigError, match=r"tune.transfer.branch: 's2', but a trial may train the single-modality S1"):
+        build_config(TuneConfig, {}, [*transfer, *s1_baseline])
+    probed = build_config(TuneConfig, {}, [*transfer, *s1_baseline, "tune.transfer.branch=s1"])
+    assert probed.tune.metric is None

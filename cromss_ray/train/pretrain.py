@@ -58,6 +58,7 @@ from cromss_ray.train.collectives import all_gather_objects, all_reduce_sums, al
 from cromss_ray.train.loop import INPUT_KEY, GuardedSteps, RunLinks, WorkerInput, check_checkpoint
 from cromss_ray.train.loop import check_no_credentials, run_worker, torch_trainer, worker_input
 from cromss_ray.train.optim import Precision
+from cromss_ray.train.probe import ProbeData, ProbeRows, transfer_probe
 
 RGB_BANDS = ("B4", "B3", "B2")
 RGB_STRETCH = (0.02, 0.98)
@@ -69,6 +70,8 @@ PROGRESS_KEYS = (
     "val/s2/miou",
     "val/fused/miou",
     "val_clean/fused/miou",
+    "transfer/s1/miou",
+    "transfer/s2/miou",
     "train/lr",
 )
 """Metrics shown in the per-epoch progress line."""
@@ -93,8 +96,12 @@ class PretrainResult:
     start_epoch: int
 
 
-def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> TorchTrainer:
-    """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised)."""
+def build_trainer(
+    config: PretrainConfig, links: RunLinks = RunLinks(), probe: ProbeData | None = None
+) -> TorchTrainer:
+    """The TorchTrainer of one pretraining run (the driver side; Ray must be initialised); with ``probe``,
+    rank 0 also scores the encoder by the transfer probe (:mod:`cromss_ray.train.probe`) after each epoch
+    that is due."""
     check_no_credentials(config)
     check_checkpoint(config)
     datasets = pretrain_datasets(
@@ -121,18 +128,22 @@ def build_trainer(config: PretrainConfig, links: RunLinks = RunLinks()) -> Torch
         links,
         tags={},
         checkpoint_extra={"registry_name": config.registry_name()},
+        task=probe,
     )
     return torch_trainer(pretrain_loop, config, inputs, {TRAIN: datasets.train, VAL: datasets.val}, links)
 
 
-def run_pretrain(config: PretrainConfig, links: RunLinks = RunLinks()) -> PretrainResult:
-    """Train (or resume) one pretraining run to ``optim.epochs`` epochs and register its model.
+def run_pretrain(
+    config: PretrainConfig, links: RunLinks = RunLinks(), probe: ProbeData | None = None
+) -> PretrainResult:
+    """Train (or resume) one pretraining run to ``optim.epochs`` epochs and register its model; with
+    ``probe``, its epochs also report the transfer probe's scores (:func:`build_trainer`).
 
     Raises ``ray.train.TrainingFailedError`` when the workers fail more than
     ``run.max_failures`` times, ConfigError for a config the data or an existing
     checkpoint contradicts.
     """
-    result = build_trainer(config, links).fit()
+    result = build_trainer(config, links, probe).fit()
     summary = result.return_value
     return PretrainResult(
         result=result,
@@ -412,10 +423,13 @@ class PretrainTask:
     the model registered at the end."""
 
     context: WorkerContext
+    probe: ProbeData | None = None
     name: str = "pretrain"
     progress_keys: Sequence[str] = PROGRESS_KEYS
     validation: Validation | None = None
     shards: dict[str, ray.data.DataIterator] = field(default_factory=dict)
+    probe_rows: ProbeRows | None = None
+    probe_scores: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         return ""
@@ -434,11 +448,30 @@ class PretrainTask:
         return train_epoch(self.context, state, self.shards[TRAIN], epoch)
 
     def validate_epoch(self, state: TrainingState, epoch: int) -> dict[str, float]:
-        """Validation; the last epoch's also keeps the figure samples."""
+        """Validation; the last epoch's also keeps the figure samples. With a probe, rank 0 adds its scores."""
         last = epoch + 1 == self.context.config.optim.epochs
         figures = self.context.config.run.validation_figures if last else 0
         self.validation = validate(self.context, unwrap(state.model), self.shards[VAL], epoch, figures)
-        return self.validation.metrics
+        if self.probe is None or ray.train.get_context().get_world_rank() != 0:
+            return self.validation.metrics
+        return {**self.validation.metrics, **self.transfer_scores(state, epoch)}
+
+    def transfer_scores(self, state: TrainingState, epoch: int) -> dict[str, float]:
+        """The probe's scores, computed every ``tune.transfer.every`` epochs, at the last and at a (re)start.
+
+        Ray Tune needs the sweep metric in every report, so an epoch between probes reports the
+        latest probe's scores again, and ``transfer/epoch`` says which epoch they are of.
+        """
+        settings, config = self.probe.settings, self.context.config
+        completed = epoch + 1
+        if completed % settings.every == 0 or completed == config.optim.epochs or not self.probe_scores:
+            self.probe_rows = self.probe_rows or self.probe.load()
+            network = unwrap(state.model)
+            scores = transfer_probe(
+                network, config.model.encoder, config.data.s2_bands, self.probe_rows, settings, self.context.device
+            )
+            self.probe_scores = {**scores, "transfer/epoch": float(completed)}
+        return self.probe_scores
 
     def finish(
         self, state: TrainingState, tracker: RunTracker | None, metrics: Mapping[str, float]
@@ -485,4 +518,4 @@ def pretrain_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device()
     precision = Precision.on(device, config.scaling.precision)
     context = WorkerContext(config, meta, device, precision, build_criterion(config, meta.nodata))
-    return run_worker(PretrainTask(context), inputs)
+    return run_worker(PretrainTask(context, probe=inputs.task), inputs)

@@ -54,6 +54,7 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.tracking.uris import absolute_tracking_uri, redact_uri
 from cromss_ray.train.cluster import absolute_storage_path, init_ray, resolve_use_gpu
 from cromss_ray.train.loop import check_no_credentials
+from cromss_ray.train.probe import ProbeData, probe_data, probe_metric
 from cromss_ray.tune import trial_runs
 from cromss_ray.tune.results import (
     UNFINISHED,
@@ -133,12 +134,33 @@ class SweepResult:
 
 
 def sweep_metric(config: TuneConfig) -> str:
-    """``tune.metric``, else the S2 mIoU against clean labels where the validation data has them."""
+    """``tune.metric``, else ``tune.objective``'s: the transfer probe's mIoU, or the S2 mIoU against the
+    clean or the noisy validation labels (by default clean where the validation data has them)."""
+    objective = config.tune.objective
+    if objective == "transfer":
+        return config.tune.metric or probe_metric(config.tune.transfer.branch)
+    data = config.data
+    validation_uri = data.val_uri or data.uri
+    validation = scan_shards(validation_uri, data.s3_endpoint, allow_incomplete=data.allow_incomplete)
+    has_clean = validation.meta.has_clean_label
+    if objective == "clean_validation" and not has_clean:
+        raise ConfigError(f"tune.objective: 'clean_validation', but {validation_uri} has no clean labels")
     if config.tune.metric:
         return config.tune.metric
-    data = config.data
-    validation = scan_shards(data.val_uri or data.uri, data.s3_endpoint, allow_incomplete=data.allow_incomplete)
-    return METRIC_CLEAN if validation.meta.has_clean_label else METRIC_NOISY
+    if objective == "noisy_validation":
+        return METRIC_NOISY
+    return METRIC_CLEAN if has_clean else METRIC_NOISY
+
+
+def sweep_probe(config: TuneConfig) -> ProbeData | None:
+    """The transfer probe's checked data for ``tune.objective`` 'transfer' (absolute locations), else None."""
+    if config.tune.objective != "transfer":
+        return None
+    settings = config.tune.transfer.model_copy()
+    settings.data = absolute_storage_path(settings.data)
+    if settings.test_data is not None:
+        settings.test_data = absolute_storage_path(settings.test_data)
+    return probe_data(settings, config.model.encoder, config.data.s2_bands)
 
 
 def trial_resources(config: PretrainConfig, use_gpu: bool) -> dict[str, float]:
@@ -388,8 +410,9 @@ def run_sweep(config: TuneConfig, *, callbacks: Sequence[ray.tune.Callback] = ()
     base = trial_base(config, tracking_uri)
     check_space(base, config.tune.search_space)
     space = param_space(config.tune.search_space, config.tune.search_alg)
-    init_ray()
     metric = sweep_metric(config)
+    probe = sweep_probe(config)
+    init_ray()
     location = SweepLocation.of(config.run.storage_path, config.run.name, config.data.s3_endpoint)
     state, parent = _start_or_resume(config, metric, tracking_uri, location)
     with parent:
@@ -398,6 +421,7 @@ def run_sweep(config: TuneConfig, *, callbacks: Sequence[ray.tune.Callback] = ()
             base=base,
             train_storage=f"{location.storage}/{state.name}/{TRAIN_RUNS_DIR}",
             parent_run_id=state.parent_run_id,
+            probe=probe,
         )
         _tuner(config, state, context, location, space, callbacks).fit()
         rows = load_rows(location, state)
@@ -409,7 +433,9 @@ def run_sweep(config: TuneConfig, *, callbacks: Sequence[ray.tune.Callback] = ()
         if interrupted:
             parent.finish("KILLED")
         elif best is not None:
-            best_model = trial_runs.promote_trial_model(tracking_uri, state.experiment, state.name, best.trial_id, BEST_ALIAS)
+            best_model = trial_runs.promote_trial_model(
+                tracking_uri, state.experiment, state.name, best.trial_id, BEST_ALIAS
+            )
             parent.set_tags({"best_trial": best.trial_id, f"best {state.metric}": best.best, "best_model": best_model})
     return SweepResult(
         name=state.name,

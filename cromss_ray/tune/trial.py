@@ -27,6 +27,7 @@ from cromss_ray.config import PretrainConfig
 from cromss_ray.train.checkpoints import latest_checkpoint
 from cromss_ray.train.loop import RunLinks
 from cromss_ray.train.pretrain import run_pretrain
+from cromss_ray.train.probe import ProbeData
 from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, delete_trial_runs, trial_registry_name
 from cromss_ray.tune.space import apply_sample
 
@@ -39,13 +40,15 @@ class TrialContext:
 
     ``base`` has absolute data and tracking locations (trials run in their own working
     directories) and the sweep's MLflow experiment, so that each trial's run nests under
-    the sweep's parent run; ``train_storage`` is the folder of the trials' Train runs.
+    the sweep's parent run; ``train_storage`` is the folder of the trials' Train runs;
+    ``probe`` the transfer probe's data when the sweep's objective is 'transfer'.
     """
 
     sweep_name: str
     base: PretrainConfig
     train_storage: str
     parent_run_id: str
+    probe: ProbeData | None = None
 
 
 def trial_dirname(trial: Trial) -> str:
@@ -86,4 +89,4 @@ def run_trial(sample: dict[str, Any], *, context: TrialContext) -> None:
         callbacks=[TuneReportCallback()],
         tags={SWEEP_TAG: context.sweep_name, TRIAL_TAG: trial_id},
     )
-    run_pretrain(config, links)
+    run_pretrain(config, links, context.probe)
