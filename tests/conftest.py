@@ -18,11 +18,11 @@ def ray_cluster() -> Iterator[None]:
     """One local 2-CPU Ray cluster on 127.0.0.1 for the whole session (a running one is reused)."""
     import ray
 
-    from cromss_ray.train.cluster import start_local_ray
+    from local_ray import start_test_ray
 
     started = not ray.is_initialized()
     if started:
-        start_local_ray(num_cpus=2, include_dashboard=False)
+        start_test_ray(num_cpus=2, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     if started:

@@ -34,7 +34,7 @@ class UndeliveredError(RuntimeError):
     """Writes still queued when the time to deliver them ran out; ``writes`` names each of them."""
 
     def __init__(self, destination: str, writes: list[str], waited_s: float, last_error: BaseException | None) -> None:
-        self.writes = writes
+        self.destination, self.writes, self.waited_s, self.last_error = destination, writes, waited_s, last_error
         listed = "; ".join(writes[:LISTED_WRITES])
         if len(writes) > LISTED_WRITES:
             listed += f"; and {len(writes) - LISTED_WRITES} more"
@@ -42,6 +42,10 @@ class UndeliveredError(RuntimeError):
             f"{destination}: {len(writes)} write(s) not delivered after waiting {waited_s:.0f} s "
             f"(tracking.flush_timeout_s): {listed}. Last error: {last_error}"
         )
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[str], float, BaseException | None]]:
+        """Pickled whole, as it travels from a Ray Train worker to the controller."""
+        return (type(self), (self.destination, self.writes, self.waited_s, self.last_error))
 
 
 def is_transient(error: BaseException) -> bool:

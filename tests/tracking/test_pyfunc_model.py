@@ -151,7 +151,7 @@ def test_registration_links_run_logged_model_version_and_aliases(registered):
     version = client.get_model_version_by_alias(registered.name, "best")
     assert int(version.version) == registered.version == 1
     assert version.run_id == registered.run_id and version.source.startswith("models:/m-")
-    assert version.tags == {"val/s2/miou": "0.25"}
+    assert version.tags == {"val/s2/miou": "0.25", "epoch": "1"}
     assert "mid-fusion resnet18" in version.description
     assert set(client.get_registered_model(registered.name).aliases) == {"best"}
     assert int(client.get_model_version_by_alias(registered.name, "latest").version) == registered.version

@@ -24,7 +24,7 @@ def pretrain(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     [
         ("optim.learning_rate=0.1", "optim.learning_rate: unknown key"),
         ("optim.lr=-1", "optim.lr: Input should be greater than 0"),
-        ("model.fusion=early", "model.fusion: Input should be 'mid' or 'late'"),
+        ("model.fusion=early", "model.fusion: Input should be 'mid', 'late' or 'single'"),
         ("scaling.precision=fp8", "scaling.precision"),
         ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep: Input should be greater than or equal to 1"),
         ("data.crop=48", "data.crop: 48 is not a multiple of 32"),

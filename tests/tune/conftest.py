@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import ray
+from local_ray import start_test_ray
 
 from cromss_ray.data.synth import synthesize
-from cromss_ray.train.cluster import start_local_ray
 
 LOCATIONS = 8
 SIZE = 40
@@ -28,7 +28,7 @@ def ray_cluster() -> Iterator[None]:
     """
     started = not ray.is_initialized()
     if started:
-        start_local_ray(num_cpus=2, include_dashboard=False, _system_config={"memory_monitor_refresh_ms": 0})
+        start_test_ray(num_cpus=2, include_dashboard=False, _system_config={"memory_monitor_refresh_ms": 0})
     yield
     if started:
         ray.shutdown()
