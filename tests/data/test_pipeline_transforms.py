@@ -433,7 +433,7 @@ def test_device_prior_matches_cpu_prior_away_from_the_crop_border() -> None:
     prior more than 4 sigma = 12 px from the crop border (both float32; tolerance 1e-5 for the
     float32 sums). Near the border they differ (the reflection sees the crop edge). A rotation
     (spec 9) resamples the prior bilinearly but the labels by nearest neighbour: that
-    difference is measured by bench/prior_rotation.py (docs/benchmarks.md)."""
+    difference is measured by bench/data_pipeline.py (docs/benchmarks.md, section 3)."""
     meta = pretrain_meta()
     rows = random_rows(meta, 6, 64, seed=3)
     table = as_table(meta, rows)
