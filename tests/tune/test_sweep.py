@@ -1,13 +1,16 @@
-"""A real CPU sweep: 4 tiny pretraining trials under ASHA, interrupted after the first and resumed.
+"""A real CPU sweep: 2 tiny pretraining trials under ASHA, interrupted after the first and resumed.
 
-The search space makes the ASHA decisions certain: the sweep metric is ``train/loss``
-(minimised) and the trials differ only in the consistency weight, 0, 4, 8 and 16. Every
-trial starts from the same seeded network on the same data, and the consistency term is
+The search space makes the ASHA decision certain: the sweep metric is ``train/loss``
+(minimised) and the trials differ only in the consistency weight, 0 and 8. Both trials
+start from the same seeded network on the same data, and the consistency term is
 non-negative (about the prediction entropy, ln 9 for an untrained network), so after one
-epoch each later trial's loss is above the first one's: with ``grace_period`` 1 and a
-reduction factor of 4 (a single rung, at epoch 1), ASHA lets the first trial (weight 0)
-run its 2 epochs and stops the other three after their first. Trials run one at a time,
-in grid order (2 CPUs: a worker plus one CPU for the data pipeline per trial).
+epoch the second trial's loss is above the first one's: with ``grace_period`` 1 and a
+reduction factor of 2, the first rung is at epoch 1 and the first trial's loss is the only
+one recorded there, so ASHA lets the first trial (weight 0) run its 2 epochs and stops the
+second after its first. The interrupt comes after the first trial, so the second trial's
+stop needs the rungs recorded before it: the resumed sweep proves that ASHA's state
+survives. Trials run one at a time, in grid order (2 CPUs: a worker plus one CPU for the
+data pipeline per trial), and checkpoint only after their last epoch.
 
 The worker asks for a fifth of a CPU: a trial that is stopped (by ASHA or the interrupt)
 ends its Train controller with it, and Ray Train returns that run's reservation through
@@ -32,7 +35,7 @@ import torch
 from cromss_ray.cli import main
 from cromss_ray.config import ConfigError, TuneConfig, build_config, load_config, to_yaml
 from cromss_ray.tracking.registry import load_pretrained, registry_client
-from cromss_ray.tune.results import COMPLETED, STOPPED_EARLY
+from cromss_ray.tune.results import COMPLETED, STOPPED_EARLY, UNFINISHED
 from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, trial_registry_name
 from cromss_ray.tune.space import param_space
 from cromss_ray.tune.sweep import (
@@ -51,7 +54,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 TUNE_TINY = REPO / "jobs" / "configs" / "tune_tiny.yaml"
-WEIGHTS = [0.0, 4.0, 8.0, 16.0]
+WEIGHTS = [0.0, 8.0]
 EPOCHS = 2
 
 
@@ -80,6 +83,7 @@ def sweep_config(locations: Path, tracking_uri: str, storage: Path, name: str) -
             f"run.name={name}",
             f"run.storage_path={storage}",
             "run.validation_figures=0",
+            f"run.checkpoint_frequency={EPOCHS}",
             "scaling.cpus_per_worker=0.2",
             f"optim.epochs={EPOCHS}",
             "optim.lr=0.0001",
@@ -88,7 +92,7 @@ def sweep_config(locations: Path, tracking_uri: str, storage: Path, name: str) -
             "tune.metric=train/loss",
             "tune.mode=min",
             "tune.num_samples=1",
-            "tune.reduction_factor=4",
+            "tune.reduction_factor=2",
             f"tune.search_space={{cromss.consistency_weight: {{grid: {WEIGHTS}}}}}",
         ],
         data=str(locations),
@@ -109,7 +113,7 @@ class Sweep:
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, sweep_locations, tracking_uri, tmp_path_factory, request) -> Iterator[Sweep]:
-    """An interrupted sweep and its restart; their checkpoints (~1 GB) are removed after the module's tests pass."""
+    """An interrupted sweep and its restart; their checkpoints (~300 MB) are removed after the module's tests pass."""
     storage = tmp_path_factory.mktemp("sweeps")
     config = sweep_config(sweep_locations, tracking_uri, storage, "consistency")
     marker = storage / "interrupted"
@@ -125,14 +129,15 @@ def test_interrupted_sweep_stops_after_the_first_trial(sweep):
     first = sweep.first
     assert first.interrupted and sweep.parent_status_after_first == "KILLED"
     assert first.rows[0].trial_id == sweep.first_trial and first.rows[0].status == COMPLETED
-    assert len(first.rows) < len(WEIGHTS)
+    # Tune may have created the second trial before the stop took effect; it did not get to an end.
+    assert all(row.status == UNFINISHED for row in first.rows[1:])
 
 
 def test_resumed_sweep_finishes_with_asha_stopping_the_worse_trials(sweep):
     first, second, first_trial = sweep.first, sweep.second, sweep.first_trial
     assert not second.interrupted and second.parent_run_id == first.parent_run_id
     assert [row.sampled["cromss.consistency_weight"] for row in second.rows] == WEIGHTS
-    assert [(row.status, row.epochs) for row in second.rows] == [(COMPLETED, EPOCHS)] + [(STOPPED_EARLY, 1)] * 3
+    assert [(row.status, row.epochs) for row in second.rows] == [(COMPLETED, EPOCHS)] + [(STOPPED_EARLY, 1)] * (len(WEIGHTS) - 1)
     assert second.rows[0].trial_id == first_trial
     assert second.best == second.rows[0]
     assert second.table.splitlines()[2].startswith(f"* {first_trial}")
