@@ -1,4 +1,9 @@
-"""Smoke test of ``bench/ray_overhead.py`` at its tiniest size: the report's rows, never its timings."""
+"""Smoke test of ``bench/ray_overhead.py`` at its tiniest size: the report's rows, never its timings.
+
+The smoke run's two runs share one local Ray instance (the benchmark starts a fresh one
+per run only when none is running): the report's rows are the same, for one Ray start
+instead of two.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,13 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
+import ray
 
 from bench import ray_overhead
+from cromss_ray.train.cluster import start_local_ray
 
 
 EPOCH_ROWS = {
@@ -40,9 +48,24 @@ CPU_ROWS = {
 }
 
 
+@pytest.fixture
+def shared_ray() -> Iterator[None]:
+    """A local Ray instance as the benchmark starts one, for the smoke run's two runs (a running one is used).
+
+    Stopped after the test, not kept for the session: the CPU accounting test below needs
+    a process tree without Ray's processes.
+    """
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_quick_report_compares_both_paths_over_two_runs(tmp_path, capsys):
+def test_quick_report_compares_both_paths_over_two_runs(shared_ray, tmp_path, capsys):
     report_path = tmp_path / "ray.json"
     assert ray_overhead.main(["--quick", "--runs", "2", "--json", str(report_path)]) == 0
 
