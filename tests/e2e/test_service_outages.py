@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from local_stack import free_port, mlflow_server, s3_server, upload_tree
+from e2e.local_stack import free_port, mlflow_server, s3_server, upload_tree
 from mlflow import MlflowClient
 
 from cromss_ray.config import PretrainConfig, load_config
@@ -31,15 +31,17 @@ TINY_CONFIG = REPO / "jobs" / "configs" / "pretrain_tiny.yaml"
 BUCKET = "cromss-outage"
 EPOCHS = 2
 S3_DOWN_S = 3.0
+MAX_BACKOFF_S = 0.5
+"""The run tries the tracking server again at least this often, so it finds the restarted server at once."""
 WAIT_S = 900.0
 
 
-def _wait_for(condition: Callable[[], bool], what: str) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(poll_s)
 
 
 class Faults(threading.Thread):
@@ -69,7 +71,8 @@ class Faults(threading.Thread):
 
     def run(self) -> None:
         try:
-            _wait_for(self._run_opened, "the MLflow run to open")
+            # Each look is a search on the server: a few a second, not twenty, on a 2-core machine.
+            _wait_for(self._run_opened, "the MLflow run to open", poll_s=0.25)
             self.mlflow_service.close()
             self.checkpointed_before_the_outage = self._checkpointed(1)
             self.moments.append("mlflow stopped")
@@ -116,7 +119,9 @@ def test_a_run_finishes_with_every_epoch_logged_through_mlflow_and_s3_restarts(
                 "scaling.num_workers=1",
                 "run.validation_figures=0",
                 "tracking.log_model=false",
+                "data.crop=32",
                 "tracking.flush_timeout_s=180",
+                f"tracking.max_backoff_s={MAX_BACKOFF_S}",
             ],
             data=f"s3://{BUCKET}/noldo",
             tracking_uri=faults.mlflow.url,
