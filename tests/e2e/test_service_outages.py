@@ -36,12 +36,12 @@ MAX_BACKOFF_S = 0.5
 WAIT_S = 900.0
 
 
-def _wait_for(condition: Callable[[], bool], what: str, poll_s: float = 0.05) -> None:
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what}")
-        time.sleep(poll_s)
+        time.sleep(0.05)
 
 
 class Faults(threading.Thread):
@@ -71,8 +71,7 @@ class Faults(threading.Thread):
 
     def run(self) -> None:
         try:
-            # Each look is a search on the server: a few a second, not twenty, on a 2-core machine.
-            _wait_for(self._run_opened, "the MLflow run to open", poll_s=0.25)
+            _wait_for(self._run_opened, "the MLflow run to open")
             self.mlflow_service.close()
             self.checkpointed_before_the_outage = self._checkpointed(1)
             self.moments.append("mlflow stopped")
@@ -119,7 +118,6 @@ def test_a_run_finishes_with_every_epoch_logged_through_mlflow_and_s3_restarts(
                 "scaling.num_workers=1",
                 "run.validation_figures=0",
                 "tracking.log_model=false",
-                "data.crop=32",
                 "tracking.flush_timeout_s=180",
                 f"tracking.max_backoff_s={MAX_BACKOFF_S}",
             ],
