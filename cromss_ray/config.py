@@ -194,6 +194,12 @@ class TrackingConfig(Section):
         gt=0.0,
         description="How long a run waits at its end for an unreachable tracking server before it fails.",
     )
+    max_backoff_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="The longest pause between two tries to reach an unreachable tracking server (the pause "
+        "doubles from 1 s up to this).",
+    )
 
     def resolved_uri(self) -> str:
         """The tracking URI this run uses: the config, then the environment, then local sqlite."""

@@ -66,7 +66,8 @@ class _Write:
 class DeliveryQueue:
     """Writes sent in order, kept while the destination is away (module docstring).
 
-    ``clock`` and ``sleep`` are the monotonic clock and the sleep used for the backoff.
+    ``clock`` and ``sleep`` are the monotonic clock and the sleep used for the backoff, which
+    doubles from :data:`FIRST_BACKOFF_S` up to ``max_backoff_s``.
     """
 
     def __init__(
@@ -75,12 +76,16 @@ class DeliveryQueue:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        max_backoff_s: float = MAX_BACKOFF_S,
     ) -> None:
         self.destination = destination
+        self._first_backoff = min(FIRST_BACKOFF_S, max_backoff_s)
+        self._max_backoff = max_backoff_s
         self._clock = clock
         self._sleep = sleep
         self._pending: deque[_Write] = deque()
-        self._backoff = FIRST_BACKOFF_S
+        self._backoff = self._first_backoff
+        self._unreachable = False
         self._next_attempt = 0.0
         self.last_error: BaseException | None = None
 
@@ -110,7 +115,8 @@ class DeliveryQueue:
                 self._wait_longer(error)
                 return False
             self._pending.popleft()
-            self._backoff = FIRST_BACKOFF_S
+            self._backoff = self._first_backoff
+            self._unreachable = False
         return True
 
     def flush(self, timeout_s: float) -> None:
@@ -126,7 +132,8 @@ class DeliveryQueue:
             self._sleep(max(0.0, self._next_attempt - now))
 
     def _wait_longer(self, error: BaseException) -> None:
-        if self._backoff == FIRST_BACKOFF_S:
+        if not self._unreachable:
+            self._unreachable = True
             logger.warning(
                 "%s unreachable (%s); %d write(s) kept and sent again when it answers",
                 self.destination,
@@ -135,4 +142,4 @@ class DeliveryQueue:
             )
         self.last_error = error
         self._next_attempt = self._clock() + self._backoff
-        self._backoff = min(2 * self._backoff, MAX_BACKOFF_S)
+        self._backoff = min(2 * self._backoff, self._max_backoff)

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from cromss_ray import __version__
 from cromss_ray.config import describe_changes, flatten, to_yaml
 from cromss_ray.models.stored import CONFIG_FILE
-from cromss_ray.tracking.delivery import DeliveryQueue, is_transient
+from cromss_ray.tracking.delivery import MAX_BACKOFF_S, DeliveryQueue, is_transient
 from cromss_ray.tracking.figures import confusion_matrix_figure, validation_sample_figure
 from cromss_ray.tracking.uris import absolute_tracking_uri, is_local_sqlite, redact_uri, sqlite_database_path
 
@@ -139,7 +139,7 @@ class RunTracker:
     FAILED (an exception) or KILLED (an interrupt). Metrics, tags and artifact files are
     queued in ``writes`` and sent in order; while the server is away they wait (module
     docstring), and :meth:`flush` (also before the run ends FINISHED) waits at most
-    ``flush_timeout_s`` for them.
+    ``flush_timeout_s`` for them, trying again after pauses of at most ``max_backoff_s``.
     """
 
     def __init__(
@@ -149,13 +149,14 @@ class RunTracker:
         experiment_id: str,
         tracking_uri: str,
         flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
     ) -> None:
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.tracking_uri = tracking_uri
         self.flush_timeout_s = flush_timeout_s
-        self.writes = DeliveryQueue(f"MLflow run {run_id} at {redact_uri(tracking_uri)}")
+        self.writes = DeliveryQueue(f"MLflow run {run_id} at {redact_uri(tracking_uri)}", max_backoff_s=max_backoff_s)
         self._finished = False
 
     @classmethod
@@ -170,6 +171,7 @@ class RunTracker:
         parent_run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
         flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
     ) -> RunTracker:
         """Open a new run in ``experiment`` (created if needed), or resume ``run_id``.
 
@@ -183,7 +185,7 @@ class RunTracker:
         if run_id is None:
             run_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {}
             run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
-            tracker = cls(client, run.info.run_id, experiment_id, uri, flush_timeout_s)
+            tracker = cls(client, run.info.run_id, experiment_id, uri, flush_timeout_s, max_backoff_s)
             try:
                 params = config_params(config)
                 client.log_batch(tracker.run_id, params=[Param(key, value) for key, value in params.items()])
@@ -199,7 +201,7 @@ class RunTracker:
             if run.info.lifecycle_stage == LifecycleStage.DELETED:
                 raise ValueError(f"cannot resume MLflow run '{run_id}': it is deleted")
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-            tracker = cls(client, run_id, run.info.experiment_id, uri, flush_timeout_s)
+            tracker = cls(client, run_id, run.info.experiment_id, uri, flush_timeout_s, max_backoff_s)
         tracker.set_tags({"cromss_ray.version": __version__, **(tags or {})})
         return tracker
 

@@ -265,6 +265,7 @@ def open_tracker(
         parent_run_id=inputs.parent_run_id,
         tags={"ray.train.run_name": config.run.name, **inputs.tags},
         flush_timeout_s=config.tracking.flush_timeout_s,
+        max_backoff_s=config.tracking.max_backoff_s,
     )
 
 

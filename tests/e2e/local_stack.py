@@ -45,12 +45,14 @@ LOG_TAIL_CHARS = 4000
 RAY_HEAD_SETTINGS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_memory_monitor_refresh_ms": "0",
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
 """Ray's single-machine mode (its default on macOS and Windows), so every Ray server listens
 on 127.0.0.1 (otherwise Ray swaps a loopback --node-ip-address for the machine's address
-and its GCS listens on all interfaces); and no memory monitor, which judges the whole
+and its GCS listens on all interfaces); no memory monitor, which judges the whole
 machine and would kill this head's workers when other processes fill the memory (the
-kernel's OOM killer still guards the machine)."""
+kernel's OOM killer still guards the machine); and a stop (SIGTERM to ``ray start --block``)
+that tears the node down at once instead of first draining it for up to 30 s (for Ray Serve)."""
 
 SERVICE_PORTS = (20000, 32768)
 _handed_out: set[int] = set()

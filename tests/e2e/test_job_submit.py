@@ -5,9 +5,13 @@ registered model pulled from that server in a fresh process and used to predict.
 Everything is real and on 127.0.0.1: a Ray head with token authentication, an
 `mlflow server` (sqlite store, proxied artifacts) and moto's S3 server. The tracking URI
 reaches the job through its runtime environment, built by clusters/runtime_env_json.py
-from clusters/runtime_env.yaml; the (dummy) S3 and MLflow credentials only through the
-node's own environment, as an instance profile or a Kubernetes Secret gives them, and
-none of them is found afterwards in Ray's session files, the checkpoints or the MLflow store.
+from clusters/runtime_env.yaml. Distinctive dummy credentials (S3 key, secret and session
+token, MLflow user and password) sit where a user keeps them: in the node's own environment
+(as an instance profile or a Kubernetes Secret gives them), from which the job reads, and in
+the shell that builds the runtime environment and runs `ray job submit`; none of them is
+found afterwards in any file of Ray's session (logs, runtime environments, the uploaded
+package), the checkpoints, the MLflow store or the job's output. The Ray head is the
+package's shared one (conftest.py).
 """
 
 from __future__ import annotations
@@ -20,16 +24,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from local_stack import (
+from e2e.local_stack import (
     VENV_BIN,
     MlflowServer,
     RayHead,
     S3Server,
-    dummy_credential,
     files_holding,
     http_get,
     mlflow_server,
-    ray_head,
     s3_server,
     service_environment,
     upload_tree,
@@ -92,11 +94,14 @@ def runtime_env_json(mlflow: MlflowServer, credentials: dict[str, str]) -> str:
     return result.stdout
 
 
-def ray_cli(head: RayHead, *args: str, timeout: float = CLIENT_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def ray_cli(
+    head: RayHead, *args: str, shell: dict[str, str] | None = None, timeout: float = CLIENT_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """The Ray CLI against ``head``, from a shell that also holds ``shell`` (credentials it must not pass on)."""
     return subprocess.run(
         [str(VENV_BIN / "ray"), *args],
         cwd=REPO,
-        env=head.client_environment(),
+        env={**head.client_environment(), **(shell or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -107,7 +112,8 @@ def ray_cli(head: RayHead, *args: str, timeout: float = CLIENT_TIMEOUT_S) -> sub
 def submit_tiny_pretraining(
     head: RayHead, mlflow: MlflowServer, s3: S3Server, credentials: dict[str, str], storage: Path, submission_id: str
 ) -> subprocess.CompletedProcess[str]:
-    """``ray job submit`` from the repository root; waits for the job and returns its output."""
+    """``ray job submit`` from the repository root, from a shell holding ``credentials``; waits for the job and
+    returns its output. The smallest run that logs every metric: 1 epoch, 1 worker, 32 px crops, no figures."""
     try:
         return ray_cli(
             head,
@@ -118,6 +124,11 @@ def submit_tiny_pretraining(
             "--data", f"s3://{BUCKET}/{PREFIX}",
             "--set", f"data.s3_endpoint={s3.endpoint_url}",
             "--set", f"run.storage_path={storage}",
+            "--set", "optim.epochs=1",
+            "--set", "scaling.num_workers=1",
+            "--set", "data.crop=32",
+            "--set", "run.validation_figures=0",
+            shell=credentials,
             timeout=JOB_TIMEOUT_S,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -140,24 +151,20 @@ def predict_in_fresh_process(mlflow: MlflowServer, registry_name: str, bands: in
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow(tmp_path: Path) -> None:
+def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow(
+    shared_ray_head: RayHead, node_credentials: dict[str, str], tmp_path: Path
+) -> None:
     config = load_config(PretrainConfig, REPO / TINY_CONFIG)
     shards = tmp_path / "shards"
-    synthesize(shards, kind="pretrain", locations=12, size=64, seed=0)
+    synthesize(shards, kind="pretrain", locations=8, size=64, seed=0)
     submission_id = f"cromss-e2e-{secrets.token_hex(4)}"
+    head, credentials = shared_ray_head, node_credentials
 
     with ExitStack() as services:
         s3 = services.enter_context(s3_server())
         upload_tree(s3, shards, BUCKET, PREFIX)
-        mlflow = services.enter_context(mlflow_server(tmp_path))
-        credentials = {
-            **s3.credentials(),
-            "MLFLOW_TRACKING_USERNAME": dummy_credential("mlflow-user"),
-            "MLFLOW_TRACKING_PASSWORD": dummy_credential("mlflow-password"),
-        }
-        head = services.enter_context(
-            ray_head(tmp_path, token=secrets.token_hex(32), node_environment=credentials)
-        )
+        (tmp_path / "mlflow").mkdir()
+        mlflow = services.enter_context(mlflow_server(tmp_path / "mlflow"))
 
         storage = tmp_path / "runs"
         job = submit_tiny_pretraining(head, mlflow, s3, credentials, storage, submission_id)
@@ -167,15 +174,21 @@ def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow
 
         (tmp_path / "model").mkdir()
         found = predict_in_fresh_process(mlflow, config.registry_name(), config.data.s2_bands, tmp_path / "model")
-        artifact_files = [path for path in mlflow.artifacts_dir.rglob("*") if path.is_file()]
-        secret_values = [value for name, value in credentials.items() if name != "AWS_DEFAULT_REGION"]
-        # Ray's session files (every log, the runtime environments, the uploaded package), the
-        # checkpoints and Ray Train's state under the storage path, the MLflow database and artifacts.
-        leaks = files_holding(secret_values, head.temp_dir, tmp_path)
-        agent_logs = list(head.temp_dir.glob("session_*/logs/runtime_env_agent*.log"))
-        job_output = job.stdout + job.stderr
+    artifact_files = [path for path in mlflow.artifacts_dir.rglob("*") if path.is_file()]
+    secret_values = [value for name, value in credentials.items() if name != "AWS_DEFAULT_REGION"]
+    # Ray's session files (every log, the runtime environments, the uploaded package), the
+    # checkpoints and Ray Train's state under the storage path, the MLflow database and artifacts.
+    leaks = files_holding(secret_values, head.temp_dir, tmp_path)
+    searched = {
+        "the runtime-env agent's log": any(head.temp_dir.glob("session_*/logs/runtime_env_agent*.log")),
+        "the job driver's log": any(head.temp_dir.glob(f"session_*/logs/job-driver-{submission_id}.log")),
+        "a checkpoint's config.yaml": any(storage.glob("*/checkpoint_*/config.yaml")),
+        "the MLflow database": (tmp_path / "mlflow" / "mlflow.db").is_file(),
+        "the run's config.yaml artifact": any(path.name == "config.yaml" for path in artifact_files),
+    }
+    job_output = job.stdout + job.stderr
 
-    assert agent_logs and any(storage.rglob("config.yaml")), "the searched places hold no agent log or checkpoint"
+    assert all(searched.values()), f"the searched places hold none of {[k for k, v in searched.items() if not v]}"
     assert leaks == {}, f"credentials found in {leaks}"
     assert not [value for value in secret_values if value in job_output]
 

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from local_stack import HOST, START_TIMEOUT_S, listening_addresses, log_tail, service_environment, session_process
+from e2e.local_stack import HOST, START_TIMEOUT_S, listening_addresses, log_tail, service_environment, session_process
+
+from cromss_ray.train.cluster import start_local_ray
 
 DRIVER = """
 import sys
@@ -110,13 +112,11 @@ def test_a_local_instance_listens_on_loopback_only_and_refuses_clients_without_t
         assert _list_nodes(gcs_address, (("authorization", f"Bearer {token}"),)) == 1
 
 
-def test_a_local_instance_without_token_authentication_is_refused() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", "from cromss_ray.train.cluster import init_ray; init_ray()"],
-        env=service_environment({"RAY_AUTH_MODE": "disabled"}),
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT_S,
+def test_a_local_instance_without_token_authentication_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``init_ray`` starts when no ``RAY_ADDRESS`` names a cluster, refused before Ray starts anything."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(RuntimeError) as refused:
+        start_local_ray()
+    assert "RAY_AUTH_MODE=disabled: a local Ray instance started by cromss-ray uses token authentication" in str(
+        refused.value
     )
-    assert result.returncode != 0
-    assert "RAY_AUTH_MODE=disabled: a local Ray instance started by cromss-ray uses token authentication" in result.stderr

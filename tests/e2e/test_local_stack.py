@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from local_stack import (
+from e2e.local_stack import (
     HOST,
     VENV_BIN,
+    RayHead,
     http_get,
     listening_addresses,
     mlflow_server,
-    ray_head,
     s3_server,
     session_alive,
     session_members,
@@ -78,26 +78,24 @@ def test_wait_until_serving_reports_a_process_that_exited(tmp_path: Path) -> Non
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_head_enforces_the_token_and_runs_jobs_with_the_venv_python(tmp_path: Path) -> None:
-    with ray_head(tmp_path, token="e2e-" + "0123456789abcdef" * 2) as head:
-        jobs_api = f"{head.dashboard_url}/api/jobs/"
-        assert http_get(jobs_api)[0] == 401
-        assert http_get(jobs_api, {"Authorization": "Bearer wrong-token"})[0] == 403
-        assert http_get(jobs_api, head.auth_header())[0] == 200
+def test_ray_head_enforces_the_token_and_runs_jobs_with_the_venv_python(shared_ray_head: RayHead) -> None:
+    """On the package's shared head, whose fixture checks at the end that it stopped whole and left no files."""
+    head = shared_ray_head
+    jobs_api = f"{head.dashboard_url}/api/jobs/"
+    assert http_get(jobs_api)[0] == 401
+    assert http_get(jobs_api, {"Authorization": "Bearer wrong-token"})[0] == 403
+    assert http_get(jobs_api, head.auth_header())[0] == 200
 
-        print_python = "import sys; print('JOB_PYTHON', sys.executable)"
-        submit = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--", "python", "-c", print_python],
-            env=head.client_environment(),
-            capture_output=True,
-            text=True,
-            timeout=JOB_TIMEOUT_S,
-            check=False,
-        )
-        assert submit.returncode == 0, submit.stdout + submit.stderr
-        printed = next(line for line in submit.stdout.splitlines() if line.startswith("JOB_PYTHON "))
-        assert Path(printed.split(" ", 1)[1]).parent == VENV_BIN
-        assert listening_addresses(head.process) == {HOST}
-        process, temp_dir = head.process, head.temp_dir
-    assert not session_alive(process)
-    assert not temp_dir.exists()
+    print_python = "import sys; print('JOB_PYTHON', sys.executable)"
+    submit = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--", "python", "-c", print_python],
+        env=head.client_environment(),
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+        check=False,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    printed = next(line for line in submit.stdout.splitlines() if line.startswith("JOB_PYTHON "))
+    assert Path(printed.split(" ", 1)[1]).parent == VENV_BIN
+    assert listening_addresses(head.process) == {HOST}

@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from local_stack import free_port, mlflow_server, s3_server, upload_tree
+from e2e.local_stack import free_port, mlflow_server, s3_server, upload_tree
 from mlflow import MlflowClient
 
 from cromss_ray.config import PretrainConfig, load_config
@@ -31,6 +31,8 @@ TINY_CONFIG = REPO / "jobs" / "configs" / "pretrain_tiny.yaml"
 BUCKET = "cromss-outage"
 EPOCHS = 2
 S3_DOWN_S = 3.0
+MAX_BACKOFF_S = 0.5
+"""The run tries the tracking server again at least this often, so it finds the restarted server at once."""
 WAIT_S = 900.0
 
 
@@ -117,6 +119,7 @@ def test_a_run_finishes_with_every_epoch_logged_through_mlflow_and_s3_restarts(
                 "run.validation_figures=0",
                 "tracking.log_model=false",
                 "tracking.flush_timeout_s=180",
+                f"tracking.max_backoff_s={MAX_BACKOFF_S}",
             ],
             data=f"s3://{BUCKET}/noldo",
             tracking_uri=faults.mlflow.url,

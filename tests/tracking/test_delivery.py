@@ -89,6 +89,17 @@ def test_flush_waits_with_a_doubling_bounded_backoff_until_the_server_answers() 
     assert max(time.sleeps) == MAX_BACKOFF_S and 100.0 <= time.now < 100.0 + MAX_BACKOFF_S
 
 
+def test_a_lower_backoff_bound_caps_every_pause_and_the_wait_after_the_server_is_back() -> None:
+    server = Server()
+    time = RestartingTime(server, restart_at=10.0)
+    queue = DeliveryQueue("MLflow run r", clock=time.clock, sleep=time.sleep, max_backoff_s=0.5)
+    server.down = True
+    queue.put("metrics of epoch 2", lambda: server.send("metrics of epoch 2"))
+    queue.flush(timeout_s=300.0)
+    assert server.received == ["metrics of epoch 2"]
+    assert set(time.sleeps) == {0.5} and 10.0 <= time.now < 10.5
+
+
 def test_flush_gives_up_after_its_timeout_naming_every_write_left() -> None:
     time, server = FakeTime(), Server()
     queue = _queue(time)

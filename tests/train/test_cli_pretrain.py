@@ -29,6 +29,7 @@ def pretrain(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep: Input should be greater than or equal to 1"),
         ("data.crop=48", "data.crop: 48 is not a multiple of 32"),
         ("optim.max_nonfinite_steps=-1", "optim.max_nonfinite_steps: Input should be greater than or equal to 0"),
+        ("tracking.max_backoff_s=0", "tracking.max_backoff_s: Input should be greater than 0"),
     ],
 )
 def test_an_invalid_override_exits_2_naming_the_key(

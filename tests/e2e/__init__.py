@@ -1,0 +1,1 @@
+"""End-to-end tests: a package, so the services its conftest shares (package scope) stop after its last test."""
