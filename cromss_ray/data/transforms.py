@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -424,14 +425,14 @@ class BinaryColumn:
         index of the first axis (one season) is mapped. Checks the stored byte length."""
         data, start, length = self._slices[row]
         shape = self.row_shape(height, width)
-        expected = int(np.prod(shape)) * self.dtype.itemsize
+        expected = math.prod(shape) * self.dtype.itemsize
         if length != expected:
             stored_as = self.dtype.newbyteorder("=")
             raise RowValidationError(row_id, self.name, f"{length} bytes, but shape {shape} of {stored_as} needs {expected}")
         if leading is None:
-            return np.frombuffer(data, self.dtype, int(np.prod(shape)), start).reshape(shape)
+            return np.frombuffer(data, self.dtype, math.prod(shape), start).reshape(shape)
         inner = shape[1:]
-        count = int(np.prod(inner))
+        count = math.prod(inner)
         return np.frombuffer(data, self.dtype, count, start + leading * count * self.dtype.itemsize).reshape(inner)
 
 
