@@ -5,8 +5,9 @@ numpy arrays ready for the trainer. Image bytes are never decoded wholesale: for
 row it takes a zero-copy ``np.frombuffer`` view of the drawn season inside the Parquet
 binary buffer, crops and flips the view and copies only the final window into the
 output (so a 264 x 264 x 4-season row costs one 256 x 256 copy per modality); a rotated
-sample (spec 9) is resampled from the window instead, bilinear for images and the prior,
-nearest for labels. The labels of all seasons are kept when the smoothing prior is
+sample (spec 9) is resampled instead, straight from the stored tile with the crop and
+flips folded into its source indices (:class:`TileRotation`), bilinear for images and the
+prior, nearest for labels. The labels of all seasons are kept when the smoothing prior is
 computed later on the device, from the augmented labels (an approximation of the
 reference's prior, measured in docs/benchmarks.md); otherwise the prior is computed on
 the CPU on the full tile, before the crop, and augmented with the image (spec 2).
