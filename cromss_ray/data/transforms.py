@@ -334,14 +334,24 @@ class TileRotation:
             np.add(row, col, out=self._corners[corner])
         np.subtract(1, self._fraction, out=self._complement)
         (row_weight, col_weight), (row_complement, col_complement) = self._fraction, self._complement
-        for corner, (row, col) in enumerate(
-            ((row_complement, col_complement), (row_complement, col_weight), (row_weight, col_complement), (row_weight, col_weight))
-        ):
+        pairs = (
+            (row_complement, col_complement),
+            (row_complement, col_weight),
+            (row_weight, col_complement),
+            (row_weight, col_weight),
+        )
+        for corner, (row, col) in enumerate(pairs):
             np.multiply(row, col, out=self._weights[corner])
 
     @staticmethod
     def _tile_offsets(
-        lines: np.ndarray, size: int, start: int, flipped: bool, stride: int, out: np.ndarray, next_out: np.ndarray | None
+        lines: np.ndarray,
+        size: int,
+        start: int,
+        flipped: bool,
+        stride: int,
+        out: np.ndarray,
+        next_out: np.ndarray | None,
     ) -> None:
         """Window line numbers (any integer; overwritten) to the flat offsets of their tile lines
         (reflect-101 into the window, flip, crop offset), and those of the next lines into ``next_out``."""

@@ -210,7 +210,9 @@ def test_tile_rotation_resamples_the_window_from_the_tile_by_hand() -> None:
     rotation_seed=st.integers(0, 2**16),
     dtype=st.sampled_from(["uint8", "uint16", "float32"]),
 )
-def test_tile_rotation_equals_geometry_apply(tile_size: tuple[int, int], crop: int, rotation_seed: int, dtype: str) -> None:
+def test_tile_rotation_equals_geometry_apply(
+    tile_size: tuple[int, int], crop: int, rotation_seed: int, dtype: str
+) -> None:
     """The cutter's rotated path equals :meth:`Geometry.apply` value for value (images bilinear,
     a band subset, labels nearest), for any crop, flips and angle, in every stored dtype, and
     again after its buffers were aimed at another geometry of the same window size."""
@@ -220,11 +222,12 @@ def test_tile_rotation_equals_geometry_apply(tile_size: tuple[int, int], crop: i
     else:
         tile = rng.integers(0, np.iinfo(dtype).max, size=(3, *tile_size), endpoint=True).astype(dtype)
     first, second = (random_geometry(rng, *tile_size, crop, 1.0) for _ in range(2))
-    second = Geometry(first.top, first.left, first.height, first.width, second.flip_rows, second.flip_cols, second.degrees)
+    flips_and_angle = (second.flip_rows, second.flip_cols, second.degrees)
+    second = Geometry(first.top, first.left, first.height, first.width, *flips_and_angle)
     for geometry in (first, second):
         rotation = tile_rotation(geometry, tile_size[1])
         window = (geometry.height, geometry.width)
-        images, subset, labels = np.empty((3, *window), dtype), np.empty((2, *window), dtype), np.empty((3, *window), dtype)
+        images, subset, labels = (np.empty((planes, *window), dtype) for planes in (3, 2, 3))
         rotation.bilinear(tile, images)
         rotation.bilinear(tile, subset, np.array([2, 0]))
         rotation.nearest(tile, labels)
