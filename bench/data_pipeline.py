@@ -6,7 +6,7 @@ part of the cost; torch runs on one thread), then:
 
 * cromss-ray (``CutSamples``, what the Ray Data UDF runs): per row, a zero-copy view of
   the drawn season, crop / flip of the view, one copy of the window (a rotated sample is
-  resampled from the window instead, bilinear for images, nearest for labels); the
+  resampled from the stored tile instead, bilinear for images, nearest for labels); the
   smoothing prior is left to the device (default) or computed on the CPU (``cpu prior``).
 * reference-style: per sample, decode all four seasons of S1, S2 and labels to float32,
   scipy ``gaussian_filter`` priors per class (temporal and spatial, spec 2) on the full

@@ -5,8 +5,9 @@ numpy arrays ready for the trainer. Image bytes are never decoded wholesale: for
 row it takes a zero-copy ``np.frombuffer`` view of the drawn season inside the Parquet
 binary buffer, crops and flips the view and copies only the final window into the
 output (so a 264 x 264 x 4-season row costs one 256 x 256 copy per modality); a rotated
-sample (spec 9) is resampled from the window instead, bilinear for images and the prior,
-nearest for labels. The labels of all seasons are kept when the smoothing prior is
+sample (spec 9) is resampled instead, straight from the stored tile with the crop and
+flips folded into its source indices (:class:`TileRotation`), bilinear for images and the
+prior, nearest for labels. The labels of all seasons are kept when the smoothing prior is
 computed later on the device, from the augmented labels (an approximation of the
 reference's prior, measured in docs/benchmarks.md); otherwise the prior is computed on
 the CPU on the full tile, before the crop, and augmented with the image (spec 2).
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,17 +145,23 @@ def reflect_101(index: np.ndarray, size: int) -> np.ndarray:
     return np.where(folded >= size, period - folded, folded)
 
 
-def rotation_sources(height: int, width: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+def rotation_sources(
+    height: int, width: int, degrees: float, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Where each output pixel of a ``height x width`` window rotated by ``degrees``
     (counter-clockwise, about the window centre) samples its input: fractional row and
-    column coordinates, shaped ``(height, width)``. 90 degrees is ``np.rot90``."""
+    column coordinates, shaped ``(height, width)``, written into ``out`` (2, height, width)
+    float64 when given. 90 degrees is ``np.rot90``."""
     radians = np.deg2rad(degrees)
     cos, sin = np.round(np.cos(radians), 12), np.round(np.sin(radians), 12)
     rows = np.arange(height, dtype=np.float64)[:, None] - (height - 1) / 2
     cols = np.arange(width, dtype=np.float64)[None, :] - (width - 1) / 2
-    source_rows = cos * rows + sin * cols + (height - 1) / 2
-    source_cols = cos * cols - sin * rows + (width - 1) / 2
-    return source_rows, source_cols
+    source = np.empty((2, height, width)) if out is None else out
+    np.add(cos * rows, sin * cols, out=source[0])
+    source[0] += (height - 1) / 2
+    np.subtract(cos * cols, sin * rows, out=source[1])
+    source[1] += (width - 1) / 2
+    return source[0], source[1]
 
 
 @dataclass(frozen=True)
@@ -271,6 +280,131 @@ def centre_geometry(height: int, width: int, crop: int) -> Geometry:
     return Geometry((height - out_h) // 2, (width - out_w) // 2, out_h, out_w)
 
 
+class TileRotation:
+    """Rotated samples (spec 9) resampled straight from the stored tile, in buffers reused from
+    sample to sample.
+
+    :meth:`aim` takes one sample's geometry and computes, for every output pixel, the flat
+    tile indices of its source pixels and its bilinear weights exactly as
+    :func:`rotation_plan` does for the cropped, flipped window (same float64 coordinates,
+    floors and float32 weights), so :meth:`bilinear` and :meth:`nearest` equal
+    :meth:`Geometry.apply` value for value. The crop, the flips and reflect-101 about the
+    window's edges are folded into the indices through one small table per axis, so the
+    zero-copy views of the stored tile are read directly, and only the output pixels are
+    computed. Fresh temporaries of this size cost page faults on every sample (as much CPU
+    time as the arithmetic), hence the reused buffers: one instance per thread and window
+    size, from :func:`tile_rotation`.
+    """
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+        size = height * width
+        self._source = np.empty((2, height, width))
+        self._floor = np.empty((2, height, width))
+        self._fraction = np.empty((2, size), np.float32)
+        self._complement = np.empty((2, size), np.float32)
+        self._lines = np.empty((2, size), np.intp)
+        self._offsets = np.empty((4, size), np.intp)
+        self._nearest = np.empty(size, np.intp)
+        self._corners = np.empty((4, size), np.intp)
+        self._weights = np.empty((4, size), np.float32)
+        self._product = np.empty(size, np.float32)
+        self._values = np.empty(size, np.float32)
+        self._gathered: dict[np.dtype, np.ndarray] = {}
+
+    def aim(self, geometry: Geometry, tile_width: int) -> None:
+        """Take ``geometry`` (rotated, of this window size) on a tile ``tile_width`` pixels wide."""
+        rows = (self.height, geometry.top, geometry.flip_rows, tile_width)
+        cols = (self.width, geometry.left, geometry.flip_cols, 1)
+        rotation_sources(self.height, self.width, geometry.degrees, out=self._source)
+        source, lines, offsets = self._source, self._lines, self._offsets
+        np.add(source, 0.5, out=self._floor)
+        np.floor(self._floor, out=self._floor)
+        np.copyto(lines, self._floor.reshape(2, -1), casting="unsafe")
+        self._tile_offsets(lines[0], *rows, offsets[0], None)
+        self._tile_offsets(lines[1], *cols, offsets[1], None)
+        np.add(offsets[0], offsets[1], out=self._nearest)
+        np.floor(source, out=self._floor)
+        np.subtract(source.reshape(2, -1), self._floor.reshape(2, -1), out=self._fraction)
+        np.copyto(lines, self._floor.reshape(2, -1), casting="unsafe")
+        self._tile_offsets(lines[0], *rows, offsets[0], offsets[1])
+        self._tile_offsets(lines[1], *cols, offsets[2], offsets[3])
+        top, bottom, left, right = offsets
+        for corner, (row, col) in enumerate(((top, left), (top, right), (bottom, left), (bottom, right))):
+            np.add(row, col, out=self._corners[corner])
+        np.subtract(1, self._fraction, out=self._complement)
+        (row_weight, col_weight), (row_complement, col_complement) = self._fraction, self._complement
+        pairs = (
+            (row_complement, col_complement),
+            (row_complement, col_weight),
+            (row_weight, col_complement),
+            (row_weight, col_weight),
+        )
+        for corner, (row, col) in enumerate(pairs):
+            np.multiply(row, col, out=self._weights[corner])
+
+    @staticmethod
+    def _tile_offsets(
+        lines: np.ndarray,
+        size: int,
+        start: int,
+        flipped: bool,
+        stride: int,
+        out: np.ndarray,
+        next_out: np.ndarray | None,
+    ) -> None:
+        """Window line numbers (any integer; overwritten) to the flat offsets of their tile lines
+        (reflect-101 into the window, flip, crop offset), and those of the next lines into ``next_out``."""
+        low = int(lines.min())
+        table = reflect_101(np.arange(low, int(lines.max()) + 2), size)
+        if flipped:
+            table = size - 1 - table
+        table = (table + start) * stride
+        np.subtract(lines, low, out=lines)
+        np.take(table, lines, out=out, mode="clip")
+        if next_out is not None:
+            np.take(table[1:], lines, out=next_out, mode="clip")
+
+    def nearest(self, planes: np.ndarray, out: np.ndarray) -> None:
+        """Labels: ``out`` (..., h, w) from ``planes`` (..., H, W), the nearest source pixel."""
+        flat_planes = planes.reshape(-1, planes.shape[-2] * planes.shape[-1])
+        flat_out = out.reshape(-1, self.height * self.width)
+        for plane, target in zip(flat_planes, flat_out, strict=True):
+            np.take(plane, self._nearest, out=target, mode="clip")
+
+    def bilinear(self, planes: np.ndarray, out: np.ndarray, keep: np.ndarray | slice = slice(None)) -> None:
+        """Images: ``out`` (B, h, w) from planes ``keep`` of ``planes`` (P, H, W), interpolated in
+        float32 as :func:`rotate` does (corners summed in the same order), rounded for integer dtypes."""
+        flat_planes = planes.reshape(planes.shape[0], -1)
+        gathered = self._gathered.setdefault(planes.dtype, np.empty(self.height * self.width, planes.dtype))
+        values, product = self._values, self._product
+        rounded = np.issubdtype(planes.dtype, np.integer)
+        for plane, target in zip(np.arange(len(planes))[keep], out.reshape(out.shape[0], -1), strict=True):
+            for corner in range(4):
+                np.take(flat_planes[plane], self._corners[corner], out=gathered, mode="clip")
+                np.multiply(gathered, self._weights[corner], out=product if corner else values)
+                if corner:
+                    values += product
+            if rounded:
+                np.rint(values, out=values)
+            np.copyto(target, values, casting="unsafe")
+
+
+_THREAD_ROTATIONS = threading.local()
+
+
+def tile_rotation(geometry: Geometry, tile_width: int) -> TileRotation:
+    """This thread's :class:`TileRotation` of the window size of ``geometry``, aimed at it."""
+    by_size = getattr(_THREAD_ROTATIONS, "by_size", None)
+    if by_size is None:
+        by_size = _THREAD_ROTATIONS.by_size = {}
+    size = (geometry.height, geometry.width)
+    if size not in by_size:
+        by_size[size] = TileRotation(*size)
+    by_size[size].aim(geometry, tile_width)
+    return by_size[size]
+
+
 def band_indices(meta: ShardMetadata, s2_bands: int) -> np.ndarray | slice:
     """Positions of the S2 band subset (spec 9) among the bands the shards store."""
     wanted = list(s2_subset_names(s2_bands))
@@ -302,14 +436,14 @@ class BinaryColumn:
         index of the first axis (one season) is mapped. Checks the stored byte length."""
         data, start, length = self._slices[row]
         shape = self.row_shape(height, width)
-        expected = int(np.prod(shape)) * self.dtype.itemsize
+        expected = math.prod(shape) * self.dtype.itemsize
         if length != expected:
             stored_as = self.dtype.newbyteorder("=")
             raise RowValidationError(row_id, self.name, f"{length} bytes, but shape {shape} of {stored_as} needs {expected}")
         if leading is None:
-            return np.frombuffer(data, self.dtype, int(np.prod(shape)), start).reshape(shape)
+            return np.frombuffer(data, self.dtype, math.prod(shape), start).reshape(shape)
         inner = shape[1:]
-        count = int(np.prod(inner))
+        count = math.prod(inner)
         return np.frombuffer(data, self.dtype, count, start + leading * count * self.dtype.itemsize).reshape(inner)
 
 
@@ -473,26 +607,43 @@ class CutSamples:
         sample: _Sample,
         bands: np.ndarray | slice,
     ) -> None:
-        """Copy one sample's windows into row ``slot`` of the output arrays."""
+        """Copy one sample's windows into row ``slot`` of the output arrays: crop and flip of
+        zero-copy views, or, for a rotated sample, a resampling straight from the stored tile
+        (:class:`TileRotation`). The season's label is the season's plane of ``labels_all``
+        when that is asked for."""
         geometry = sample.geometry
         multi = self.meta.seasons > 1
+        rotation = tile_rotation(geometry, sample.width) if geometry.degrees != 0.0 else None
 
         def view(name: str, one_season: bool) -> np.ndarray:
             leading = sample.season if one_season and multi else None
             return columns[name].view(sample.row, sample.row_id, sample.height, sample.width, leading)
 
-        out["s1"][slot] = geometry.apply(view("s1", True), nearest=False)
-        out["s2"][slot] = geometry.transform(geometry.crop(view("s2", True))[bands], nearest=False)
+        def image(planes: np.ndarray, target: np.ndarray, keep: np.ndarray | slice = slice(None)) -> None:
+            if rotation is None:
+                target[...] = geometry.transform(geometry.crop(planes)[keep], nearest=False)
+            else:
+                rotation.bilinear(planes, target, keep)
+
+        def label(planes: np.ndarray, target: np.ndarray) -> None:
+            if rotation is None:
+                target[...] = geometry.apply(planes, nearest=True)
+            else:
+                rotation.nearest(planes, target)
+
+        image(view("s1", True), out["s1"][slot])
+        image(view("s2", True), out["s2"][slot], bands)
         labels = view("label", False)
-        season_labels = labels if not multi else labels[sample.season]
-        out["label"][slot] = geometry.apply(season_labels, nearest=True)
-        if "clean_label" in out:
-            clean = view("clean_label", False)
-            out["clean_label"][slot] = geometry.apply(clean if not multi else clean[sample.season], nearest=True)
         all_seasons = labels if multi else labels[None]
         if "labels_all" in out:
-            out["labels_all"][slot] = geometry.apply(all_seasons, nearest=True)
+            label(all_seasons, out["labels_all"][slot])
+            out["label"][slot] = out["labels_all"][slot, sample.season]
+        else:
+            label(all_seasons[sample.season], out["label"][slot])
+        if "clean_label" in out:
+            clean = view("clean_label", False)
+            label(clean[sample.season] if multi else clean, out["clean_label"][slot])
         if "prior" in out:
             stack = torch.from_numpy(np.array(all_seasons))
             prior = smoothing_prior(stack, sample.season, self.cpu_prior, self.meta.num_classes, self.sigma)
-            out["prior"][slot] = geometry.apply(prior.numpy(), nearest=False)
+            image(prior.numpy(), out["prior"][slot])

@@ -31,6 +31,7 @@ from cromss_ray.data.transforms import (
     rotate,
     sample_rng,
     stable_unit,
+    tile_rotation,
 )
 
 CLASSES = 9
@@ -182,6 +183,57 @@ def test_rotated_labels_keep_their_class_set(degrees: float, size: tuple[int, in
     assert out.shape == labels.shape and out.dtype == np.uint8
     for season in range(2):
         assert set(np.unique(out[season]).tolist()) <= set(np.unique(labels[season]).tolist())
+
+
+def test_tile_rotation_resamples_the_window_from_the_tile_by_hand() -> None:
+    """The 3 x 3 window of the border test above, cut out of a 5 x 6 tile at (1, 2) with its
+    columns flipped: resampled straight from the tile, the same values (2.24264 and 1 at
+    (0, 0), nearest 2 at (0, 1)), equal to rotating the window itself."""
+    window = np.arange(9, dtype=np.float32).reshape(3, 3)
+    tile = np.full((1, 5, 6), 99.0, dtype=np.float32)
+    tile[0, 1:4, 2:5] = window[:, ::-1]
+    geometry = Geometry(1, 2, 3, 3, flip_cols=True, degrees=45.0)
+    rotation = tile_rotation(geometry, 6)
+    bilinear, nearest = np.empty((1, 3, 3), np.float32), np.empty((1, 3, 3), np.float32)
+    rotation.bilinear(tile, bilinear)
+    rotation.nearest(tile, nearest)
+    assert bilinear[0, 0, 0] == pytest.approx(4 - 3 * (2 - np.sqrt(2)), abs=1e-5)
+    assert nearest[0, 0, 0] == 1 and nearest[0, 0, 1] == 2
+    np.testing.assert_array_equal(bilinear[0], rotate(window, 45.0, nearest=False))
+    np.testing.assert_array_equal(nearest[0], rotate(window, 45.0, nearest=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tile_size=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    crop=st.integers(1, 20),
+    rotation_seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(["uint8", "uint16", "float32"]),
+)
+def test_tile_rotation_equals_geometry_apply(
+    tile_size: tuple[int, int], crop: int, rotation_seed: int, dtype: str
+) -> None:
+    """The cutter's rotated path equals :meth:`Geometry.apply` value for value (images bilinear,
+    a band subset, labels nearest), for any crop, flips and angle, in every stored dtype, and
+    again after its buffers were aimed at another geometry of the same window size."""
+    rng = np.random.default_rng(rotation_seed)
+    if dtype == "float32":
+        tile = (rng.standard_normal((3, *tile_size)) * 100).astype(np.float32)
+    else:
+        tile = rng.integers(0, np.iinfo(dtype).max, size=(3, *tile_size), endpoint=True).astype(dtype)
+    first, second = (random_geometry(rng, *tile_size, crop, 1.0) for _ in range(2))
+    flips_and_angle = (second.flip_rows, second.flip_cols, second.degrees)
+    second = Geometry(first.top, first.left, first.height, first.width, *flips_and_angle)
+    for geometry in (first, second):
+        rotation = tile_rotation(geometry, tile_size[1])
+        window = (geometry.height, geometry.width)
+        images, subset, labels = (np.empty((planes, *window), dtype) for planes in (3, 2, 3))
+        rotation.bilinear(tile, images)
+        rotation.bilinear(tile, subset, np.array([2, 0]))
+        rotation.nearest(tile, labels)
+        np.testing.assert_array_equal(images, geometry.apply(tile, nearest=False))
+        np.testing.assert_array_equal(subset, geometry.apply(tile[[2, 0]], nearest=False))
+        np.testing.assert_array_equal(labels, geometry.apply(tile, nearest=True))
 
 
 def test_random_geometry_frequencies_follow_spec_9() -> None:
