@@ -1,8 +1,7 @@
 """Smoke test of ``bench/ray_overhead.py`` at its tiniest size: the report's rows, never its timings.
 
-The smoke run's two runs share one local Ray instance (the benchmark starts a fresh one
-per run only when none is running): the report's rows are the same, for one Ray start
-instead of two.
+The smoke run is one run of the comparison end to end; how the report summarises
+repeated runs (median and range) is checked on hand-made runs.
 """
 
 from __future__ import annotations
@@ -11,13 +10,10 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
-import ray
 
 from bench import ray_overhead
-from cromss_ray.train.cluster import start_local_ray
 
 
 EPOCH_ROWS = {
@@ -48,45 +44,71 @@ CPU_ROWS = {
 }
 
 
-@pytest.fixture
-def shared_ray() -> Iterator[None]:
-    """A local Ray instance as the benchmark starts one, for the smoke run's two runs (a running one is used).
-
-    Stopped after the test, not kept for the session: the CPU accounting test below needs
-    a process tree without Ray's processes.
-    """
-    started = not ray.is_initialized()
-    if started:
-        start_local_ray(include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_quick_report_compares_both_paths_over_two_runs(shared_ray, tmp_path, capsys):
+def test_quick_report_compares_both_paths(tmp_path, capsys):
     report_path = tmp_path / "ray.json"
-    assert ray_overhead.main(["--quick", "--runs", "2", "--json", str(report_path)]) == 0
+    assert ray_overhead.main(["--quick", "--json", str(report_path)]) == 0
 
     report = json.loads(report_path.read_text())
     sections = report["sections"]
     assert list(sections) == ["machine", "setup", "per_epoch", "ray_run_cpu"]
     assert set(sections["per_epoch"]) == EPOCH_ROWS
     assert set(sections["ray_run_cpu"]) == CPU_ROWS
-    # Two epochs per run: one timed epoch per plain run (before and after), one MLflow gap for Ray; two runs.
-    assert sections["per_epoch"]["runs"] == 2
-    assert sections["per_epoch"]["plain_epoch_spread"].endswith("over 4 epochs")
-    assert sections["per_epoch"]["ray_epoch_spread"].endswith("over 2 gaps")
-    assert sections["per_epoch"]["overhead_pct_range"].endswith("over 2 runs")
+    # Two epochs: one timed epoch per plain run (before and after), one MLflow gap for Ray; one run.
+    assert sections["per_epoch"]["runs"] == 1
+    assert sections["per_epoch"]["plain_epoch_spread"].endswith("over 2 epochs")
+    assert sections["per_epoch"]["ray_epoch_spread"].endswith("over 1 gaps")
     assert sections["setup"]["plain_loop_threads"] == 1
-    assert report["complete"] is True and len(report["runs"]) == 2
-    for run in report["runs"]:
-        assert len(run["ray_gaps_s"]) == 1 and len(run["plain_before_s"]) == 2
-        # The Ray run's processes did work: the training worker and Ray's daemons used CPU time.
-        assert run["ray_process_cpu_s"]["train_worker"] > 0 and run["ray_process_cpu_s"]["ray_daemons"] > 0
+    assert report["complete"] is True and len(report["runs"]) == 1
+    (run,) = report["runs"]
+    assert len(run["ray_gaps_s"]) == 1 and len(run["plain_before_s"]) == 2
+    # The Ray run's processes did work: the training worker and Ray's daemons used CPU time.
+    assert run["ray_process_cpu_s"]["train_worker"] > 0 and run["ray_process_cpu_s"]["ray_daemons"] > 0
     printed = capsys.readouterr().out
     assert "[per_epoch]" in printed and "  overhead_pct " in printed
+
+
+def hand_made_run(scale: float, load: float) -> ray_overhead.Run:
+    """A run whose plain epochs take 2 s (after a 5 s warm-up) and whose Ray epochs take ``2 * scale`` s."""
+    cpu = {"train_worker": 4.0 * scale, "other_ray_workers": 1.0 * scale, "ray_daemons": 1.0 * scale}
+    return ray_overhead.Run(
+        load_average_1min=load,
+        plain_before_s=[5.0, 2.0, 2.0],
+        plain_after_s=[5.0, 2.0, 2.0],
+        plain_cpu_s=[2.0, 2.0, 2.0, 2.0],
+        ray_gaps_s=[2.0 * scale, 2.0 * scale],
+        ray_wall_s=10.0 * scale,
+        ray_process_cpu_s={group: 2 * seconds for group, seconds in cpu.items()},
+        ray_timed_epochs_cpu_s=cpu,
+        driver_cpu_s=1.0,
+    )
+
+
+def test_runs_are_summarised_by_their_median_and_range():
+    """Three runs 10 %, 50 % and 20 % slower through Ray: the report gives the median run (20 %) and the range."""
+    runs = [hand_made_run(1.1, 0.5), hand_made_run(1.5, 1.5), hand_made_run(1.2, 1.0)]
+    epochs = ray_overhead.comparison_section(runs, samples=8)
+    assert epochs["runs"] == 3
+    assert epochs["plain_epoch_s"] == 2.0 and epochs["ray_epoch_s"] == pytest.approx(2.4)
+    assert epochs["overhead_pct"] == pytest.approx(20.0)
+    assert epochs["overhead_pct_range"] == "10.00 .. 50.00 % over 3 runs"
+    assert epochs["plain_samples_per_s"] == 4.0 and epochs["ray_samples_per_s"] == pytest.approx(8 / 2.4)
+    assert epochs["ray_epoch_spread"] == "2.20 .. 3.00 s over 6 gaps"
+    assert epochs["plain_first_epochs_s"] == "5.00, 5.00, 5.00, 5.00, 5.00, 5.00"
+    # Wall 12 s, of which 4.8 s are the two timed gaps.
+    assert epochs["ray_run_wall_s"] == pytest.approx(12.0)
+    assert epochs["ray_startup_first_epoch_finish_s"] == pytest.approx(7.2)
+
+    cpu = ray_overhead.cpu_section(runs)
+    # Per timed epoch: (4 + 1 + 1) x 1.2 / 2 gaps = 3.6 CPU-s against the plain loop's 2: 80 %.
+    assert cpu["train_worker_cpu_s_per_timed_epoch"] == pytest.approx(2.4)
+    assert cpu["ray_epoch_cpu_s"] == pytest.approx(3.6)
+    assert cpu["cpu_overhead_pct"] == pytest.approx(80.0)
+    assert cpu["cpu_overhead_pct_range"] == "65.00 .. 125.00 % over 3 runs"
+    # Whole run: 12 x 1.2 CPU-s of Ray processes plus 1 of the driver over 12 s of wall time.
+    assert cpu["ray_run_cores_busy"] == pytest.approx((12 * 1.2 + 1) / 12)
+    assert cpu["load_average_1min_at_starts"] == "0.50, 1.50, 1.00"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 One tiny run on the session's Ray cluster reads its shards from moto's S3 server and logs
 to a real `mlflow server` (sqlite store), both on 127.0.0.1. A fault thread stops the
 MLflow server once the run has opened its MLflow run and starts it again only after the
-last epoch's checkpoint, so every epoch ends while the server is away; it stops the S3
+last epoch's checkpoint, so the epochs after the first end while the server is away (the
+first may end while the server is still stopping, on a loaded machine); it stops the S3
 server as epoch 1's checkpoint lands, as epoch 2 starts reading, for a few seconds. The
 run must finish with no worker restart and every epoch's metrics in MLflow.
 """
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "jobs" / "configs" / "pretrain_tiny.yaml"
 BUCKET = "cromss-outage"
-EPOCHS = 2
+EPOCHS = 3
 S3_DOWN_S = 3.0
 MAX_BACKOFF_S = 0.5
 """The run tries the tracking server again at least this often, so it finds the restarted server at once."""
@@ -46,7 +47,7 @@ def _wait_for(condition: Callable[[], bool], what: str) -> None:
 
 class Faults(threading.Thread):
     """The two servers, stopped and started again at the moments the module docstring names; ``moments``
-    lists what happened in order, ``checkpointed_before_the_outage`` whether epoch 1 ended before it."""
+    lists what happened in order, ``checkpointed_before_the_outage`` whether epoch 2 ended before it."""
 
     def __init__(self, root: Path, run_folder: Path) -> None:
         super().__init__(daemon=True)
@@ -73,7 +74,7 @@ class Faults(threading.Thread):
         try:
             _wait_for(self._run_opened, "the MLflow run to open")
             self.mlflow_service.close()
-            self.checkpointed_before_the_outage = self._checkpointed(1)
+            self.checkpointed_before_the_outage = self._checkpointed(2)
             self.moments.append("mlflow stopped")
             _wait_for(lambda: self._checkpointed(1), "epoch 1's checkpoint")
             self.s3_service.close()
@@ -135,7 +136,7 @@ def test_a_run_finishes_with_every_epoch_logged_through_mlflow_and_s3_restarts(
             "last epoch checkpointed",
             "mlflow started",
         ]
-        assert not faults.checkpointed_before_the_outage, "every epoch must end while the tracking server is away"
+        assert not faults.checkpointed_before_the_outage, "epochs 2 and 3 must end while the tracking server is away"
         assert outcome.start_epoch == 0, "no worker restart: the outages were absorbed, not retried"
         assert outcome.result.metrics["epoch"] == EPOCHS
 
