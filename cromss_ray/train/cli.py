@@ -82,14 +82,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from cromss_ray.tracking.registry import ModelNotFoundError
     from cromss_ray.train.cluster import init_ray
-    from cromss_ray.train.finetune import effective_config, resolve_init, run_finetune
+    from cromss_ray.train.finetune import resolve_init, run_finetune, training_config
     from cromss_ray.train.loop import check_checkpoint
 
     try:
         initialisation = resolve_init(config)
     except ModelNotFoundError as exc:
         return fail("finetune", exc)
-    check_checkpoint(effective_config(config, initialisation.source))
+    check_checkpoint(training_config(config, initialisation))
     init_ray()
     outcome = run_finetune(config, initialisation=initialisation)
     print(f"MLflow run {outcome.run_id} ({config.tracking.experiment}), initialised from {outcome.source.label}")

@@ -266,6 +266,14 @@ def with_training_crop(config: FinetuneConfig, stride: int) -> FinetuneConfig:
     return config
 
 
+def training_config(config: FinetuneConfig, initialisation: Initialisation) -> FinetuneConfig:
+    """``config`` as the run trains it, and as its checkpoints store it: the source's encoder and bands
+    (:func:`effective_config`) and the training crop the decoder takes (:func:`with_training_crop`), the
+    network built once to check both."""
+    config = effective_config(config, initialisation.source)
+    return with_training_crop(config, check_network(config, initialisation.encoder_state))
+
+
 @dataclass(frozen=True)
 class TransferInput:
     """What only a transfer run's workers need: the source encoder's weights (in the object store; None
@@ -291,15 +299,13 @@ def build_trainer(
 ) -> PreparedRun:
     """The TorchTrainer of one transfer run and what it was built from (driver side; Ray must be initialised).
 
-    The effective config has the source's encoder and bands and the training crop the decoder
-    takes (:func:`with_training_crop`). ``initialisation`` is
+    The effective config is :func:`training_config`'s. ``initialisation`` is
     ``resolve_init(config)`` when the caller resolved it already.
     """
     check_no_credentials(config)
     check_finetune_config(config)
     initialisation = initialisation or resolve_init(config)
-    config = effective_config(config, initialisation.source)
-    config = with_training_crop(config, check_network(config, initialisation.encoder_state))
+    config = training_config(config, initialisation)
     check_checkpoint(config)
     datasets = downstream_datasets(config.data, seed=config.run.seed)
     check_against_data(config, datasets)

@@ -10,18 +10,9 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from finetune_helpers import (
-    ENCODER,
-    FROZEN_RUN_LR_FLOOR,
-    PRETRAINED_BANDS,
-    TINY_CONFIG,
-    Pretrained,
-    Shards,
-    unique_name,
-)
+from finetune_helpers import ENCODER, FROZEN_RUN_LR_FLOOR, PRETRAINED_BANDS, Pretrained
 from mlflow import MlflowClient
 
-from cromss_ray.cli import main
 from cromss_ray.config import FinetuneConfig, build_config
 from cromss_ray.data.schema import DFC2020_CLASSES, DW_CLASSES, S2_BAND_NAMES, s2_subset_names
 from cromss_ray.method import build_model, encoder_state_dict, load_encoder_state
@@ -115,49 +106,6 @@ def test_warmup_then_unfreezing_trains_the_s1_encoder(warmup_run: FinetuneResult
     assert math.isfinite(warmup_run.test_metrics["test/s1/miou"])
     tags = MlflowClient(store).get_run(warmup_run.run_id).data.tags
     assert tags["cromss.encoder_mode"] == "fine-tuned after a 1-epoch frozen warm-up"
-
-
-def test_random_baseline_runs_from_the_command_line(
-    ray_cluster, store: str, storage: Path, dw_shards: Shards, capsys: pytest.CaptureFixture[str]
-):
-    code = main(
-        [
-            "finetune",
-            "--config",
-            str(TINY_CONFIG),
-            "--init",
-            "random",
-            "--data",
-            str(dw_shards.train),
-            "--tracking-uri",
-            store,
-            "--set",
-            f"data.test_uri={dw_shards.test}",
-            "--set",
-            "model.decoder=FPN",
-            "--set",
-            "optim.epochs=1",
-            "--set",
-            "data.crop=null",
-            "--set",
-            "optim.batch_size=2",
-            "--set",
-            "scaling.num_workers=1",
-            "--set",
-            "data.val_fraction=0",
-            "--set",
-            f"run.storage_path={storage}",
-            "--set",
-            f"run.name={unique_name('random')}",
-        ]
-    )
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "initialised from random" in out and "registered model cromss-ft-dw-fpn version" in out
-    assert "test/s2/miou" in out
-    run_id = out.split("MLflow run ", 1)[1].split()[0]
-    params = MlflowClient(store).get_run(run_id).data.params
-    assert params["data.crop"] == "480", "FPN's crop from the decoder (the whole 32 px tiles train)"
 
 
 def test_paper_checkpoint_initialises_the_encoder(tmp_path: Path):
