@@ -1,1 +1,1 @@
-"""Benchmark scripts of cromss-ray (issue 8); run each from the repository root as ``python -m bench.<name>``."""
+"""Benchmark scripts of cromss-ray; run each from the repository root as ``python -m bench.<name>``."""

@@ -1,5 +1,5 @@
 """Samples per second per CPU core: the cromss-ray sample cutter against a reference-style
-per-sample pipeline, on the same shards, side by side (issue 3; spec 2, 9).
+per-sample pipeline, on the same shards, side by side (spec 2, 9).
 
 Both read the same Parquet row groups with pyarrow in this process (Parquet decoding is
 part of the cost; torch runs on one thread), then:

@@ -1,4 +1,4 @@
-"""What Ray Train and Ray Data cost per pretraining epoch, against a plain PyTorch loop (issue 8).
+"""What Ray Train and Ray Data cost per pretraining epoch, against a plain PyTorch loop.
 
 Both sides run the same epochs of the same CromSS pretraining on the same synthetic
 locations (training on one set, validation on a held-out set, every epoch):

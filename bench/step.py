@@ -1,4 +1,4 @@
-"""Training-step throughput of the CromSS networks and the cost of the CromSS objective (issue 8).
+"""Training-step throughput of the CromSS networks and the cost of the CromSS objective.
 
 One training step, per fusion (spec 1): the smoothing prior computed on the device from
 the four seasons' labels (spec 2, the pipeline's fast path), the forward pass of both

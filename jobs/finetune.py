@@ -1,4 +1,4 @@
-"""A transfer run as a Ray job: the same run as ``cromss finetune`` (issue 6).
+"""A transfer run as a Ray job: the same run as ``cromss finetune``.
 
 Submit it from the repository root, which Ray ships to the cluster and puts on the
 job's ``PYTHONPATH``::

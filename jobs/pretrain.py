@@ -1,4 +1,4 @@
-"""CromSS pretraining as a Ray job: the same run as ``cromss pretrain`` (issue 4).
+"""CromSS pretraining as a Ray job: the same run as ``cromss pretrain``.
 
 Submit it from the repository root, which Ray ships to the cluster and puts on the
 job's ``PYTHONPATH``::

@@ -1,4 +1,4 @@
-"""A CromSS sweep as a Ray job: the same sweep as ``cromss tune`` (issue 5).
+"""A CromSS sweep as a Ray job: the same sweep as ``cromss tune``.
 
 Submit it from the repository root, which Ray ships to the cluster and puts on the
 job's ``PYTHONPATH``::

@@ -1,4 +1,4 @@
-"""Transfer runs on a real local Ray cluster and MLflow store (spec 11, issue 6)."""
+"""Transfer runs on a real local Ray cluster and MLflow store (spec 11)."""
 
 from __future__ import annotations
 
