@@ -56,7 +56,7 @@ from torch import nn
 from bench.common import Section, machine_section, mean_std, publish, resolve_device
 from bench.in_memory import EpochCounter, InMemoryShard
 from cromss_ray.config import PretrainConfig, build_config
-from cromss_ray.data.pipeline import to_device
+from cromss_ray.data.device import to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import scan_shards
 from cromss_ray.data.synth import synthesize

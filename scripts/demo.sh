@@ -48,9 +48,7 @@ setup_environment() {
         return
     fi
     say "Environment: installing cromss-ray into .venv (first run: a few minutes)"
-    python3 -m venv .venv
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e . \
-        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    bash scripts/install.sh
     echo "$wanted" > "$stamp"
 }
 

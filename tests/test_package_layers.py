@@ -5,6 +5,9 @@ command line imports heavy packages lazily, but they are dependencies all the sa
 """
 
 import ast
+import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -92,3 +95,14 @@ def test_models_and_lower_layers_import_neither_mlflow_nor_ray():
             )
             for name in names:
                 assert name.split(".")[0] not in {"mlflow", "ray"}, f"{path.relative_to(PACKAGE)} imports {name}"
+
+
+def test_the_modules_ray_processes_unpickle_without_training_load_neither_torch_nor_mlflow():
+    """The pipeline's tasks and actors and the Train controller import these modules (their classes travel
+    inside the datasets and the run config) but never train: torch, segmentation-models-pytorch and MLflow
+    would cost each such process seconds of start-up in every run."""
+    light = ["cromss_ray.data.pipeline", "cromss_ray.data.transforms", "cromss_ray.train.cluster"]
+    script = f"import json, sys\nfor name in {light!r}: __import__(name)\nprint(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    heavy = {"torch", "segmentation_models_pytorch", "mlflow"}
+    assert heavy.isdisjoint(loaded), f"loaded: {sorted(heavy.intersection(loaded))}"

@@ -9,9 +9,11 @@
       --streaming_split / iter_torch_batches-->  to_device: network input, prior on the device
 
 :func:`pretrain_datasets` and :func:`downstream_datasets` build the training, validation
-(and test) datasets from a config; :func:`to_device` turns a batch of tensors into the
-model's inputs and targets. Batches stay in the stored dtype (uint8 for the released
-data) until :func:`to_device` makes them network inputs on the device (spec 9).
+(and test) datasets from a config; :func:`~cromss_ray.data.device.to_device` turns a batch
+of tensors into the model's inputs and targets. Batches stay in the stored dtype (uint8
+for the released data) until it makes them network inputs on the device (spec 9). This
+module imports no torch: its classes travel inside the datasets to Ray processes (the
+pipeline's tasks and actors, the Train controller) that cut samples but never train.
 
 Determinism. A training sample's augmentation (season, crop corner, flips, rotation) is a
 pure function of ``(seed, location id, epoch)``, and the training order is a pure
@@ -49,16 +51,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import ray
 import ray.data
 import ray.experimental.internal_kv as internal_kv
-import torch
 from ray.data.expressions import col
 
 from cromss_ray.config import ConfigError, DataConfig, DownstreamDataConfig
-from cromss_ray.data.scaling import V8_MAX, input_rule
-from cromss_ray.data.schema import ModalitySpec, ShardMetadata, s2_subset_names
+from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import (
     ShardSet,
     TileSet,
@@ -69,21 +68,17 @@ from cromss_ray.data.storage import (
     scan_shards,
 )
 from cromss_ray.data.transforms import CutSamples, HashSplit, SampleDraw, TrainingSubset
-from cromss_ray.method.smoothing import PRIOR_KINDS, smoothing_prior
 
 __all__ = [
-    "DeviceBatch",
     "DownstreamDatasets",
     "EpochClock",
     "SkippedRows",
     "PretrainDatasets",
     "downstream_datasets",
-    "network_input_tensor",
     "open_shards",
     "pretrain_datasets",
     "resolve_filesystem",
     "set_epoch",
-    "to_device",
 ]
 
 ROWS_PER_CALL = 8
@@ -92,7 +87,6 @@ CLOCK_NAMESPACE = "cromss"
 SKIPPED_LISTED = 100
 """How many skip messages a :class:`SkippedRows` keeps (all are counted)."""
 DOWNSTREAM_ROTATION_PROBABILITY = 0.2
-PRIOR_CHOICES = (*PRIOR_KINDS, "none")
 
 
 CLOCK_RESTARTS = 5
@@ -319,8 +313,11 @@ def pretrain_datasets(
     the CPU prior (``prior``, computed on the full tile, then cropped). Validation
     batches: a season fixed by the id, centre crop, no flips, no prior.
     """
-    if prior not in PRIOR_CHOICES:
-        raise ValueError(f"prior must be one of {PRIOR_CHOICES}, got {prior!r}")
+    from cromss_ray.method.smoothing import PRIOR_KINDS  # imports torch: on the driver only (module docstring)
+
+    choices = (*PRIOR_KINDS, "none")
+    if prior not in choices:
+        raise ValueError(f"prior must be one of {choices}, got {prior!r}")
     shards = scan_shards(cfg.uri, cfg.s3_endpoint, allow_incomplete=cfg.allow_incomplete)
     meta = shards.meta
     split = _split(shards, cfg.val_uri, cfg)
@@ -404,78 +401,3 @@ def _training_subset(
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc} in {cfg.uri} (after the validation split)") from None
     return subset, sum(1 for row_id in ids if subset(row_id))
-
-
-@dataclass
-class DeviceBatch:
-    """A batch on the device: network inputs, integer targets, the prior when there is one."""
-
-    x1: torch.Tensor
-    x2: torch.Tensor
-    y: torch.Tensor
-    prior: torch.Tensor | None = None
-    clean_y: torch.Tensor | None = None
-
-
-def network_input_tensor(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tensor:
-    """:func:`~cromss_ray.data.scaling.network_input` on ``stored``'s device: the same float32 steps, the same bits.
-
-    Every constant is a float32 tensor on the device (no Python scalar operand, which a
-    GPU division may turn into a multiplication by its reciprocal).
-    """
-    rule = input_rule(spec)
-    device = stored.device
-
-    def per_band(constants: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(constants, np.float32)).to(device).reshape(-1, 1, 1)
-
-    full_scale = per_band(np.array([V8_MAX]))
-    values = stored.to(torch.float32)
-    if not rule.v8:
-        if not rule.identity:
-            values = values * per_band(np.array([rule.gain])) + per_band(np.array([rule.bias]))
-        scaled = (values - per_band(rule.low)) / per_band(rule.span) * full_scale
-        values = torch.floor(torch.clamp(torch.nan_to_num(scaled, nan=0.0), 0, V8_MAX))
-    return values / full_scale
-
-
-def to_device(
-    batch: dict[str, torch.Tensor],
-    meta: ShardMetadata,
-    device: torch.device | str,
-    *,
-    prior: str = "ts",
-    sigma: float = 3.0,
-    classes: int | None = None,
-) -> DeviceBatch:
-    """Move a pipeline batch to ``device``, make the network inputs and, on the fast path, compute the prior.
-
-    Images become the reference's input representation (spec 9,
-    :func:`network_input_tensor`); the batch's S2 bands are the subset of its band count,
-    as :class:`~cromss_ray.data.transforms.CutSamples` cuts them.
-
-    The prior is the batch's own ``prior`` (CPU path), or is computed here from
-    ``labels_all`` and ``season`` after the crop (fast path, spec 2): it equals the
-    full-tile prior more than ``4 * sigma`` pixels away from the crop border (float32
-    rounding aside) and differs near it, where the reflecting border of the Gaussian
-    sees the crop edge instead of the tile's pixels. None for ``prior="none"`` and for
-    batches that carry neither (validation, downstream).
-    """
-    device = torch.device(device)
-
-    def move(name: str) -> torch.Tensor:
-        return batch[name].to(device, non_blocking=True)
-
-    smoothing = None
-    if prior != "none" and "prior" in batch:
-        smoothing = move("prior").to(torch.float32)
-    elif prior != "none" and "labels_all" in batch:
-        smoothing = smoothing_prior(move("labels_all"), move("season"), prior, classes or meta.num_classes, sigma)
-    s2 = move("s2")
-    return DeviceBatch(
-        x1=network_input_tensor(move("s1"), meta.s1),
-        x2=network_input_tensor(s2, meta.s2.with_bands(s2_subset_names(s2.shape[-3]))),
-        y=move("label").long(),
-        prior=smoothing,
-        clean_y=move("clean_label").long() if "clean_label" in batch else None,
-    )

@@ -10,7 +10,7 @@ and divide by 255, each step in float32 (NaN codes 0). Shards say per modality w
 they hold ``physical`` values (which go through the rule) or the released ``v8`` codes
 (which are only divided by 255): :attr:`ModalitySpec.representation`.
 
-:func:`network_input` is the numpy path; ``pipeline.to_device`` runs the same steps on
+:func:`network_input` is the numpy path; ``device.to_device`` runs the same steps on
 the batch's device with the constants of :func:`input_rule`, so both give the same bits.
 """
 

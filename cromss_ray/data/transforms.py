@@ -10,7 +10,8 @@ flips folded into its source indices (:class:`TileRotation`), bilinear for image
 prior, nearest for labels. The labels of all seasons are kept when the smoothing prior is
 computed later on the device, from the augmented labels (an approximation of the
 reference's prior, measured in docs/benchmarks.md); otherwise the prior is computed on
-the CPU on the full tile, before the crop, and augmented with the image (spec 2).
+the CPU on the full tile, before the crop, and augmented with the image (spec 2); only
+that path imports torch, at use, so that the pipeline's Ray processes start without it.
 
 Checks: before a row is cut, its whole arrays (every season) are checked as
 :func:`~cromss_ray.data.shards.check_values` does (labels in the class set or no-data,
@@ -30,14 +31,16 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from cromss_ray.data.schema import S2_BAND_SUBSETS, ShardMetadata, s2_subset_names
 from cromss_ray.data.shards import BadRowPolicy, RowValidationError, ShardFileError, check_values
-from cromss_ray.method.smoothing import PriorKind, smoothing_prior
+
+if TYPE_CHECKING:
+    from cromss_ray.method.smoothing import PriorKind
 
 UINT64_MASK = (1 << 64) - 1
 
@@ -644,6 +647,10 @@ class CutSamples:
             clean = view("clean_label", False)
             label(clean[sample.season] if multi else clean, out["clean_label"][slot])
         if "prior" in out:
+            import torch  # the CPU prior only: the default path leaves it to the device (module docstring)
+
+            from cromss_ray.method.smoothing import smoothing_prior
+
             stack = torch.from_numpy(np.array(all_seasons))
             prior = smoothing_prior(stack, sample.season, self.cpu_prior, self.meta.num_classes, self.sigma)
             image(prior.numpy(), out["prior"][slot])

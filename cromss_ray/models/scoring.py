@@ -69,7 +69,7 @@ def score_tiles(
 
     The stored images are cut to the segmenter's S2 band subset and made model inputs by
     the rule of spec 9 as ``meta`` declares their storage, the same inputs the training
-    batches give (:func:`~cromss_ray.data.pipeline.to_device`); each tile is predicted by
+    batches give (:func:`~cromss_ray.data.device.to_device`); each tile is predicted by
     :func:`~cromss_ray.models.segmenter.predict_array` (tiled and blended above ``tile``
     pixels). The confusion matrix lies on the segmenter's device, ready for an all-reduce
     over workers.

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
-from mlflow.exceptions import MlflowException
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,13 @@ class UndeliveredError(RuntimeError):
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether sending again may succeed: no connection, a timeout, an OS-level error, or a 5xx answer."""
+    """Whether sending again may succeed: no connection, a timeout, an OS-level error, or a 5xx answer.
+
+    MLflow loads here, at the first failed write, not with the module: the Train controller
+    imports this module for :class:`UndeliveredError` alone (:mod:`cromss_ray.train.cluster`).
+    """
+    from mlflow.exceptions import MlflowException
+
     if isinstance(error, MlflowException):
         return error.get_http_status_code() >= 500
     if isinstance(error, requests.HTTPError):

@@ -54,7 +54,8 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from cromss_ray.config import ConfigError, FinetuneConfig, build_config
-from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets, to_device
+from cromss_ray.data.device import to_device
+from cromss_ray.data.pipeline import DownstreamDatasets, downstream_datasets
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.storage import TileSet
 from cromss_ray.method import (

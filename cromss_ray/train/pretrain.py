@@ -38,7 +38,8 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from cromss_ray.config import ConfigError, PretrainConfig
-from cromss_ray.data.pipeline import DeviceBatch, pretrain_datasets, to_device
+from cromss_ray.data.device import DeviceBatch, to_device
+from cromss_ray.data.pipeline import pretrain_datasets
 from cromss_ray.data.schema import S2_BAND_NAMES, S2_BAND_SUBSETS, ShardMetadata
 from cromss_ray.method import (
     ConfusionMatrix,

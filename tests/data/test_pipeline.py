@@ -17,6 +17,7 @@ import torch
 
 from cromss_ray.config import ConfigError, DataConfig, DownstreamDataConfig
 from cromss_ray.data import network_input
+from cromss_ray.data.device import to_device
 from cromss_ray.data.pipeline import (
     DownstreamDatasets,
     EpochClock,
@@ -25,7 +26,6 @@ from cromss_ray.data.pipeline import (
     open_shards,
     pretrain_datasets,
     set_epoch,
-    to_device,
 )
 from cromss_ray.data.schema import NODATA, S2_BAND_NAMES, S2_BAND_SUBSETS, ModalitySpec, ShardMetadata
 from cromss_ray.data.shards import ShardWriter, iter_rows

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from cromss_ray.data.pipeline import to_device
+from cromss_ray.data.device import to_device
 from cromss_ray.data.schema import S2_BAND_NAMES, ModalitySpec, ShardMetadata
 from cromss_ray.data.shards import RowValidationError
 from cromss_ray.data.transforms import (

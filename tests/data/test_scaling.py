@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cromss_ray.data import network_input
-from cromss_ray.data.pipeline import network_input_tensor
+from cromss_ray.data.device import network_input_tensor
 from cromss_ray.data.scaling import MEAN_CODE, convert_storage, v8_codes
 from cromss_ray.data.schema import S1_BAND_NAMES, S2_BAND_NAMES, ModalitySpec, s2_subset_names
 

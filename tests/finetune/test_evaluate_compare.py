@@ -18,7 +18,7 @@ from finetune_helpers import ENCODER, PRETRAINED_BANDS, TEST_TILE, TILE, Pretrai
 from mlflow import MlflowClient
 
 from cromss_ray.cli import main
-from cromss_ray.data.pipeline import to_device
+from cromss_ray.data.device import to_device
 from cromss_ray.data.schema import DW_CLASSES
 from cromss_ray.data.storage import TileSet, scan_shards
 from cromss_ray.data.transforms import band_indices

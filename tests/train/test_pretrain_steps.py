@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cromss_ray.config import FinetuneConfig, PretrainConfig, build_config, load_config
-from cromss_ray.data.pipeline import to_device
+from cromss_ray.data.device import to_device
 from cromss_ray.data.schema import ShardMetadata
 from cromss_ray.data.synth import synth_metadata
 from cromss_ray.method import SingleModalityLoss, SingleModalityNet
