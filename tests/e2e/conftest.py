@@ -1,6 +1,7 @@
 """One Ray head with token authentication for the end-to-end tests that need a cluster of
 their own (the job submission and the local stack's head checks): a head takes ~20 s to
-start, so they share it, and it stops after the package's last test.
+start, so they share it, and it stops after the package's last test. Likewise one
+``mlflow server`` (~10 s to start) for the job submission and the local stack's server checks.
 
 The head's node environment holds dummy S3 and MLflow credentials, as an instance profile
 or a Kubernetes Secret gives them; every job and worker on it inherits them.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.local_stack import RayHead, dummy_credential, ray_head, session_alive
+from e2e.local_stack import MlflowServer, RayHead, dummy_credential, http_get, mlflow_server, ray_head, session_alive
 
 
 @pytest.fixture(scope="package")
@@ -39,3 +40,14 @@ def shared_ray_head(tmp_path_factory: pytest.TempPathFactory, node_credentials: 
         process, temp_dir = head.process, head.temp_dir
     assert not session_alive(process), "a process of the Ray head outlived its stop"
     assert not temp_dir.exists(), f"the Ray head's temporary directory {temp_dir} was left behind"
+
+
+@pytest.fixture(scope="package")
+def shared_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The package's MLflow server; on exit its whole process session has stopped and its port refuses connections."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+        process = server.process
+    assert not session_alive(process), "a process of the MLflow server outlived its stop"
+    with pytest.raises(OSError):
+        http_get(f"{server.url}/health", timeout=2.0)

@@ -129,21 +129,42 @@ def wait_until_serving(
     raise TimeoutError(f"{url} not serving after {START_TIMEOUT_S:.0f} s ({last_answer}):\n{log_tail(log)}")
 
 
+def _process_table() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, session id) of every live (not zombie) process, read from Linux's /proc."""
+    table = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, _group, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            table.append((int(stat.parent.name), int(parent), int(session)))
+    return table
+
+
 def session_members(session_id: int) -> list[int]:
-    """Live (not zombie) processes of the session ``session_id``, read from Linux's /proc.
+    """Live processes of the session ``session_id``.
 
     Ray's workers put themselves in process groups of their own, so a session, not a
     process group, is what holds everything a service started.
     """
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _parent, _group, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and int(session) == session_id:
-            members.append(int(stat.parent.name))
-    return members
+    return [pid for pid, _parent, session in _process_table() if session == session_id]
+
+
+def process_trees(roots: Iterable[int]) -> set[int]:
+    """The live processes among ``roots`` and every live descendant of them."""
+    children: dict[int, list[int]] = {}
+    for pid, parent, _session in _process_table():
+        children.setdefault(parent, []).append(pid)
+    live = {pid for pids in children.values() for pid in pids}
+    found: set[int] = set()
+    pending = [root for root in roots if root in live]
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found.add(pid)
+            pending += children.get(pid, [])
+    return found
 
 
 def session_alive(process: subprocess.Popen[bytes]) -> bool:
@@ -153,9 +174,14 @@ def session_alive(process: subprocess.Popen[bytes]) -> bool:
 
 
 def listening_addresses(process: subprocess.Popen[bytes]) -> set[str]:
-    """The IP addresses that processes of the session led by ``process`` accept TCP connections on (Linux /proc)."""
+    """The IP addresses that processes of the session led by ``process`` accept TCP connections on."""
+    return addresses_listened_on(session_members(process.pid))
+
+
+def addresses_listened_on(pids: Iterable[int]) -> set[str]:
+    """The IP addresses that the processes ``pids`` accept TCP connections on (Linux /proc)."""
     inodes = set()
-    for pid in session_members(process.pid):
+    for pid in pids:
         try:
             descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:
@@ -282,8 +308,9 @@ def ray_head(
 
 @dataclass(frozen=True)
 class MlflowServer:
-    """A running ``mlflow server`` and where it keeps runs and artifacts."""
+    """A running ``mlflow server`` and where it keeps runs and artifacts (all under ``root``)."""
 
+    root: Path
     url: str
     backend_store_uri: str
     artifacts_dir: Path
@@ -304,7 +331,7 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[MlflowServer]
     environ = service_environment({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     log = root / "mlflow-server.log"
     with session_process(command, log, environ) as process:
-        server = MlflowServer(f"http://{HOST}:{port}", backend_store_uri, artifacts_dir, process)
+        server = MlflowServer(root, f"http://{HOST}:{port}", backend_store_uri, artifacts_dir, process)
         wait_until_serving(f"{server.url}/health", process, log)
         yield server
 

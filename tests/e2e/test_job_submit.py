@@ -10,8 +10,8 @@ token, MLflow user and password) sit where a user keeps them: in the node's own 
 (as an instance profile or a Kubernetes Secret gives them), from which the job reads, and in
 the shell that builds the runtime environment and runs `ray job submit`; none of them is
 found afterwards in any file of Ray's session (logs, runtime environments, the uploaded
-package), the checkpoints, the MLflow store or the job's output. The Ray head is the
-package's shared one (conftest.py).
+package), the checkpoints, the MLflow store or the job's output. The Ray head and the MLflow
+server are the package's shared ones (conftest.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from e2e.local_stack import (
     S3Server,
     files_holding,
     http_get,
-    mlflow_server,
     s3_server,
     service_environment,
     upload_tree,
@@ -152,19 +151,17 @@ def predict_in_fresh_process(mlflow: MlflowServer, registry_name: str, bands: in
 
 
 def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow(
-    shared_ray_head: RayHead, node_credentials: dict[str, str], tmp_path: Path
+    shared_ray_head: RayHead, shared_mlflow_server: MlflowServer, node_credentials: dict[str, str], tmp_path: Path
 ) -> None:
     config = load_config(PretrainConfig, REPO / TINY_CONFIG)
     shards = tmp_path / "shards"
     synthesize(shards, kind="pretrain", locations=8, size=64, seed=0)
     submission_id = f"cromss-e2e-{secrets.token_hex(4)}"
-    head, credentials = shared_ray_head, node_credentials
+    head, mlflow, credentials = shared_ray_head, shared_mlflow_server, node_credentials
 
     with ExitStack() as services:
         s3 = services.enter_context(s3_server())
         upload_tree(s3, shards, BUCKET, PREFIX)
-        (tmp_path / "mlflow").mkdir()
-        mlflow = services.enter_context(mlflow_server(tmp_path / "mlflow"))
 
         storage = tmp_path / "runs"
         job = submit_tiny_pretraining(head, mlflow, s3, credentials, storage, submission_id)
@@ -178,12 +175,12 @@ def test_ray_job_submit_pretrains_from_s3_and_registers_a_model_served_by_mlflow
     secret_values = [value for name, value in credentials.items() if name != "AWS_DEFAULT_REGION"]
     # Ray's session files (every log, the runtime environments, the uploaded package), the
     # checkpoints and Ray Train's state under the storage path, the MLflow database and artifacts.
-    leaks = files_holding(secret_values, head.temp_dir, tmp_path)
+    leaks = files_holding(secret_values, head.temp_dir, tmp_path, mlflow.root)
     searched = {
         "the runtime-env agent's log": any(head.temp_dir.glob("session_*/logs/runtime_env_agent*.log")),
         "the job driver's log": any(head.temp_dir.glob(f"session_*/logs/job-driver-{submission_id}.log")),
         "a checkpoint's config.yaml": any(storage.glob("*/checkpoint_*/config.yaml")),
-        "the MLflow database": (tmp_path / "mlflow" / "mlflow.db").is_file(),
+        "the MLflow database": (mlflow.root / "mlflow.db").is_file(),
         "the run's config.yaml artifact": any(path.name == "config.yaml" for path in artifact_files),
     }
     job_output = job.stdout + job.stderr

@@ -4,19 +4,21 @@ jobs with the virtual env's Python, and leave no process behind, also after a fa
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 from e2e.local_stack import (
     HOST,
     VENV_BIN,
+    MlflowServer,
     RayHead,
     http_get,
     listening_addresses,
-    mlflow_server,
     s3_server,
     session_alive,
     session_members,
@@ -42,17 +44,18 @@ def test_s3_server_serves_an_uploaded_tree(tmp_path: Path) -> None:
         assert body == b"PAR1 body PAR1"
 
 
-def test_mlflow_server_answers_and_stops(tmp_path: Path) -> None:
-    with mlflow_server(tmp_path) as server:
-        assert server.url.startswith(f"http://{HOST}:")
-        status, body = http_get(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=5")
-        assert status == 200
-        assert [experiment["name"] for experiment in json.loads(body)["experiments"]] == ["Default"]
-        assert listening_addresses(server.process) == {HOST}
-        process = server.process
-    assert not session_alive(process)
-    with pytest.raises(OSError):
-        http_get(f"{server.url}/health", timeout=2.0)
+def test_mlflow_server_answers_and_stops(shared_mlflow_server: MlflowServer) -> None:
+    """On the package's shared server, whose fixture checks at the end that it stopped whole and refuses connections."""
+    server = shared_mlflow_server
+    assert server.url.startswith(f"http://{HOST}:")
+    status, body = http_get(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1000")
+    assert status == 200
+    answered = [experiment["name"] for experiment in json.loads(body)["experiments"]]
+    with closing(sqlite3.connect(server.backend_store_uri.removeprefix("sqlite:///"))) as store:
+        stored = [name for (name,) in store.execute("SELECT name FROM experiments WHERE lifecycle_stage = 'active'")]
+    assert "Default" in answered
+    assert sorted(answered) == sorted(stored), "the server answers from its own store"
+    assert listening_addresses(server.process) == {HOST}
 
 
 def test_a_failing_body_still_stops_the_service_and_its_children(tmp_path: Path) -> None:
