@@ -1,7 +1,6 @@
 """Smoke test of ``bench/ray_overhead.py`` at its tiniest size: the report's rows, never its timings.
 
-The smoke run is one run of the comparison end to end, in the session's Ray cluster (the
-benchmark starts a fresh one only where none is running); how the report summarises
+The smoke run is one run of the comparison end to end; how the report summarises
 repeated runs (median and range) is checked on hand-made runs.
 """
 
@@ -47,7 +46,7 @@ CPU_ROWS = {
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_quick_report_compares_both_paths(ray_cluster, tmp_path, capsys):
+def test_quick_report_compares_both_paths(tmp_path, capsys):
     report_path = tmp_path / "ray.json"
     assert ray_overhead.main(["--quick", "--json", str(report_path)]) == 0
 
@@ -140,15 +139,11 @@ def test_ray_processes_are_grouped_by_their_title(command, group):
 
 
 def test_process_tree_counts_the_cpu_time_of_a_child_process():
-    """The busy child's own CPU seconds, in the group its title gives; a Ray cluster this process runs
-    (the session's, when the smoke run above started it) may add its own processes' seconds."""
     with ray_overhead.ProcessTreeCpu(interval=0.05) as tree:
         started = time.time()
-        busy = subprocess.Popen([sys.executable, "-c", "sum(range(30_000_000))"])
-        assert busy.wait() == 0
+        busy = subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True)
         ended = time.time()
-    child = tree.cpu[busy.pid] - tree.baseline.get(busy.pid, 0.0)
-    assert child > 0.1 and tree.group[busy.pid] == "ray_daemons"
+    assert busy.returncode == 0
     seconds = tree.seconds()
-    assert seconds["ray_daemons"] >= child
+    assert seconds["ray_daemons"] > 0.1 and seconds["train_worker"] == seconds["other_ray_workers"] == 0.0
     assert 0.0 < tree.seconds_between(started, ended)["ray_daemons"] <= seconds["ray_daemons"]
