@@ -1,34 +1,24 @@
-"""Shared fixtures of the pretraining tests: synthetic shards, tiny configs, and the one run of noisy-only
-shards in which a training worker is killed.
+"""Shared fixtures of the pretraining tests: synthetic shards (with and without clean labels) and tiny configs.
 
-Everything is real: a 2-CPU Ray cluster on 127.0.0.1, Parquet shards written by the
-synthesizer, an MLflow sqlite store in a temporary folder, a SIGKILL to a Ray Train worker.
+Everything is real: Parquet shards written by the synthesizer, an MLflow sqlite store in a
+temporary folder.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import ray.train
 
 from cromss_ray.config import PretrainConfig, load_config
 from cromss_ray.data.shards import ShardWriter, iter_rows, open_shard
 from cromss_ray.data.synth import synthesize
-from cromss_ray.train.pretrain import PretrainResult, run_pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "jobs" / "configs" / "pretrain_tiny.yaml"
 LOCATIONS = 16
 SIZE = 64
-TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
-KILL_DEADLINE_S = 600
 
 
 @pytest.fixture(scope="session")
@@ -84,77 +74,3 @@ def tiny_config(
         )
 
     return make
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[1])
-
-
-def _title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def train_worker_pids() -> list[int]:
-    """Ray Train workers of this test's own cluster: children of the raylet this process started.
-
-    Other Ray clusters on the machine have other raylets, so their workers are never picked.
-    """
-    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-    own_services = {pid for pid in pids if _parent(pid) == os.getpid()}
-    return sorted(pid for pid in pids if _parent(pid) in own_services and _title(pid).startswith(TRAIN_WORKER_TITLE))
-
-
-def kill_a_worker_after_the_first_checkpoint(run_folder: Path, killed: list[int]) -> None:
-    """Wait until Ray Train has registered a checkpoint of the run, then SIGKILL one training worker."""
-    deadline = time.monotonic() + KILL_DEADLINE_S
-    while time.monotonic() < deadline:
-        try:
-            registered = ray.train.Result.from_path(str(run_folder)).checkpoint is not None
-        except (RuntimeError, ValueError, OSError):
-            registered = False
-        workers = train_worker_pids() if registered else []
-        if workers:
-            os.kill(workers[-1], signal.SIGKILL)
-            killed.append(workers[-1])
-            return
-        time.sleep(0.1)
-
-
-@dataclass(frozen=True)
-class KilledWorkerRun:
-    """A 2-epoch run of the noisy-only shards in which one training worker was SIGKILLed (its pid in
-    ``killed``) after the first checkpoint; ``outcome`` is what the run returned."""
-
-    config: PretrainConfig
-    outcome: PretrainResult
-    killed: list[int]
-
-
-@pytest.fixture(scope="session")
-def killed_worker_run(ray_cluster: None, tiny_config, noisy_only_locations: Path) -> KilledWorkerRun:
-    """One Ray Train run serves two claims: a killed worker is replaced (tests/train/test_fault_tolerance.py),
-    and shards without clean labels log no noise diagnostics (tests/train/test_pretrain.py)."""
-    config: PretrainConfig = tiny_config(
-        "cromss-test-killed-worker",
-        "run.max_failures=1",
-        "run.validation_figures=0",
-        "tracking.log_model=false",
-        data=noisy_only_locations,
-    )
-    killed: list[int] = []
-    killer = threading.Thread(
-        target=kill_a_worker_after_the_first_checkpoint,
-        args=(Path(config.run.storage_path) / config.run.name, killed),
-        daemon=True,
-    )
-    killer.start()
-    outcome = run_pretrain(config)
-    killer.join(timeout=5)
-    return KilledWorkerRun(config, outcome, killed)

@@ -1,21 +1,28 @@
-"""A 2-worker CPU pretraining run on synthetic shards: tracked, checkpointed, registered, resumed.
+"""A 2-worker CPU pretraining run on synthetic shards: tracked, checkpointed, registered, resumed, and
+carried on by a replacement worker after one is killed.
 
 One run of the tiny config (ResNet-18, 64 px, 2 epochs) is shared by the tests of this
-module; the last test resumes it to 3 epochs, so it stays last. The run without clean labels
-is the session's run of the noisy-only shards (``killed_worker_run`` in conftest.py).
+module. The last three tests share its resumption (:func:`resumed_run`): two more epochs on
+the same locations stored without their clean labels, in which a training worker is
+SIGKILLed once epoch 3's checkpoint is registered; they stay last.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 import yaml
 from mlflow import MlflowClient
@@ -75,6 +82,14 @@ print(json.dumps({
 }))
 """
 
+
+TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
+KILL_DEADLINE_S = 600
+RESUMED_EPOCHS = 4
+KILL_AFTER_EPOCH = 3
+CLEAN_LABEL_SCORES = "val_clean/"
+CONFIG_CHANGES = ("cromss.consistency_weight=0.5", "run.allow_config_change=true")
+"""The resumption's change beyond its data, recorded; the epoch count and the figures change freely."""
 
 NO_ROTATION = "data.rotation_probability=0"
 """Flips keep a tile's label counts, a rotation by any angle resamples them: this module's runs
@@ -166,14 +181,6 @@ def test_noise_diagnostics_of_both_branches_are_logged_every_epoch(first_run, tr
             assert value == pytest.approx(min(possible, key=lambda share: abs(share - value)), rel=1e-12), epoch
 
 
-def test_a_run_without_clean_labels_logs_no_noise_diagnostics(killed_worker_run, tracking_uri: str) -> None:
-    """The session's run of the noisy-only shards (the one whose worker test_fault_tolerance.py kills)."""
-    outcome = killed_worker_run.outcome
-    logged = MlflowClient(tracking_uri).get_run(outcome.run_id).data.metrics
-    assert "train/loss" in logged and "val/s2/miou" in logged and "val_clean/s2/miou" not in logged
-    assert not [key for key in (*logged, *outcome.result.metrics) if key.endswith(NOISE_METRICS)]
-
-
 def test_final_confusion_matrices_cover_every_held_out_pixel_once(first_run, tracking_uri: str, tmp_path: Path) -> None:
     config, outcome = first_run
     client = MlflowClient(tracking_uri)
@@ -258,18 +265,145 @@ def test_the_cli_refuses_to_resume_with_another_learning_rate_before_training(
     assert "optim.lr: 0.001 -> 0.002" in error and "--allow-config-change" in error
 
 
-def test_rerunning_the_same_name_resumes_from_the_latest_checkpoint(first_run, tiny_config, tracking_uri) -> None:
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train workers of this test's own cluster: children of the raylet this process started.
+
+    Other Ray clusters on the machine have other raylets, so their workers are never picked.
+    """
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    own_services = {pid for pid in pids if _parent(pid) == os.getpid()}
+    return sorted(pid for pid in pids if _parent(pid) in own_services and _title(pid).startswith(TRAIN_WORKER_TITLE))
+
+
+def kill_a_worker_after_the_checkpoint_of(epoch: int, run_folder: Path, killed: list[int]) -> None:
+    """Wait until Ray Train has registered the run's checkpoint of ``epoch``, then SIGKILL one training worker."""
+    name = f"checkpoint_epoch_{epoch:04d}"
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    while time.monotonic() < deadline:
+        try:
+            checkpoint = ray.train.Result.from_path(str(run_folder)).checkpoint
+        except (RuntimeError, ValueError, OSError):
+            checkpoint = None
+        workers = train_worker_pids() if checkpoint is not None and Path(checkpoint.path).name == name else []
+        if workers:
+            os.kill(workers[-1], signal.SIGKILL)
+            killed.append(workers[-1])
+            return
+        time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class ResumedRun:
+    """The first run rerun under its name to 4 epochs on the noisy-only shards, one training worker SIGKILLed
+    (its pid in ``killed``) once epoch 3's checkpoint was registered; ``outcome`` is what the rerun returned."""
+
+    config: PretrainConfig
+    outcome: PretrainResult
+    killed: list[int]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(first_run, tiny_config, noisy_only_locations: Path) -> ResumedRun:
+    """One Ray Train run serves three claims: a rerun resumes from the latest checkpoint, a killed worker is
+    replaced from the run's own newer checkpoint, and epochs on shards without clean labels log no noise
+    diagnostics. The noisy-only shards hold the same locations, so the split and the network stay."""
+    config = tiny_config(
+        RUN_NAME,
+        NO_ROTATION,
+        f"optim.epochs={RESUMED_EPOCHS}",
+        "run.max_failures=1",
+        "run.validation_figures=0",
+        *CONFIG_CHANGES,
+        data=noisy_only_locations,
+    )
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=kill_a_worker_after_the_checkpoint_of,
+        args=(KILL_AFTER_EPOCH, Path(config.run.storage_path) / config.run.name, killed),
+        daemon=True,
+    )
+    killer.start()
+    outcome = run_pretrain(config)
+    killer.join(timeout=5)
+    return ResumedRun(config, outcome, killed)
+
+
+def needs_clean_labels(key: str) -> bool:
+    """A noise diagnostic or a score against the clean labels."""
+    return key.endswith(NOISE_METRICS) or key.startswith(CLEAN_LABEL_SCORES)
+
+
+def config_change_tags(client: MlflowClient, run_id: str) -> dict[str, str]:
+    tags = client.get_run(run_id).data.tags
+    return {key: value for key, value in tags.items() if key.startswith("cromss.config_change.")}
+
+
+def test_rerunning_the_same_name_resumes_from_the_latest_checkpoint(
+    first_run, resumed_run, tracking_uri, pretrain_locations: Path, noisy_only_locations: Path
+) -> None:
     _, outcome = first_run
-    changed = ("cromss.consistency_weight=0.5", "run.allow_config_change=true")
-    # the resumed epoch's figures prove nothing here (the first run's are checked above); a free change
-    resumed = run_pretrain(tiny_config(RUN_NAME, NO_ROTATION, "optim.epochs=3", "run.validation_figures=0", *changed))
-    assert resumed.start_epoch == 2
+    resumed = resumed_run.outcome
     assert resumed.run_id == outcome.run_id, "the resumed run must keep writing to the same MLflow run"
-    assert resumed.result.metrics["epoch"] == 3
+    assert resumed.result.metrics["epoch"] == RESUMED_EPOCHS
     assert resumed.version == 2
     client = MlflowClient(tracking_uri)
-    assert steps(client, outcome.run_id, "val/s2/miou") == [1, 2, 3]
+    assert steps(client, outcome.run_id, "val/s2/miou") == [1, 2, 3, 4]
+    assert [m.value for m in client.get_metric_history(outcome.run_id, "epoch")] == [1.0, 2.0, 3.0, 4.0]
     assert client.get_run(outcome.run_id).info.status == "FINISHED"
     assert int(client.get_model_version_by_alias(RUN_NAME, "latest").version) == 2
-    tags = client.get_run(outcome.run_id).data.tags
-    assert tags["cromss.config_change.epoch_2"] == "cromss.consistency_weight: 1.0 -> 0.5", "epochs change freely"
+    # Rank 0 records the changes from the checkpoint it restores, at that checkpoint's epoch: the rerun started
+    # from epoch 2 (the kill's replacement restored epoch 3's checkpoint, written with this config: no change).
+    changes = config_change_tags(client, outcome.run_id)
+    assert list(changes) == ["cromss.config_change.epoch_2"]
+    assert set(changes["cromss.config_change.epoch_2"].split("; ")) == {
+        "cromss.consistency_weight: 1.0 -> 0.5",
+        f"data.uri: {str(pretrain_locations)!r} -> {str(noisy_only_locations)!r}",
+    }, "epochs change freely"
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_its_epochs(resumed_run, tracking_uri: str) -> None:
+    config, outcome, killed = resumed_run.config, resumed_run.outcome, resumed_run.killed
+    assert killed, "no training worker was killed: the run ended before epoch 3's checkpoint was registered"
+    assert outcome.start_epoch == KILL_AFTER_EPOCH, "the replacement workers must resume from the epoch-3 checkpoint"
+    assert outcome.result.metrics["epoch"] == config.optim.epochs == RESUMED_EPOCHS
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert steps(client, outcome.run_id, "val/s2/miou") == [1, 2, 3, 4]
+    runs = client.search_runs([run.info.experiment_id], f"attributes.run_name = '{config.run.name}'")
+    assert [found.info.run_id for found in runs] == [outcome.run_id], "one MLflow run across the restart"
+
+
+def test_epochs_on_shards_without_clean_labels_log_no_noise_diagnostics(resumed_run, tracking_uri: str) -> None:
+    """Epochs 3 and 4 train and validate on the locations stored without clean labels: they log no noise
+    diagnostics and no clean-label scores, which epochs 1 and 2 (with clean labels) log."""
+    outcome = resumed_run.outcome
+    client = MlflowClient(tracking_uri)
+    logged = client.get_run(outcome.run_id).data.metrics
+    for key in ("train/loss", "val/s2/miou"):
+        assert steps(client, outcome.run_id, key) == [1, 2, 3, 4], key
+    of_clean_labels = [key for key in logged if needs_clean_labels(key)]
+    noise = {
+        f"{split}/{branch}/{name}" for split in ("train", "val") for branch in MODALITIES for name in NOISE_METRICS
+    }
+    assert noise <= set(of_clean_labels) and "val_clean/s2/miou" in of_clean_labels
+    for key in of_clean_labels:
+        assert steps(client, outcome.run_id, key) == [1, 2], key
+    final = (*outcome.result.metrics, *outcome.metrics)
+    assert "train/loss" in final and "val/s2/miou" in final
+    assert not [key for key in final if needs_clean_labels(key)]
