@@ -40,6 +40,32 @@ class Pretrained:
     run_id: str
 
 
+@dataclass(frozen=True)
+class ResumedRun:
+    """A transfer run whose first attempt failed after its first checkpoint and which ``cromss finetune``
+    resumed: what the first attempt left behind, what the command printed, and the finished run."""
+
+    config: FinetuneConfig
+    """The first attempt's config; the command was given the same options."""
+    failure: BaseException | None
+    """What the first attempt raised (None if it finished)."""
+    interrupted_checkpoint: str | None
+    """The latest checkpoint in Ray's run folder after the first attempt."""
+    interrupted_run_id: str
+    interrupted_steps: list[int]
+    """The epochs whose ``train/loss`` the first attempt logged."""
+    registered_by_the_interrupted_run: list[str]
+    """The model versions registered from the MLflow run before the command resumed it."""
+    exit_code: int
+    output: str
+    """What the command printed."""
+    run_id: str
+    registry_name: str
+    version: int
+    test_metrics: dict[str, float]
+    """The ``test/`` metrics logged in the MLflow run."""
+
+
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 

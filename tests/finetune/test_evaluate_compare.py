@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from finetune_helpers import ENCODER, PRETRAINED_BANDS, TEST_TILE, TILE, Pretrained, Shards
+from finetune_helpers import ENCODER, PRETRAINED_BANDS, TEST_TILE, TILE, Pretrained, ResumedRun, Shards
 from mlflow import MlflowClient
 
 from cromss_ray.cli import main
@@ -246,7 +246,7 @@ def test_evaluation_scores_the_inputs_training_batches_give(dw_shards: Shards):
 
 def test_compare_command_tabulates_and_logs_the_runs(
     frozen_run: FinetuneResult,
-    warmup_run: FinetuneResult,
+    warmup_run: ResumedRun,
     store: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

@@ -27,6 +27,7 @@ from cromss_ray.train.finetune import (
     is_frozen,
     metric_slug,
     resolve_init,
+    training_config,
     with_training_crop,
 )
 
@@ -186,6 +187,20 @@ def test_encoder_mode_rules():
         check_finetune_config(_config(encoder_mode="frozen", unfreeze_epoch=1))
     with pytest.raises(ConfigError, match=r"model.unfreeze_epoch: 4 is not below optim.epochs \(4\)"):
         check_finetune_config(_config(encoder_mode="finetune", unfreeze_epoch=4))
+
+
+def test_the_random_baseline_has_no_source_encoder():
+    """``--init random`` (the baseline, spec 11): nothing to pull, the configured encoder built untrained with
+    the crop from the decoder, and the run and its registered version tagged and labelled 'random'."""
+    overrides = ["model.decoder=FPN", f"model.encoder={ENCODER}", "data.crop=null", "model.init=random"]
+    config = load_config(FinetuneConfig, TINY_CONFIG, overrides)
+    initialisation = resolve_init(config)
+    assert initialisation.encoder_state is None
+    source = initialisation.source
+    assert (source.kind, source.label, source.encoder) == ("random", "random", ENCODER)
+    assert source.tags()["cromss.init"] == "random"
+    trained = training_config(config, initialisation)
+    assert trained.model.init == "random" and trained.model.encoder == ENCODER and trained.data.crop == 480
 
 
 def test_bad_initialisations_are_named(tmp_path: Path, pretrained: Pretrained, store: str):

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from finetune_helpers import ENCODER, FROZEN_RUN_LR_FLOOR, PRETRAINED_BANDS, Pretrained
+from finetune_helpers import ENCODER, FROZEN_RUN_LR_FLOOR, PRETRAINED_BANDS, Pretrained, ResumedRun
 from mlflow import MlflowClient
 
 from cromss_ray.config import FinetuneConfig, build_config
@@ -29,7 +29,7 @@ def _assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torc
         assert torch.equal(actual[key], value), key
 
 
-def _registered(result: FinetuneResult, store: str) -> FinetunedModel:
+def _registered(result: FinetuneResult | ResumedRun, store: str) -> FinetunedModel:
     loaded = load_cromss_model(f"models:/{result.registry_name}/{result.version}", tracking_uri=store)
     assert isinstance(loaded, FinetunedModel)
     return loaded
@@ -95,7 +95,7 @@ def test_registered_version_names_its_source(frozen_run: FinetuneResult, store: 
     assert run_tags["cromss.encoder_mode"] == "frozen" and run_tags["cromss.dataset"] == "dw"
 
 
-def test_warmup_then_unfreezing_trains_the_s1_encoder(warmup_run: FinetuneResult, store: str, pretrained: Pretrained):
+def test_warmup_then_unfreezing_trains_the_s1_encoder(warmup_run: ResumedRun, store: str, pretrained: Pretrained):
     tuned = _registered(warmup_run, store)
     assert warmup_run.registry_name == "cromss-ft-dfc2020-deeplabv3plus"
     assert tuned.config.model.branch == "s1" and tuned.meta.classes == DFC2020_CLASSES
