@@ -45,25 +45,21 @@ if TYPE_CHECKING:
         fused_probabilities,
     )
 
-_LAZY_EXPORTS = {
-    **dict.fromkeys(
-        ["encoder_state_dict", "load_encoder_state", "load_reference_checkpoint"], "cromss_ray.method.checkpoints"
-    ),
-    **dict.fromkeys(
-        [
-            "CromSSNet",
-            "LateFusionNet",
-            "MidFusionNet",
-            "PretrainNet",
-            "SingleModalityNet",
-            "build_model",
-            "build_segmentation_model",
-            "build_single_model",
-            "fused_probabilities",
-        ],
-        "cromss_ray.method.networks",
-    ),
+_LAZY_MODULES = {
+    "cromss_ray.method.checkpoints": ["encoder_state_dict", "load_encoder_state", "load_reference_checkpoint"],
+    "cromss_ray.method.networks": [
+        "CromSSNet",
+        "LateFusionNet",
+        "MidFusionNet",
+        "PretrainNet",
+        "SingleModalityNet",
+        "build_model",
+        "build_segmentation_model",
+        "build_single_model",
+        "fused_probabilities",
+    ],
 }
+_LAZY_EXPORTS = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 __all__ = [
     "ConfusionMatrix",
