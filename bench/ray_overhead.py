@@ -179,7 +179,9 @@ class ProcessTreeCpu:
     A thread samples ``/proc`` every ``interval`` seconds and keeps each process's latest
     CPU time, so a process that exits loses at most its last interval. A worker once
     seen running the Ray Train worker counts as the training worker for good (an idle
-    Ray worker takes on the actor's title only when it starts it).
+    Ray worker takes on the actor's title only when it starts it). Every sample keeps the
+    CPU time per process, and any span is summed per process and grouped by each process's
+    last known group, so a process changing group between samples moves no time between them.
     """
 
     def __init__(self, interval: float = CPU_SAMPLE_INTERVAL_S) -> None:
@@ -187,7 +189,7 @@ class ProcessTreeCpu:
         self.root = os.getpid()
         self.cpu: dict[int, float] = {}
         self.baseline: dict[int, float] = {}
-        self.timeline: list[tuple[float, dict[str, float]]] = []
+        self.timeline: list[tuple[float, dict[int, float]]] = []
         self.group: dict[int, str] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -205,7 +207,7 @@ class ProcessTreeCpu:
             self.cpu[pid] = max(seconds, self.cpu.get(pid, 0.0))
             if self.group.get(pid) != "train_worker":
                 self.group[pid] = process_group(command)
-        self.timeline.append((time.time(), self.seconds()))
+        self.timeline.append((time.time(), dict(self.cpu)))
 
     def run(self) -> None:
         while not self.stop.wait(self.interval):
@@ -224,19 +226,22 @@ class ProcessTreeCpu:
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per group of :data:`PROCESS_GROUPS` since the block began."""
-        totals = dict.fromkeys(PROCESS_GROUPS, 0.0)
-        for pid, seconds in self.cpu.items():
-            totals[self.group[pid]] += seconds - self.baseline.get(pid, 0.0)
-        return totals
+        return self.grouped(self.baseline, self.cpu)
 
     def seconds_between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds per group between the samples nearest to the Unix times ``start`` and ``end``."""
 
-        def nearest(moment: float) -> dict[str, float]:
+        def nearest(moment: float) -> dict[int, float]:
             return min(self.timeline, key=lambda entry: abs(entry[0] - moment))[1]
 
-        first, last = nearest(start), nearest(end)
-        return {group: last[group] - first[group] for group in PROCESS_GROUPS}
+        return self.grouped({**self.baseline, **nearest(start)}, nearest(end))
+
+    def grouped(self, earlier: dict[int, float], later: dict[int, float]) -> dict[str, float]:
+        """Per group, the CPU seconds its processes used from ``earlier`` to ``later`` (per-process times)."""
+        totals = dict.fromkeys(PROCESS_GROUPS, 0.0)
+        for pid, seconds in later.items():
+            totals[self.group[pid]] += seconds - earlier.get(pid, 0.0)
+        return totals
 
 
 def ray_epochs(config: PretrainConfig) -> tuple[list[float], float]:

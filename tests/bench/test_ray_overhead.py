@@ -7,6 +7,7 @@ repeated runs (median and range) is checked on hand-made runs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -147,3 +148,26 @@ def test_process_tree_counts_the_cpu_time_of_a_child_process():
     seconds = tree.seconds()
     assert seconds["ray_daemons"] > 0.1 and seconds["train_worker"] == seconds["other_ray_workers"] == 0.0
     assert 0.0 < tree.seconds_between(started, ended)["ray_daemons"] <= seconds["ray_daemons"]
+
+
+def test_a_worker_changing_group_between_samples_moves_no_cpu_time_between_groups(monkeypatch):
+    """A pooled Ray worker that takes on the Train worker's title mid-span: the span's CPU time is its own
+    growth (4 s), all of it the training worker's, none negative in the group it left."""
+    root = os.getpid()
+    tables = iter(
+        [
+            {101: (root, 2.0, "ray::IDLE"), 102: (root, 1.0, "gcs_server")},
+            {101: (root, 5.0, "ray::IDLE"), 102: (root, 1.5, "gcs_server")},
+            {101: (root, 7.0, "ray::RayTrainWorker.__init__"), 102: (root, 2.0, "gcs_server")},
+            {101: (root, 9.0, "ray::RayTrainWorker.train_fn"), 102: (root, 2.5, "gcs_server")},
+        ]
+    )
+    monkeypatch.setattr(ray_overhead, "process_table", lambda: next(tables))
+    tree = ray_overhead.ProcessTreeCpu(interval=3600.0)
+    tree.sample()
+    tree.baseline = dict(tree.cpu)
+    for moment in (10.0, 20.0, 30.0):
+        monkeypatch.setattr(ray_overhead.time, "time", lambda moment=moment: moment)
+        tree.sample()
+    assert tree.seconds_between(10.0, 30.0) == {"train_worker": 4.0, "other_ray_workers": 0.0, "ray_daemons": 1.0}
+    assert tree.seconds() == {"train_worker": 7.0, "other_ray_workers": 0.0, "ray_daemons": 1.5}
