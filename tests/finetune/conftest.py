@@ -131,7 +131,7 @@ def warmup_run(ray_cluster, store: str, storage: Path, dfc_shards: Shards, pretr
     the decoder and no validation split: encoder frozen in epoch 1, fine-tuned in epochs 2 and 3.
 
     The first attempt fails once its first checkpoint is registered; ``cromss finetune`` with the same
-    options then resumes it (spec 11). Three epochs, so that the interrupted attempt cannot reach its
+    options then resumes it (spec 11). One worker: the frozen run is the 2-worker transfer. Three epochs, so that the interrupted attempt cannot reach its
     end (the worker trains on while the controller handles the failing report).
     """
     init = f"models:/{pretrained.name}/{pretrained.version}"
@@ -141,6 +141,7 @@ def warmup_run(ray_cluster, store: str, storage: Path, dfc_shards: Shards, pretr
         "data.val_fraction=0",
         "optim.batch_size=2",
         "optim.epochs=3",
+        "scaling.num_workers=1",
         "optim.scheduler=step",
         "model.branch=s1",
         "model.decoder=DeepLabV3Plus",
