@@ -106,3 +106,11 @@ def test_the_modules_ray_processes_unpickle_without_training_load_neither_torch_
     loaded = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     heavy = {"torch", "segmentation_models_pytorch", "mlflow"}
     assert heavy.isdisjoint(loaded), f"loaded: {sorted(heavy.intersection(loaded))}"
+
+
+def test_model_uris_resolve_without_torch_or_ray():
+    """``cromss finetune`` looks its source model up with this module before Ray and the network load."""
+    script = "import json, sys\nimport cromss_ray.tracking.model_uris\nprint(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    heavy = {"torch", "segmentation_models_pytorch", "ray"}
+    assert heavy.isdisjoint(loaded), f"loaded: {sorted(heavy.intersection(loaded))}"

@@ -44,7 +44,8 @@ from cromss_ray.method.schedules import selection_ratio
 from cromss_ray.models.stored import PretrainedModel
 from cromss_ray.models.trust import LabelErrorTally, TrustMaps, check_auditable, decode_map, trust_schema
 from cromss_ray.tracking.figures import precision_recall_figure, validation_sample_figure
-from cromss_ray.tracking.registry import load_cromss_model, store_uri
+from cromss_ray.tracking.model_uris import store_uri
+from cromss_ray.tracking.registry import load_cromss_model
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.cluster import cluster_has_gpus, init_ray
 from cromss_ray.train.pretrain import NOISE_METRICS, build_criterion, rgb_positions, true_colour

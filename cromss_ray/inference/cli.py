@@ -121,7 +121,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     """
     from cromss_ray.data.storage import IncompleteShardsError
     from cromss_ray.inference.evaluate import evaluate_model, format_evaluation
-    from cromss_ray.tracking.registry import ModelNotFoundError
+    from cromss_ray.tracking.model_uris import ModelNotFoundError
 
     try:
         result = evaluate_model(
@@ -160,7 +160,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     from cromss_ray.models.geotiff import predict_geotiff
     from cromss_ray.models.segmenter import product_input
-    from cromss_ray.tracking.registry import ModelNotFoundError, load_segmenter
+    from cromss_ray.tracking.model_uris import ModelNotFoundError
+    from cromss_ray.tracking.registry import load_segmenter
 
     try:
         segmenter = load_segmenter(args.model, branch=args.branch, tracking_uri=args.tracking_uri)
@@ -199,7 +200,7 @@ def _audit(args: argparse.Namespace) -> int:
     labels and draw its precision-recall curve. Logged in the MLflow experiment cromss-audit.
     """
     from cromss_ray.inference.audit import audit_labels, format_audit
-    from cromss_ray.tracking.registry import ModelNotFoundError
+    from cromss_ray.tracking.model_uris import ModelNotFoundError
 
     try:
         result = audit_labels(

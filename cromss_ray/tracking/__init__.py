@@ -16,7 +16,7 @@ _LAZY_EXPORTS = {
     "RunTracker": "cromss_ray.tracking.runs",
     "CromSSPyfunc": "cromss_ray.tracking.pyfunc",
     "log_pretrained_model": "cromss_ray.tracking.pyfunc",
-    "ModelNotFoundError": "cromss_ray.tracking.registry",
+    "ModelNotFoundError": "cromss_ray.tracking.model_uris",
     "load_pretrained": "cromss_ray.tracking.registry",
     "set_alias": "cromss_ray.tracking.registry",
 }

@@ -59,7 +59,8 @@ def export_encoder(args: argparse.Namespace) -> int:
 
     from cromss_ray.method import encoder_state_dict
     from cromss_ray.models.stored import modality_bands
-    from cromss_ray.tracking.registry import ModelNotFoundError, load_pretrained
+    from cromss_ray.tracking.model_uris import ModelNotFoundError
+    from cromss_ray.tracking.registry import load_pretrained
 
     try:
         pretrained = load_pretrained(args.model, tracking_uri=args.tracking_uri)
@@ -94,7 +95,7 @@ def import_checkpoint(args: argparse.Namespace) -> int:
     from cromss_ray.method import load_reference_checkpoint
     from cromss_ray.models.stored import check_matches_config
     from cromss_ray.tracking.pyfunc import log_pretrained_model
-    from cromss_ray.tracking.registry import store_uri
+    from cromss_ray.tracking.model_uris import store_uri
     from cromss_ray.tracking.runs import RunTracker
 
     if not args.path.is_file():

@@ -39,7 +39,7 @@ from cromss_ray.tracking.finetuned import (
     SOURCE_FUSION_TAG,
     TASK_TAG,
 )
-from cromss_ray.tracking.registry import registry_client
+from cromss_ray.tracking.model_uris import registry_client
 from cromss_ray.tracking.uris import redact_uri
 
 COMPARE_TASK = "compare"

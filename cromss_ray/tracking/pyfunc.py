@@ -71,11 +71,10 @@ from cromss_ray.models.stored import (
     pretrain_part,
     save_stored,
 )
+from cromss_ray.tracking.model_uris import LATEST_ALIAS, MODEL_NAME
 from cromss_ray.tracking.registry import (
     ARTIFACT_FILES,
     EPOCH_TAG,
-    LATEST_ALIAS,
-    MODEL_NAME,
     stored_files,
     register_model_version,
     set_alias,

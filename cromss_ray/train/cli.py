@@ -75,12 +75,22 @@ def _finetune(args: argparse.Namespace) -> int:
     taken from a registered pretrained model, a paper checkpoint or random; frozen or fine-
     tuned. Tracked in MLflow, registered as cromss-ft-<dataset>-<decoder>.
     """
-    from cromss_ray.config import FinetuneConfig, load_config
+    from cromss_ray.config import ConfigError, FinetuneConfig, load_config
 
     overrides = [*_overrides(args), *([f"model.init={args.init}"] if args.init else [])]
     config = load_config(FinetuneConfig, args.config, overrides, data=args.data, tracking_uri=args.tracking_uri)
 
-    from cromss_ray.tracking.registry import ModelNotFoundError
+    from cromss_ray.tracking.model_uris import MODEL_URI_SCHEMES, ModelNotFoundError, registry_client, resolve_model_uri
+
+    if config.model.init.startswith(MODEL_URI_SCHEMES):
+        # Looked up before Ray, torch and the network load: a wrong --init fails in seconds.
+        try:
+            resolve_model_uri(registry_client(config.tracking.resolved_uri()), config.model.init)
+        except ModelNotFoundError as exc:
+            return fail("finetune", exc)
+        except ValueError as exc:
+            raise ConfigError(f"model.init: {exc}") from None
+
     from cromss_ray.train.cluster import init_ray
     from cromss_ray.train.finetune import resolve_init, run_finetune, training_config
     from cromss_ray.train.loop import check_checkpoint

@@ -69,6 +69,7 @@ from cromss_ray.models.scoring import SUMMARY_SCORES, score_tiles
 from cromss_ray.models.segmenter import output_stride, pad_to_multiple
 from cromss_ray.models.stored import transfer_network, transfer_segmenter
 from cromss_ray.tracking.finetuned import TransferSource, default_registry_name, log_finetuned_model, run_tags
+from cromss_ray.tracking.model_uris import MODEL_URI_SCHEMES
 from cromss_ray.tracking.registry import load_pretrained
 from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, finite_metrics, prepare_training, restore_model
@@ -81,7 +82,6 @@ from cromss_ray.train.optim import Precision
 logger = logging.getLogger(__name__)
 
 TEST = "test"
-REGISTRY_SCHEMES = ("models:/", "runs:/")
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def resolve_init(config: FinetuneConfig) -> Initialisation:
     model = config.model
     if model.init == "random":
         return Initialisation(TransferSource(model.init, "random", model.encoder), None)
-    if model.init.startswith(REGISTRY_SCHEMES):
+    if model.init.startswith(MODEL_URI_SCHEMES):
         try:
             pretrained = load_pretrained(model.init, tracking_uri=config.tracking.resolved_uri())
         except ValueError as exc:

@@ -2,7 +2,7 @@
 
 A trial's run is opened by the trial's rank 0 (it is a pretraining run) and tagged with
 the sweep name and trial id; the sweep finds it by those tags. All store access goes
-through the tracking layer's client (:func:`cromss_ray.tracking.registry.registry_client`).
+through the tracking layer's client (:func:`cromss_ray.tracking.model_uris.registry_client`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 import ray.tune
 from ray.tune.experiment import Trial
 
+from cromss_ray.tracking.model_uris import registry_client
 from cromss_ray.tracking.registry import (
     filter_literal,
     logged_model_id,
     register_model_version,
-    registry_client,
     set_alias,
     using_tracking_uri,
 )

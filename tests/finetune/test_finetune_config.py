@@ -15,7 +15,7 @@ from cromss_ray.cli import main
 from cromss_ray.config import ConfigError, FinetuneConfig, build_config, load_config
 from cromss_ray.method import build_segmentation_model
 from cromss_ray.tracking.finetuned import TransferSource
-from cromss_ray.tracking.registry import ModelNotFoundError
+from cromss_ray.tracking.model_uris import ModelNotFoundError
 from cromss_ray.train.finetune import (
     build_trainer,
     check_finetune_config,
@@ -239,13 +239,15 @@ def test_command_line_errors(ray_cluster, store: str, dw_shards: Shards, capsys:
     assert "no registered model 'cromss-nope'" in capsys.readouterr().err
 
 
-def test_a_missing_source_model_fails_before_ray_starts(store: str, dw_shards: Shards):
-    """The source model is resolved before a Ray cluster is started or joined: a wrong
-    ``--init`` fails in seconds instead of after Ray's start-up."""
+def test_a_missing_source_model_fails_before_ray_or_torch_load(store: str, dw_shards: Shards):
+    """The source model is looked up before a Ray cluster is started or joined, and before Ray
+    and torch are imported: a wrong ``--init`` fails in seconds (``-X importtime`` lists the imports)."""
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "cromss_ray.cli", "finetune", "--config", str(TINY_CONFIG)]
+    command = [sys.executable, "-X", "importtime", "-m", "cromss_ray.cli", "finetune", "--config", str(TINY_CONFIG)]
     command += ["--data", str(dw_shards.train), "--tracking-uri", store, "--init", "models:/cromss-nope@best"]
     done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, check=False)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "no registered model 'cromss-nope'" in done.stderr
     assert "Ray instance" not in done.stdout + done.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "mlflow" in imported and imported.isdisjoint({"torch", "ray"})

@@ -34,7 +34,8 @@ import torch
 
 from cromss_ray.cli import main
 from cromss_ray.config import ConfigError, TuneConfig, build_config, load_config, to_yaml
-from cromss_ray.tracking.registry import load_pretrained, registry_client
+from cromss_ray.tracking.model_uris import registry_client
+from cromss_ray.tracking.registry import load_pretrained
 from cromss_ray.tune.results import COMPLETED, STOPPED_EARLY, UNFINISHED
 from cromss_ray.tune.trial_runs import SWEEP_TAG, TRIAL_TAG, trial_registry_name
 from cromss_ray.tune.space import param_space
