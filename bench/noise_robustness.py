@@ -32,7 +32,7 @@ so the per-step code and the method math are the trainer's (:mod:`cromss_ray.met
 The learning rate is held (no schedule); the selection ramp is 40 % of the epochs (the
 reference's 80 of 200). Run from the repository root::
 
-    python -m bench.noise_robustness --threads 2 --json docs/results/noise-robustness-memorisation-cpu.json
+    python -m bench.noise_robustness --jobs 2 --threads 1 --json docs/results/noise-robustness-memorisation-cpu.json
     python -m bench.noise_robustness --setting gpu --json noise-robustness-memorisation-gpu.json
 """
 
@@ -41,11 +41,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -378,27 +380,61 @@ def clean_miou(network: nn.Module, heldout: InMemoryShard, meta: ShardMetadata, 
     return float(matrix.compute()["miou"])
 
 
-def run_all(args: argparse.Namespace, sets: SyntheticSets, device: torch.device) -> list[RunResult]:
-    """Every pretraining run: per noise rate and seed, the baseline, then each fusion's variants."""
-    results = []
+@dataclass(frozen=True)
+class RunSpec:
+    """One pretraining run of the comparison; ``variant`` None is the ``s2_only`` baseline (fusion '-')."""
+
+    noise: float
+    seed: int
+    fusion: str
+    variant: Variant | None
+
+
+def run_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """Every run, in report order: per noise rate and seed, the baseline, then each fusion's variants."""
     variants = [variant for variant in MULTIMODAL_VARIANTS if variant.name in args.variants]
+    specs = []
     for noise in args.noise_rates:
         for seed in args.seeds:
-            jobs: list[tuple[str, Variant | None]] = [("-", None)] if S2_ONLY in args.variants else []
-            jobs += [(fusion, variant) for fusion in args.fusions for variant in variants]
-            for fusion, variant in jobs:
-                started, cpu_started = time.perf_counter(), time.process_time()
-                if variant is None:
-                    result = RunResult(noise, seed, fusion, S2_ONLY, pretrain_s2_only(args, sets, noise, seed, device))
-                else:
-                    config = pretrain_config(args, fusion, variant, seed)
-                    curve = pretrain_multimodal(config, sets, noise, device)
-                    result = RunResult(noise, seed, fusion, variant.name, curve)
-                result.seconds = time.perf_counter() - started
-                result.cpu_seconds = time.process_time() - cpu_started
-                results.append(result)
-                progress(results, args.window, args.json)
-    return results
+            if S2_ONLY in args.variants:
+                specs.append(RunSpec(noise, seed, "-", None))
+            specs += [RunSpec(noise, seed, fusion, variant) for fusion in args.fusions for variant in variants]
+    return specs
+
+
+def run_one(spec: RunSpec, args: argparse.Namespace, sets: SyntheticSets, device: torch.device) -> RunResult:
+    """One pretraining run with its wall and process-CPU seconds."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if spec.variant is None:
+        curve = pretrain_s2_only(args, sets, spec.noise, spec.seed, device)
+        result = RunResult(spec.noise, spec.seed, spec.fusion, S2_ONLY, curve)
+    else:
+        config = pretrain_config(args, spec.fusion, spec.variant, spec.seed)
+        curve = pretrain_multimodal(config, sets, spec.noise, device)
+        result = RunResult(spec.noise, spec.seed, spec.fusion, spec.variant.name, curve)
+    result.seconds = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu_started
+    return result
+
+
+def run_all(args: argparse.Namespace, sets: SyntheticSets, device: torch.device) -> list[RunResult]:
+    """Every run of :func:`run_specs`, ``--jobs`` at a time in worker processes of ``--threads`` torch
+    threads each (runs are independent: a run's curve depends only on its seed, not on its process)."""
+    specs = run_specs(args)
+    if args.jobs == 1:
+        results = []
+        for spec in specs:
+            results.append(run_one(spec, args, sets, device))
+            progress(results, args.window, args.json)
+        return results
+    finished: dict[int, RunResult] = {}
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, spawn, initializer=torch.set_num_threads, initargs=(args.threads or 1,)) as pool:
+        pending = {pool.submit(run_one, spec, args, sets, device): index for index, spec in enumerate(specs)}
+        for future in as_completed(pending):
+            finished[pending[future]] = future.result()
+            progress([*finished.values()], args.window, args.json)
+    return [finished[index] for index in range(len(specs))]
 
 
 def progress(results: list[RunResult], window: int, json_path: Path | None) -> None:
@@ -517,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--work-dir", type=Path, help="where the synthetic shards go (default: a temporary directory)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 with --jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke size: 4 locations of 32 px, 2 epochs, 2 seeds, 1 noise rate, mid"
     )
@@ -546,6 +583,8 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--seeds {args.seeds}: the paired comparison needs distinct seeds")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: must be at least 1")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
     return args
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -122,12 +124,36 @@ def test_noise_section_pairs_runs_by_seed():
     assert paired["mid.cromss - s2_only.final_minus_peak_pp"].startswith("+5.00 [")
 
 
+QUICK_FLAGS = ["--quick", "--threads", "1", "--jobs", "2"]
+
+
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    report_path = tmp_path_factory.mktemp("noise-bench") / "report.json"
-    flags = ["--quick", "--threads", "1", "--json", str(report_path)]
+def quick_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("noise-bench")
+
+
+@pytest.fixture(scope="module")
+def quick_report(quick_work: Path) -> dict:
+    """The quick comparison, its runs two at a time in worker processes."""
+    report_path = quick_work / "report.json"
+    flags = [*QUICK_FLAGS, "--work-dir", str(quick_work / "shards"), "--json", str(report_path)]
     assert noise_robustness.main(flags) == 0
     return json.loads(report_path.read_text())
+
+
+def test_a_run_in_a_worker_process_gives_the_curve_it_gives_in_this_one(quick_report, quick_work: Path):
+    args = noise_robustness.resolve_arguments(noise_robustness.build_parser().parse_args(QUICK_FLAGS))
+    sets = noise_robustness.synthesize_sets(quick_work / "shards", args)
+    cromss = next(variant for variant in noise_robustness.MULTIMODAL_VARIANTS if variant.name == "cromss")
+    spec = noise_robustness.RunSpec(0.3, 1, "mid", cromss)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = noise_robustness.run_one(spec, args, sets, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    [there] = [run for run in quick_report["runs"] if (run["seed"], run["variant"]) == (1, "cromss")]
+    assert json.dumps(here.curve) == json.dumps(there["curve"])
 
 
 def test_report_has_runs_paired_differences_and_timing(quick_report):
@@ -224,6 +250,7 @@ def test_settings_fill_unset_sizes_and_flags_override_them():
         (["--noise-rates", "0.2", "1.5"], r"--noise-rates \[0.2, 1.5\]: every rate must lie in \[0, 1\]"),
         (["--epochs", "0"], "must be at least 1"),
         (["--window", "0"], "must be at least 1"),
+        (["--jobs", "0"], "--jobs 0: must be at least 1"),
         (["--seeds", "1", "1"], r"--seeds \[1, 1\]: the paired comparison needs distinct seeds"),
     ],
 )
