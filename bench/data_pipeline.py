@@ -5,9 +5,12 @@ Both read the same Parquet row groups with pyarrow in this process (Parquet deco
 part of the cost; torch runs on one thread), then:
 
 * cromss-ray (``CutSamples``, what the Ray Data UDF runs): per row, a zero-copy view of
-  the drawn season, crop / flip of the view, one copy of the window (a rotated sample is
-  resampled from the stored tile instead, bilinear for images, nearest for labels); the
-  smoothing prior is left to the device (default) or computed on the CPU (``cpu prior``).
+  the drawn season, crop / flip of the view, one copy of the window; a sample's rotation
+  and the smoothing prior are left to the device (default; the prior can be computed on
+  the CPU instead, ``cpu prior``). ``cromss_rotation_on_this_cpu`` adds the device's
+  rotation (:class:`~cromss_ray.data.device.BatchRotation`, bilinear images, nearest
+  labels) run here with torch on one CPU thread: what the cut costs when the training
+  device is a CPU core too.
 * reference-style: per sample, decode all four seasons of S1, S2 and labels to float32,
   scipy ``gaussian_filter`` priors per class (temporal and spatial, spec 2) on the full
   tile, then crop / flip / rotation of image, label and prior (spec 9's augmentation,
@@ -63,10 +66,11 @@ import torch
 from scipy import ndimage
 
 from bench.common import Repeats, Section, machine_section, publish, timed
+from cromss_ray.data.device import BatchRotation
 from cromss_ray.data.schema import MANIFEST_NAME, S2_BAND_SUBSETS, ShardMetadata, read_metadata
 from cromss_ray.data.shards import iter_rows, list_shards
 from cromss_ray.data.synth import synthesize
-from cromss_ray.data.transforms import CutSamples, Geometry, SampleDraw, random_geometry, sample_rng
+from cromss_ray.data.transforms import ROTATION_FIELD, CutSamples, Geometry, SampleDraw, random_geometry, sample_rng
 from cromss_ray.method.smoothing import smoothed_target, smoothing_prior
 from cromss_ray.train.cluster import start_local_ray
 
@@ -96,6 +100,25 @@ def row_groups(files: list[str], verify_checksums: bool = True) -> Iterator[pa.T
 
 def cromss_pass(files: list[str], udf: CutSamples, verify_checksums: bool = True) -> int:
     return sum(len(udf(table)["key"]) for table in row_groups(files, verify_checksums))
+
+
+def rotated_on_this_cpu(samples: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The device's rotation of cut samples, on this process's CPU (torch, bilinear images,
+    nearest labels), as :func:`~cromss_ray.data.device.to_device` applies it."""
+    tensors = {name: torch.from_numpy(array) for name, array in samples.items()}
+    rotation = BatchRotation.plan(samples[ROTATION_FIELD], *samples["label"].shape[-2:], CPU)
+    if rotation is None:
+        return tensors
+    for name in ("s1", "s2"):
+        tensors[name] = rotation.bilinear(tensors[name])
+    for name in ("label", "labels_all", "clean_label"):
+        if name in tensors:
+            tensors[name] = rotation.nearest(tensors[name])
+    return tensors
+
+
+def cromss_rotating_pass(files: list[str], udf: CutSamples) -> int:
+    return sum(len(rotated_on_this_cpu(udf(table))["key"]) for table in row_groups(files))
 
 
 def reference_prior(labels: np.ndarray, season: int, classes: int, sigma: float = 3.0) -> np.ndarray:
@@ -352,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipelines: dict[str, Callable[[], int]] = {
             "reference_style": lambda: reference_pass(files, meta, bands, args.crop),
             "cromss_prior_on_device": lambda: cromss_pass(files, device_prior),
+            "cromss_rotation_on_this_cpu": lambda: cromss_rotating_pass(files, device_prior),
             "cromss_prior_on_cpu": lambda: cromss_pass(files, cpu_prior),
             "cromss_checksums_only_prior_on_device": lambda: cromss_pass(files, unchecked),
             "cromss_unchecked_prior_on_device": lambda: cromss_pass(files, unchecked, False),

@@ -4,14 +4,16 @@ The Ray Data UDF :class:`CutSamples` receives a pyarrow batch of shard rows and 
 numpy arrays ready for the trainer. Image bytes are never decoded wholesale: for every
 row it takes a zero-copy ``np.frombuffer`` view of the drawn season inside the Parquet
 binary buffer, crops and flips the view and copies only the final window into the
-output (so a 264 x 264 x 4-season row costs one 256 x 256 copy per modality); a rotated
-sample (spec 9) is resampled instead, straight from the stored tile with the crop and
-flips folded into its source indices (:class:`TileRotation`), bilinear for images and the
-prior, nearest for labels. The labels of all seasons are kept when the smoothing prior is
-computed later on the device, from the augmented labels (an approximation of the
-reference's prior, measured in docs/benchmarks.md); otherwise the prior is computed on
-the CPU on the full tile, before the crop, and augmented with the image (spec 2); only
-that path imports torch, at use, so that the pipeline's Ray processes start without it.
+output (so a 264 x 264 x 4-season row costs one 256 x 256 copy per modality). A sample's
+rotation (spec 9) is left to the training device: the cutter writes its angle, and
+:func:`~cromss_ray.data.device.to_device` resamples the window there, bilinear for images
+and the prior, nearest for labels, with the float arithmetic of :func:`rotate` (on a CPU
+this resampling costs more than the whole rest of the cut). The labels of all seasons
+are kept when the smoothing prior is computed later on the device, from the augmented
+labels (an approximation of the reference's prior, measured in docs/benchmarks.md);
+otherwise the prior is computed on the CPU on the full tile, before the crop, and
+augmented with the image (spec 2); only that path imports torch, at use, so that the
+pipeline's Ray processes start without it.
 
 Checks: before a row is cut, its whole arrays (every season) are checked as
 :func:`~cromss_ray.data.shards.check_values` does (labels in the class set or no-data,
@@ -28,9 +30,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from cromss_ray.method.smoothing import PriorKind
 
 UINT64_MASK = (1 << 64) - 1
+ROTATION_FIELD = "rotation_degrees"
+"""The output column with each training sample's rotation angle (spec 9; 0 for none), which
+:func:`~cromss_ray.data.device.to_device` applies on the device."""
 
 
 def stable_hash(row_id: str, purpose: str) -> int:
@@ -283,131 +287,6 @@ def centre_geometry(height: int, width: int, crop: int) -> Geometry:
     return Geometry((height - out_h) // 2, (width - out_w) // 2, out_h, out_w)
 
 
-class TileRotation:
-    """Rotated samples (spec 9) resampled straight from the stored tile, in buffers reused from
-    sample to sample.
-
-    :meth:`aim` takes one sample's geometry and computes, for every output pixel, the flat
-    tile indices of its source pixels and its bilinear weights exactly as
-    :func:`rotation_plan` does for the cropped, flipped window (same float64 coordinates,
-    floors and float32 weights), so :meth:`bilinear` and :meth:`nearest` equal
-    :meth:`Geometry.apply` value for value. The crop, the flips and reflect-101 about the
-    window's edges are folded into the indices through one small table per axis, so the
-    zero-copy views of the stored tile are read directly, and only the output pixels are
-    computed. Fresh temporaries of this size cost page faults on every sample (as much CPU
-    time as the arithmetic), hence the reused buffers: one instance per thread and window
-    size, from :func:`tile_rotation`.
-    """
-
-    def __init__(self, height: int, width: int) -> None:
-        self.height, self.width = height, width
-        size = height * width
-        self._source = np.empty((2, height, width))
-        self._floor = np.empty((2, height, width))
-        self._fraction = np.empty((2, size), np.float32)
-        self._complement = np.empty((2, size), np.float32)
-        self._lines = np.empty((2, size), np.intp)
-        self._offsets = np.empty((4, size), np.intp)
-        self._nearest = np.empty(size, np.intp)
-        self._corners = np.empty((4, size), np.intp)
-        self._weights = np.empty((4, size), np.float32)
-        self._product = np.empty(size, np.float32)
-        self._values = np.empty(size, np.float32)
-        self._gathered: dict[np.dtype, np.ndarray] = {}
-
-    def aim(self, geometry: Geometry, tile_width: int) -> None:
-        """Take ``geometry`` (rotated, of this window size) on a tile ``tile_width`` pixels wide."""
-        rows = (self.height, geometry.top, geometry.flip_rows, tile_width)
-        cols = (self.width, geometry.left, geometry.flip_cols, 1)
-        rotation_sources(self.height, self.width, geometry.degrees, out=self._source)
-        source, lines, offsets = self._source, self._lines, self._offsets
-        np.add(source, 0.5, out=self._floor)
-        np.floor(self._floor, out=self._floor)
-        np.copyto(lines, self._floor.reshape(2, -1), casting="unsafe")
-        self._tile_offsets(lines[0], *rows, offsets[0], None)
-        self._tile_offsets(lines[1], *cols, offsets[1], None)
-        np.add(offsets[0], offsets[1], out=self._nearest)
-        np.floor(source, out=self._floor)
-        np.subtract(source.reshape(2, -1), self._floor.reshape(2, -1), out=self._fraction)
-        np.copyto(lines, self._floor.reshape(2, -1), casting="unsafe")
-        self._tile_offsets(lines[0], *rows, offsets[0], offsets[1])
-        self._tile_offsets(lines[1], *cols, offsets[2], offsets[3])
-        top, bottom, left, right = offsets
-        for corner, (row, col) in enumerate(((top, left), (top, right), (bottom, left), (bottom, right))):
-            np.add(row, col, out=self._corners[corner])
-        np.subtract(1, self._fraction, out=self._complement)
-        (row_weight, col_weight), (row_complement, col_complement) = self._fraction, self._complement
-        pairs = (
-            (row_complement, col_complement),
-            (row_complement, col_weight),
-            (row_weight, col_complement),
-            (row_weight, col_weight),
-        )
-        for corner, (row, col) in enumerate(pairs):
-            np.multiply(row, col, out=self._weights[corner])
-
-    @staticmethod
-    def _tile_offsets(
-        lines: np.ndarray,
-        size: int,
-        start: int,
-        flipped: bool,
-        stride: int,
-        out: np.ndarray,
-        next_out: np.ndarray | None,
-    ) -> None:
-        """Window line numbers (any integer; overwritten) to the flat offsets of their tile lines
-        (reflect-101 into the window, flip, crop offset), and those of the next lines into ``next_out``."""
-        low = int(lines.min())
-        table = reflect_101(np.arange(low, int(lines.max()) + 2), size)
-        if flipped:
-            table = size - 1 - table
-        table = (table + start) * stride
-        np.subtract(lines, low, out=lines)
-        np.take(table, lines, out=out, mode="clip")
-        if next_out is not None:
-            np.take(table[1:], lines, out=next_out, mode="clip")
-
-    def nearest(self, planes: np.ndarray, out: np.ndarray) -> None:
-        """Labels: ``out`` (..., h, w) from ``planes`` (..., H, W), the nearest source pixel."""
-        flat_planes = planes.reshape(-1, planes.shape[-2] * planes.shape[-1])
-        flat_out = out.reshape(-1, self.height * self.width)
-        for plane, target in zip(flat_planes, flat_out, strict=True):
-            np.take(plane, self._nearest, out=target, mode="clip")
-
-    def bilinear(self, planes: np.ndarray, out: np.ndarray, keep: np.ndarray | slice = slice(None)) -> None:
-        """Images: ``out`` (B, h, w) from planes ``keep`` of ``planes`` (P, H, W), interpolated in
-        float32 as :func:`rotate` does (corners summed in the same order), rounded for integer dtypes."""
-        flat_planes = planes.reshape(planes.shape[0], -1)
-        gathered = self._gathered.setdefault(planes.dtype, np.empty(self.height * self.width, planes.dtype))
-        values, product = self._values, self._product
-        rounded = np.issubdtype(planes.dtype, np.integer)
-        for plane, target in zip(np.arange(len(planes))[keep], out.reshape(out.shape[0], -1), strict=True):
-            for corner in range(4):
-                np.take(flat_planes[plane], self._corners[corner], out=gathered, mode="clip")
-                np.multiply(gathered, self._weights[corner], out=product if corner else values)
-                if corner:
-                    values += product
-            if rounded:
-                np.rint(values, out=values)
-            np.copyto(target, values, casting="unsafe")
-
-
-_THREAD_ROTATIONS = threading.local()
-
-
-def tile_rotation(geometry: Geometry, tile_width: int) -> TileRotation:
-    """This thread's :class:`TileRotation` of the window size of ``geometry``, aimed at it."""
-    by_size = getattr(_THREAD_ROTATIONS, "by_size", None)
-    if by_size is None:
-        by_size = _THREAD_ROTATIONS.by_size = {}
-    size = (geometry.height, geometry.width)
-    if size not in by_size:
-        by_size[size] = TileRotation(*size)
-    by_size[size].aim(geometry, tile_width)
-    return by_size[size]
-
-
 def band_indices(meta: ShardMetadata, s2_bands: int) -> np.ndarray | slice:
     """Positions of the S2 band subset (spec 9) among the bands the shards store."""
     wanted = list(s2_subset_names(s2_bands))
@@ -466,7 +345,8 @@ class SampleDraw:
 
 @dataclass(frozen=True)
 class _Sample:
-    """What :class:`CutSamples` takes from one row: where it is, which season, which window."""
+    """What :class:`CutSamples` takes from one row: where it is, which season, which window
+    (crop and flips), and the angle the device rotates it by."""
 
     row: int
     row_id: str
@@ -474,6 +354,7 @@ class _Sample:
     width: int
     season: int
     geometry: Geometry
+    degrees: float = 0.0
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -488,7 +369,9 @@ class CutSamples:
     (N, B, h, w) in their stored dtype, ``label`` uint8 (N, h, w), ``key`` int64 (a stable
     hash of the id), ``clean_label`` uint8 when the shards have it; with ``seasons_out``
     also ``season`` int64, and ``labels_all`` uint8 (N, T, h, w) and/or ``prior`` float32
-    (N, C, h, w) as asked. Rows for which ``keep`` says False are dropped; bad rows raise, or
+    (N, C, h, w) as asked. Augmented samples are cropped and flipped here; their rotation
+    angles (float64, 0 for none) are the column :data:`ROTATION_FIELD`, which
+    :func:`~cromss_ray.data.device.to_device` applies. Rows for which ``keep`` says False are dropped; bad rows raise, or
     with ``on_bad_row="skip"`` are dropped and their messages passed to ``skipped``.
     """
 
@@ -537,6 +420,8 @@ class CutSamples:
         out["key"] = np.array([stable_hash(s.row_id, "key") >> 1 for s in samples], dtype=np.int64)
         if self.seasons_out:
             out["season"] = np.array([s.season for s in samples], dtype=np.int64)
+        if self.draw.augment:
+            out[ROTATION_FIELD] = np.array([s.degrees for s in samples], dtype=np.float64)
         return out
 
     def _check(self, columns: dict[str, BinaryColumn], row: int, row_id: str, height: int, width: int) -> None:
@@ -550,10 +435,9 @@ class CutSamples:
             rng = sample_rng(self.draw.seed, epoch, row_id)
             season = int(rng.integers(seasons))
             geometry = random_geometry(rng, height, width, self.crop, self.draw.rotation_probability)
-        else:
-            season = stable_hash(row_id, "val-season") % seasons
-            geometry = centre_geometry(height, width, self.crop)
-        return _Sample(row, row_id, height, width, season, geometry)
+            return _Sample(row, row_id, height, width, season, replace(geometry, degrees=0.0), geometry.degrees)
+        season = stable_hash(row_id, "val-season") % seasons
+        return _Sample(row, row_id, height, width, season, centre_geometry(height, width, self.crop))
 
     def _window_size(self, samples: list[_Sample], heights: np.ndarray, widths: np.ndarray) -> tuple[int, int]:
         """The common output size of a batch; tiles below the crop size must all be equal."""
@@ -611,28 +495,20 @@ class CutSamples:
         bands: np.ndarray | slice,
     ) -> None:
         """Copy one sample's windows into row ``slot`` of the output arrays: crop and flip of
-        zero-copy views, or, for a rotated sample, a resampling straight from the stored tile
-        (:class:`TileRotation`). The season's label is the season's plane of ``labels_all``
-        when that is asked for."""
+        zero-copy views (a rotation is left to the device, :data:`ROTATION_FIELD`). The
+        season's label is the season's plane of ``labels_all`` when that is asked for."""
         geometry = sample.geometry
         multi = self.meta.seasons > 1
-        rotation = tile_rotation(geometry, sample.width) if geometry.degrees != 0.0 else None
 
         def view(name: str, one_season: bool) -> np.ndarray:
             leading = sample.season if one_season and multi else None
             return columns[name].view(sample.row, sample.row_id, sample.height, sample.width, leading)
 
         def image(planes: np.ndarray, target: np.ndarray, keep: np.ndarray | slice = slice(None)) -> None:
-            if rotation is None:
-                target[...] = geometry.transform(geometry.crop(planes)[keep], nearest=False)
-            else:
-                rotation.bilinear(planes, target, keep)
+            target[...] = geometry.transform(geometry.crop(planes)[keep], nearest=False)
 
         def label(planes: np.ndarray, target: np.ndarray) -> None:
-            if rotation is None:
-                target[...] = geometry.apply(planes, nearest=True)
-            else:
-                rotation.nearest(planes, target)
+            target[...] = geometry.apply(planes, nearest=True)
 
         image(view("s1", True), out["s1"][slot])
         image(view("s2", True), out["s2"][slot], bands)

@@ -11,6 +11,7 @@ from bench import data_pipeline
 PIPELINES = (
     "reference_style",
     "cromss_prior_on_device",
+    "cromss_rotation_on_this_cpu",
     "cromss_prior_on_cpu",
     "cromss_checksums_only_prior_on_device",
     "cromss_unchecked_prior_on_device",

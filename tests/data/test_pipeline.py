@@ -17,7 +17,7 @@ import torch
 
 from cromss_ray.config import ConfigError, DataConfig, DownstreamDataConfig
 from cromss_ray.data import network_input
-from cromss_ray.data.device import to_device
+from cromss_ray.data.device import BatchRotation, to_device
 from cromss_ray.data.pipeline import (
     DownstreamDatasets,
     EpochClock,
@@ -273,11 +273,13 @@ def test_downstream_round_trip(ray_cluster: None, dw_shards: Path) -> None:
         n = len(batch["key"])
         assert batch["s1"].shape == (n, 2, 32, 32) and batch["s1"].dtype == torch.float32
         assert batch["s2"].shape == (n, 3, 32, 32) and batch["s2"].dtype == torch.uint16
-        assert set(batch) == {"s1", "s2", "label", "key"}
+        assert set(batch) == {"s1", "s2", "label", "key", "rotation_degrees"}
         device = to_device(batch, data.meta, "cpu")
         assert device.prior is None and device.x2.max() <= 1.0
         rgb = data.meta.s2.with_bands(("B4", "B3", "B2"))
-        expected = network_input(batch["s2"].numpy(), rgb)
+        rotation = BatchRotation.plan(batch["rotation_degrees"].numpy(), 32, 32, torch.device("cpu"))
+        s2 = batch["s2"] if rotation is None else rotation.bilinear(batch["s2"])
+        expected = network_input(s2.numpy(), rgb)
         np.testing.assert_array_equal(device.x2.numpy().view(np.uint32), expected.view(np.uint32))
     stored = stored_rows(dw_shards)
     test = samples(data.test)

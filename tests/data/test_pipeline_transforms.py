@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from cromss_ray.data.device import to_device
+from cromss_ray.data.device import BatchRotation, network_input_tensor, to_device
 from cromss_ray.data.schema import S2_BAND_NAMES, ModalitySpec, ShardMetadata
 from cromss_ray.data.shards import RowValidationError
 from cromss_ray.data.transforms import (
@@ -31,7 +31,6 @@ from cromss_ray.data.transforms import (
     rotate,
     sample_rng,
     stable_unit,
-    tile_rotation,
 )
 
 CLASSES = 9
@@ -185,55 +184,78 @@ def test_rotated_labels_keep_their_class_set(degrees: float, size: tuple[int, in
         assert set(np.unique(out[season]).tolist()) <= set(np.unique(labels[season]).tolist())
 
 
-def test_tile_rotation_resamples_the_window_from_the_tile_by_hand() -> None:
-    """The 3 x 3 window of the border test above, cut out of a 5 x 6 tile at (1, 2) with its
-    columns flipped: resampled straight from the tile, the same values (2.24264 and 1 at
-    (0, 0), nearest 2 at (0, 1)), equal to rotating the window itself."""
+def test_device_rotation_by_hand() -> None:
+    """The 3 x 3 window of the border test above, rotated on the device as the second sample of
+    a batch whose first is not rotated: the same values (2.24264 and 1 at (0, 0), nearest 2
+    at (0, 1)) as :func:`rotate`, and the first sample untouched."""
     window = np.arange(9, dtype=np.float32).reshape(3, 3)
-    tile = np.full((1, 5, 6), 99.0, dtype=np.float32)
-    tile[0, 1:4, 2:5] = window[:, ::-1]
-    geometry = Geometry(1, 2, 3, 3, flip_cols=True, degrees=45.0)
-    rotation = tile_rotation(geometry, 6)
-    bilinear, nearest = np.empty((1, 3, 3), np.float32), np.empty((1, 3, 3), np.float32)
-    rotation.bilinear(tile, bilinear)
-    rotation.nearest(tile, nearest)
-    assert bilinear[0, 0, 0] == pytest.approx(4 - 3 * (2 - np.sqrt(2)), abs=1e-5)
-    assert nearest[0, 0, 0] == 1 and nearest[0, 0, 1] == 2
-    np.testing.assert_array_equal(bilinear[0], rotate(window, 45.0, nearest=False))
-    np.testing.assert_array_equal(nearest[0], rotate(window, 45.0, nearest=True))
+    batch = torch.from_numpy(np.stack([window[None] + 10, window[None]]))
+    rotation = BatchRotation.plan(np.array([0.0, 45.0]), 3, 3, torch.device("cpu"))
+    bilinear, nearest = rotation.bilinear(batch), rotation.nearest(batch)
+    assert bilinear[1, 0, 0, 0].item() == pytest.approx(4 - 3 * (2 - np.sqrt(2)), abs=1e-5)
+    assert nearest[1, 0, 0, 0] == 1 and nearest[1, 0, 0, 1] == 2
+    np.testing.assert_array_equal(bilinear[1, 0].numpy(), rotate(window, 45.0, nearest=False))
+    np.testing.assert_array_equal(nearest[1, 0].numpy(), rotate(window, 45.0, nearest=True))
+    assert torch.equal(bilinear[0], batch[0]) and torch.equal(nearest[0], batch[0])
+    assert BatchRotation.plan(np.zeros(2), 3, 3, torch.device("cpu")) is None
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    tile_size=st.tuples(st.integers(1, 20), st.integers(1, 20)),
-    crop=st.integers(1, 20),
-    rotation_seed=st.integers(0, 2**16),
-    dtype=st.sampled_from(["uint8", "uint16", "float32"]),
+    window=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    angles=st.lists(
+        st.one_of(st.just(0.0), st.floats(-90.0, 90.0, allow_nan=False), st.sampled_from([90.0, -90.0, 45.0])),
+        min_size=1,
+        max_size=4,
+    ),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(["uint8", "uint16", "int16", "float32"]),
 )
-def test_tile_rotation_equals_geometry_apply(
-    tile_size: tuple[int, int], crop: int, rotation_seed: int, dtype: str
-) -> None:
-    """The cutter's rotated path equals :meth:`Geometry.apply` value for value (images bilinear,
-    a band subset, labels nearest), for any crop, flips and angle, in every stored dtype, and
-    again after its buffers were aimed at another geometry of the same window size."""
-    rng = np.random.default_rng(rotation_seed)
+def test_device_rotation_equals_rotate(window: tuple[int, int], angles: list[float], seed: int, dtype: str) -> None:
+    """The device's batched rotation equals :func:`rotate` of each window value for value (images
+    bilinear, as float32, labels nearest in their dtype; 4-d and 3-d batches), in every stored
+    dtype, for any window and angle; samples with angle 0 are left as they are."""
+    rng = np.random.default_rng(seed)
+    shape = (len(angles), 3, *window)
     if dtype == "float32":
-        tile = (rng.standard_normal((3, *tile_size)) * 100).astype(np.float32)
+        images = (rng.standard_normal(shape) * 100).astype(np.float32)
     else:
-        tile = rng.integers(0, np.iinfo(dtype).max, size=(3, *tile_size), endpoint=True).astype(dtype)
-    first, second = (random_geometry(rng, *tile_size, crop, 1.0) for _ in range(2))
-    flips_and_angle = (second.flip_rows, second.flip_cols, second.degrees)
-    second = Geometry(first.top, first.left, first.height, first.width, *flips_and_angle)
-    for geometry in (first, second):
-        rotation = tile_rotation(geometry, tile_size[1])
-        window = (geometry.height, geometry.width)
-        images, subset, labels = (np.empty((planes, *window), dtype) for planes in (3, 2, 3))
-        rotation.bilinear(tile, images)
-        rotation.bilinear(tile, subset, np.array([2, 0]))
-        rotation.nearest(tile, labels)
-        np.testing.assert_array_equal(images, geometry.apply(tile, nearest=False))
-        np.testing.assert_array_equal(subset, geometry.apply(tile[[2, 0]], nearest=False))
-        np.testing.assert_array_equal(labels, geometry.apply(tile, nearest=True))
+        info = np.iinfo(dtype)
+        images = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    labels = rng.integers(0, 256, size=(len(angles), *window)).astype(np.uint8)
+    rotation = BatchRotation.plan(np.array(angles), *window, torch.device("cpu"))
+    if rotation is None:
+        assert not any(angles)
+        return
+    bilinear = rotation.bilinear(torch.from_numpy(images)).numpy()
+    nearest = rotation.nearest(torch.from_numpy(labels)).numpy()
+    assert bilinear.dtype == np.float32 and nearest.dtype == np.uint8
+    for index, degrees in enumerate(angles):
+        expected = rotate(images[index], degrees, nearest=False).astype(np.float32)
+        np.testing.assert_array_equal(bilinear[index], expected)
+        np.testing.assert_array_equal(nearest[index], rotate(labels[index], degrees, nearest=True))
+
+
+def test_to_device_rotates_the_cut_samples_by_their_angles() -> None:
+    """The cutter crops and flips; the device rotates: each training sample's network inputs and
+    labels equal those of its whole geometry applied on the CPU (:meth:`Geometry.apply`)."""
+    meta = pretrain_meta()
+    rows = random_rows(meta, 8, 40, seed=9)
+    out = CutSamples(meta, 13, 32, SampleDraw(True, 2, 0.5, lambda: 1), labels_all=True)(as_table(meta, rows))
+    inputs = to_device({name: torch.from_numpy(array) for name, array in out.items()}, meta, "cpu")
+    rotated = 0
+    for index, row in enumerate(rows):
+        rng = sample_rng(2, 1, row["id"])
+        season = int(rng.integers(4))
+        geometry = random_geometry(rng, 40, 40, 32, 0.5)
+        assert out["rotation_degrees"][index] == geometry.degrees
+        rotated += geometry.degrees != 0.0
+        for modality, x, spec in (("s1", inputs.x1, meta.s1), ("s2", inputs.x2, meta.s2)):
+            stored = torch.from_numpy(np.ascontiguousarray(geometry.apply(row[modality][season], nearest=False)))
+            assert torch.equal(x[index], network_input_tensor(stored[None], spec)[0])
+        np.testing.assert_array_equal(inputs.y[index].numpy(), geometry.apply(row["label"][season], nearest=True))
+        np.testing.assert_array_equal(inputs.clean_y[index].numpy(), geometry.apply(row["clean_label"][season], nearest=True))
+    assert 0 < rotated < len(rows)
 
 
 def test_random_geometry_frequencies_follow_spec_9() -> None:
@@ -457,27 +479,32 @@ def test_tiles_smaller_than_the_crop_are_kept_whole_and_must_agree() -> None:
 
 def test_one_geometry_for_images_labels_and_the_cpu_prior() -> None:
     """Every output of a sample goes through the geometry its (seed, epoch, id) draws: images
-    and the full-tile prior bilinear, labels nearest (spec 9), rotated or not."""
+    and the full-tile prior bilinear, labels nearest (spec 9), rotated (on the device) or not."""
     meta = pretrain_meta()
     rows = random_rows(meta, 8, 40, seed=9)
     table = as_table(meta, rows)
     cpu = CutSamples(meta, 9, 32, SampleDraw(True, 2, 0.5, lambda: 1), cpu_prior="ts")(table)
     device = CutSamples(meta, 9, 32, SampleDraw(True, 2, 0.5, lambda: 1), labels_all=True)(table)
-    rotated = 0
+    np.testing.assert_array_equal(cpu["rotation_degrees"], device["rotation_degrees"])
+    rotation = BatchRotation.plan(cpu["rotation_degrees"], 32, 32, torch.device("cpu"))
+    rotated = {name: rotation.bilinear(torch.from_numpy(cpu[name])).numpy() for name in ("s1", "s2", "prior")}
+    rotated["label"] = rotation.nearest(torch.from_numpy(cpu["label"])).numpy()
+    rotated["labels_all"] = rotation.nearest(torch.from_numpy(device["labels_all"])).numpy()
+    turned = 0
     for index, row in enumerate(rows):
         rng = sample_rng(2, 1, row["id"])
         season = int(rng.integers(4))
         geometry = random_geometry(rng, 40, 40, 32, 0.5)
-        rotated += geometry.degrees != 0.0
+        turned += geometry.degrees != 0.0
         assert cpu["season"][index] == season
-        np.testing.assert_array_equal(cpu["s1"][index], geometry.apply(row["s1"][season], nearest=False))
+        np.testing.assert_array_equal(rotated["s1"][index], geometry.apply(row["s1"][season], nearest=False))
         bands = geometry.crop(row["s2"][season])[[1, 2, 3, 4, 5, 6, 7, 11, 12]]
-        np.testing.assert_array_equal(cpu["s2"][index], geometry.transform(bands, nearest=False))
-        np.testing.assert_array_equal(cpu["label"][index], geometry.apply(row["label"][season], nearest=True))
-        np.testing.assert_array_equal(device["labels_all"][index], geometry.apply(row["label"], nearest=True))
+        np.testing.assert_array_equal(rotated["s2"][index], geometry.transform(bands, nearest=False))
+        np.testing.assert_array_equal(rotated["label"][index], geometry.apply(row["label"][season], nearest=True))
+        np.testing.assert_array_equal(rotated["labels_all"][index], geometry.apply(row["label"], nearest=True))
         full_prior = reference_prior(row["label"], season)
-        np.testing.assert_allclose(cpu["prior"][index], geometry.apply(full_prior, nearest=False), atol=1e-5)
-    assert 0 < rotated < len(rows)
+        np.testing.assert_allclose(rotated["prior"][index], geometry.apply(full_prior, nearest=False), atol=1e-5)
+    assert 0 < turned < len(rows)
 
 
 def test_device_prior_matches_cpu_prior_away_from_the_crop_border() -> None:
