@@ -116,7 +116,10 @@ class BatchRotation:
         )
 
     def _planes(self, batch: torch.Tensor) -> torch.Tensor:
-        """The rotated samples of ``batch`` (B, ..., h, w) as (R, planes, h * w)."""
+        """The rotated samples of ``batch`` (B, ..., h, w) as (R, planes, h * w); uint16 as int32,
+        which more of torch's kernels take."""
+        if batch.dtype == torch.uint16:
+            batch = batch.to(torch.int32)
         rotated = batch.index_select(0, self.samples.to(batch.device))
         return rotated.reshape(len(self.samples), -1, batch.shape[-2] * batch.shape[-1])
 
@@ -143,8 +146,6 @@ class BatchRotation:
         round trip through their dtype. The buffers are reused over the four corners: on a CPU,
         fresh multi-MB temporaries cost page faults on the order of the arithmetic."""
         planes = self._planes(batch)
-        if planes.dtype == torch.uint16:
-            planes = planes.to(torch.int32)
         gathered = torch.empty_like(planes)
         product = torch.empty(planes.shape, dtype=torch.float32, device=planes.device)
         values = torch.zeros_like(product)

@@ -236,6 +236,23 @@ def test_device_rotation_equals_rotate(window: tuple[int, int], angles: list[flo
         np.testing.assert_array_equal(nearest[index], rotate(labels[index], degrees, nearest=True))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_rotation_on_cuda_equals_the_cpu() -> None:
+    """Training rotates on GPUs: the same indices, weights and float32 sums, so the same values."""
+    rng = np.random.default_rng(3)
+    angles = np.array([0.0, 37.5, -90.0, 12.25])
+    images = rng.integers(0, 256, size=(4, 15, 48, 40)).astype(np.uint8)
+    raw = rng.integers(0, 2**16, size=(4, 13, 48, 40)).astype(np.uint16)
+    labels = rng.integers(0, 10, size=(4, 4, 48, 40)).astype(np.uint8)
+    on_cpu = BatchRotation.plan(angles, 48, 40, torch.device("cpu"))
+    on_cuda = BatchRotation.plan(angles, 48, 40, torch.device("cuda"))
+    for array in (images, raw):
+        batch = torch.from_numpy(array)
+        assert torch.equal(on_cuda.bilinear(batch.to("cuda")).cpu(), on_cpu.bilinear(batch))
+    batch = torch.from_numpy(labels)
+    assert torch.equal(on_cuda.nearest(batch.to("cuda")).cpu(), on_cpu.nearest(batch))
+
+
 def test_to_device_rotates_the_cut_samples_by_their_angles() -> None:
     """The cutter crops and flips; the device rotates: each training sample's network inputs and
     labels equal those of its whole geometry applied on the CPU (:meth:`Geometry.apply`)."""
