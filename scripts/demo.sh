@@ -47,7 +47,7 @@ setup_environment() {
         say "Environment: reusing .venv"
         return
     fi
-    say "Environment: installing cromss-ray into .venv (first run: a few minutes)"
+    say "Environment: installing cromss-ray into .venv (first run: about a minute with a warm package cache, a few minutes without)"
     bash scripts/install.sh
     echo "$wanted" > "$stamp"
 }
