@@ -120,7 +120,8 @@ step() {  # name, description, command...: run once, log to $LOGS/<name>.log, re
         return
     fi
     say "$description (log: ${log#"$PWD"/})"
-    "$@" > "$log" 2>&1 &
+    : > "$log"  # exists before tail opens it, however late the background job starts
+    "$@" >> "$log" 2>&1 &
     pid=$!
     tail -n +1 -f --pid="$pid" "$log" | sed -nEu -f scripts/demo_console.sed
     if ! wait "$pid"; then
