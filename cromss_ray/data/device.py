@@ -21,7 +21,7 @@ import torch
 
 from cromss_ray.data.scaling import V8_MAX, input_rule
 from cromss_ray.data.schema import ModalitySpec, ShardMetadata, s2_subset_names
-from cromss_ray.data.transforms import ROTATION_FIELD
+from cromss_ray.data.transforms import ROTATION_FIELD, reflect_101
 from cromss_ray.method.smoothing import smoothing_prior
 
 BILINEAR_FIELDS = ("s1", "s2", "prior")
@@ -37,15 +37,6 @@ class DeviceBatch:
     y: torch.Tensor
     prior: torch.Tensor | None = None
     clean_y: torch.Tensor | None = None
-
-
-def reflect_101(index: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`~cromss_ray.data.transforms.reflect_101` on tensors: ``-1 -> 1``, ``size -> size - 2``."""
-    if size == 1:
-        return torch.zeros_like(index)
-    period = 2 * (size - 1)
-    folded = torch.remainder(index, period)
-    return torch.where(folded >= size, period - folded, folded)
 
 
 @dataclass(frozen=True)
@@ -91,7 +82,7 @@ class BatchRotation:
             the centre), which saves an integer modulo per pixel."""
             low = math.floor((size - 1) / 2 - reach) - 1
             high = math.ceil((size - 1) / 2 + reach) + 2
-            table = reflect_101(torch.arange(low, high + 1, device=device), size) * stride
+            table = torch.from_numpy(reflect_101(np.arange(low, high + 1), size) * stride).to(device)
             floor = torch.floor(source)
             first = floor.to(torch.int64) - low
             nearest = torch.take(table, torch.floor(source + 0.5).to(torch.int64) - low)
