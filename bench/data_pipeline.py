@@ -8,7 +8,7 @@ part of the cost; torch runs on one thread), then:
   the drawn season, crop / flip of the view, one copy of the window; a sample's rotation
   and the smoothing prior are left to the device (default; the prior can be computed on
   the CPU instead, ``cpu prior``). ``cromss_rotation_on_this_cpu`` adds the device's
-  rotation (:class:`~cromss_ray.data.device.BatchRotation`, bilinear images, nearest
+  rotation (:func:`~cromss_ray.data.device.rotated_fields`, bilinear images, nearest
   labels) run here with torch on one CPU thread: what the cut costs when the training
   device is a CPU core too.
 * reference-style: per sample, decode all four seasons of S1, S2 and labels to float32,
@@ -66,11 +66,11 @@ import torch
 from scipy import ndimage
 
 from bench.common import Repeats, Section, machine_section, publish, timed
-from cromss_ray.data.device import BatchRotation
+from cromss_ray.data.device import rotated_fields
 from cromss_ray.data.schema import MANIFEST_NAME, S2_BAND_SUBSETS, ShardMetadata, read_metadata
 from cromss_ray.data.shards import iter_rows, list_shards
 from cromss_ray.data.synth import synthesize
-from cromss_ray.data.transforms import ROTATION_FIELD, CutSamples, Geometry, SampleDraw, random_geometry, sample_rng
+from cromss_ray.data.transforms import CutSamples, Geometry, SampleDraw, random_geometry, sample_rng
 from cromss_ray.method.smoothing import smoothed_target, smoothing_prior
 from cromss_ray.train.cluster import start_local_ray
 
@@ -102,23 +102,13 @@ def cromss_pass(files: list[str], udf: CutSamples, verify_checksums: bool = True
     return sum(len(udf(table)["key"]) for table in row_groups(files, verify_checksums))
 
 
-def rotated_on_this_cpu(samples: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The device's rotation of cut samples, on this process's CPU (torch, bilinear images,
-    nearest labels), as :func:`~cromss_ray.data.device.to_device` applies it."""
-    tensors = {name: torch.from_numpy(array) for name, array in samples.items()}
-    rotation = BatchRotation.plan(samples[ROTATION_FIELD], *samples["label"].shape[-2:], CPU)
-    if rotation is None:
-        return tensors
-    for name in ("s1", "s2"):
-        tensors[name] = rotation.bilinear(tensors[name])
-    for name in ("label", "labels_all", "clean_label"):
-        if name in tensors:
-            tensors[name] = rotation.nearest(tensors[name])
-    return tensors
-
-
 def cromss_rotating_pass(files: list[str], udf: CutSamples) -> int:
-    return sum(len(rotated_on_this_cpu(udf(table))["key"]) for table in row_groups(files))
+    count = 0
+    for table in row_groups(files):
+        samples = {name: torch.from_numpy(array) for name, array in udf(table).items()}
+        rotated_fields(samples, CPU)
+        count += len(samples["key"])
+    return count
 
 
 def reference_prior(labels: np.ndarray, season: int, classes: int, sigma: float = 3.0) -> np.ndarray:

@@ -172,6 +172,24 @@ def network_input_tensor(stored: torch.Tensor, spec: ModalitySpec) -> torch.Tens
     return values / full_scale
 
 
+def rotated_fields(
+    batch: dict[str, torch.Tensor], device: torch.device, skip: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The batch's images, prior and labels (but ``skip``) on ``device``, each sample rotated by
+    its ``rotation_degrees`` angle (spec 9); empty when no sample of the batch has one."""
+    if ROTATION_FIELD not in batch:
+        return {}
+    height, width = batch["label"].shape[-2:]
+    rotation = BatchRotation.plan(batch[ROTATION_FIELD].cpu().numpy(), height, width, device)
+    if rotation is None:
+        return {}
+    return {
+        name: (rotation.bilinear if name in BILINEAR_FIELDS else rotation.nearest)(batch[name].to(device))
+        for name in (*BILINEAR_FIELDS, *NEAREST_FIELDS)
+        if name in batch and name not in skip
+    }
+
+
 def to_device(
     batch: dict[str, torch.Tensor],
     meta: ShardMetadata,
@@ -204,14 +222,7 @@ def to_device(
             moved[name] = batch[name].to(device, non_blocking=True)
         return moved[name]
 
-    if ROTATION_FIELD in batch:
-        height, width = batch["label"].shape[-2:]
-        rotation = BatchRotation.plan(batch[ROTATION_FIELD].cpu().numpy(), height, width, device)
-        if rotation is not None:
-            for name in (*BILINEAR_FIELDS, *NEAREST_FIELDS):
-                if name in batch and not (name == "prior" and prior == "none"):
-                    resample = rotation.bilinear if name in BILINEAR_FIELDS else rotation.nearest
-                    moved[name] = resample(move(name))
+    moved.update(rotated_fields(batch, device, skip=("prior",) if prior == "none" else ()))
 
     smoothing = None
     if prior != "none" and "prior" in batch:
