@@ -75,7 +75,7 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, finite_metrics, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import INPUT_KEY, GuardedSteps, RunLinks, WorkerInput, check_checkpoint
+from cromss_ray.train.loop import GuardedSteps, RunLinks, WorkerInput, check_checkpoint, received_input
 from cromss_ray.train.loop import check_no_credentials, run_worker, torch_trainer, worker_input
 from cromss_ray.train.optim import Precision
 
@@ -626,7 +626,7 @@ class FinetuneTask:
 
 def finetune_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The per-worker transfer loop (Ray Train ``train_loop_per_worker``); rank 0 returns the run summary."""
-    inputs: WorkerInput = loop_config[INPUT_KEY]
+    inputs = received_input(loop_config)
     config = FinetuneConfig.model_validate(inputs.config)
     meta = ShardMetadata.model_validate(inputs.meta)
     device = ray.train.torch.get_device()

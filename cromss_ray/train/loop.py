@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import ray
 import ray.data
 import ray.train
 import torch
@@ -63,7 +64,7 @@ from cromss_ray.train.reporting import progress_line, report_epoch
 logger = logging.getLogger(__name__)
 
 INPUT_KEY = "input"
-"""The key of the :class:`WorkerInput` in Ray Train's ``train_loop_config``."""
+"""The key of the :class:`WorkerInput`'s object reference in Ray Train's ``train_loop_config``."""
 SKIPPED_ROWS_METRIC = "data/skipped_rows"
 """Bad rows left out so far with ``data.on_bad_row=skip`` (row reads over all epochs and splits)."""
 NONFINITE_STEPS_METRIC = f"{TRAIN}/nonfinite_steps"
@@ -240,16 +241,26 @@ def torch_trainer(
 ) -> TorchTrainer:
     """The TorchTrainer of one run: ``worker_loop`` on ``scaling``'s workers, ``run``'s identity, the
     datasets split with validation kept exact (:class:`~cromss_ray.train.cluster.ExactValidationDataConfig`),
-    the process group on 127.0.0.1 when the whole cluster is (:mod:`~cromss_ray.train.rendezvous`)."""
+    the process group on 127.0.0.1 when the whole cluster is (:mod:`~cromss_ray.train.rendezvous`).
+
+    ``inputs`` go through the object store (:func:`received_input`): Ray Train's controller unpickles
+    ``train_loop_config``, and a :class:`WorkerInput` there would make it import this module and so torch's
+    model stack, MLflow and the method, several seconds on the path of every run's start-up.
+    """
     return TorchTrainer(
         worker_loop,
-        train_loop_config={INPUT_KEY: inputs},
+        train_loop_config={INPUT_KEY: ray.put(inputs)},
         torch_config=rendezvous_config(),
         scaling_config=ray_scaling_config(config.scaling),
         run_config=ray_run_config(config.run, links.callbacks),
         datasets=dict(datasets),
         dataset_config=ExactValidationDataConfig(),
     )
+
+
+def received_input(loop_config: Mapping[str, Any]) -> WorkerInput:
+    """The run's :class:`WorkerInput` on a worker, from the ``train_loop_config`` of :func:`torch_trainer`."""
+    return ray.get(loop_config[INPUT_KEY])
 
 
 def open_tracker(

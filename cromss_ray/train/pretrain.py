@@ -56,7 +56,7 @@ from cromss_ray.tracking.runs import RunTracker
 from cromss_ray.train.checkpoints import TrainingState, prepare_training, restore_model
 from cromss_ray.train.cluster import TRAIN, VAL
 from cromss_ray.train.collectives import all_gather_objects, all_reduce_sums, all_reduce_tensor, unwrap
-from cromss_ray.train.loop import INPUT_KEY, GuardedSteps, RunLinks, WorkerInput, check_checkpoint
+from cromss_ray.train.loop import GuardedSteps, RunLinks, check_checkpoint, received_input
 from cromss_ray.train.loop import check_no_credentials, run_worker, torch_trainer, worker_input
 from cromss_ray.train.optim import Precision
 from cromss_ray.train.probe import ProbeData, ProbeRows, transfer_probe
@@ -513,7 +513,7 @@ class PretrainTask:
 
 def pretrain_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The per-worker pretraining loop (Ray Train ``train_loop_per_worker``); rank 0 returns the run summary."""
-    inputs: WorkerInput = loop_config[INPUT_KEY]
+    inputs = received_input(loop_config)
     config = PretrainConfig.model_validate(inputs.config)
     meta = ShardMetadata.model_validate(inputs.meta)
     device = ray.train.torch.get_device()

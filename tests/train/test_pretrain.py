@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import ray.train
 import torch
 import yaml
@@ -263,6 +265,19 @@ def test_the_cli_refuses_to_resume_with_another_learning_rate_before_training(
     error = capsys.readouterr().err
     assert code == 2
     assert "optim.lr: 0.001 -> 0.002" in error and "--allow-config-change" in error
+
+
+def test_ray_trains_controller_unpickles_no_module_of_the_model_stack(ray_cluster, tiny_config) -> None:
+    """Ray Train's controller unpickles the trainer's run context (``train_loop_config`` included) before
+    any worker starts: every cromss-ray module it names must import without torch's model stack or MLflow."""
+    trainer = build_trainer(tiny_config("cromss-test-controller-imports", NO_ROTATION))
+    pickled = ray.cloudpickle.dumps(trainer.train_run_context).decode("latin-1")
+    modules = sorted(set(re.findall(r"cromss_ray(?:\.\w+)+", pickled)))
+    assert modules, "the run context names no cromss-ray module; the check would prove nothing"
+    heavy = ("segmentation_models_pytorch", "mlflow", "matplotlib")
+    probe = f"import sys; {'; '.join(f'import {m}' for m in modules)}; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", f"{modules} import {loaded.strip()}"
 
 
 def _parent(pid: int) -> int | None:
