@@ -38,6 +38,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_crop(size: int) -> None:
+    """Exit with a message unless ``size`` (``--size``) is a positive multiple of 32, the encoders' output stride."""
+    if size % 32 or size < 32:
+        raise SystemExit(f"--size {size}: must be a positive multiple of 32 (the encoders' output stride)")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":

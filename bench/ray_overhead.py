@@ -53,7 +53,7 @@ import ray.data
 import torch
 from mlflow import MlflowClient
 
-from bench.common import Section, machine_section, publish, resolve_device
+from bench.common import Section, check_crop, machine_section, publish, resolve_device
 from bench.in_memory import EpochCounter, InMemoryShard
 from cromss_ray.config import PretrainConfig, build_config
 from cromss_ray.data.storage import scan_shards
@@ -409,8 +409,7 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         args.locations, args.heldout, args.size, args.epochs, args.batch = 4, 2, 32, 2, 2
     if args.runs is None:
         args.runs = 1 if args.quick else 3
-    if args.size % 32 or args.size < 32:
-        raise SystemExit(f"--size {args.size}: must be a positive multiple of 32 (the encoders' output stride)")
+    check_crop(args.size)
     if args.epochs < 2:
         raise SystemExit(f"--epochs {args.epochs}: need at least 2 (the first epoch is a warm-up)")
     if args.runs < 1:

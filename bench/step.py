@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import Repeats, Section, machine_section, publish, resolve_device, timed
+from bench.common import Repeats, Section, check_crop, machine_section, publish, resolve_device, timed
 from cromss_ray.method import (
     CromSSLoss,
     NoiseDiagnostics,
@@ -297,8 +297,7 @@ def resolve_arguments(args: argparse.Namespace, device: torch.device) -> argpars
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.size % 32 or args.size < 32:
-        raise SystemExit(f"--size {args.size}: must be a positive multiple of 32 (the encoders' output stride)")
+    check_crop(args.size)
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--batch and --repeats must be at least 1, --warmup at least 0")
     return args
