@@ -150,16 +150,18 @@ class SyntheticSets:
     achieved_noise: dict[float, float]
 
 
-def synthesize_sets(root: Path, args: argparse.Namespace) -> SyntheticSets:
-    """Write the synthetic shard sets under ``root`` (tiles ``size + TILE_MARGIN`` px)."""
-    tile = args.size + TILE_MARGIN
+def synthesize_sets(
+    root: Path, noise_rates: Sequence[float], *, locations: int, heldout: int, size: int
+) -> SyntheticSets:
+    """Write a pretraining and a held-out shard set per noise rate under ``root`` (tiles ``size + TILE_MARGIN`` px)."""
+    tile = size + TILE_MARGIN
     pretrain_sets, heldout_sets, achieved = {}, {}, {}
-    for noise in args.noise_rates:
+    for noise in noise_rates:
         train_dir, heldout_dir = root / f"pretrain-noise{noise}", root / f"heldout-noise{noise}"
         manifest = synthesize(
-            train_dir, "pretrain", args.locations, tile, DATA_SEEDS["pretrain"], noise, overwrite=True
+            train_dir, "pretrain", locations, tile, DATA_SEEDS["pretrain"], noise, overwrite=True
         )
-        synthesize(heldout_dir, "pretrain", args.heldout, tile, DATA_SEEDS["heldout"], noise, overwrite=True)
+        synthesize(heldout_dir, "pretrain", heldout, tile, DATA_SEEDS["heldout"], noise, overwrite=True)
         pretrain_sets[noise], heldout_sets[noise] = str(train_dir), str(heldout_dir)
         achieved[noise] = float(manifest.provenance["noise"]["achieved_rate"])
     return SyntheticSets(pretrain_sets, heldout_sets, achieved)
@@ -629,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cromss-noise-bench-") as scratch:
-        sets = synthesize_sets(args.work_dir or Path(scratch), args)
+        sizes = {"locations": args.locations, "heldout": args.heldout, "size": args.size}
+        sets = synthesize_sets(args.work_dir or Path(scratch), args.noise_rates, **sizes)
         noisy = {
             noise: noisy_label_miou(evaluation_shard(sets.heldout[noise], args.size)) for noise in args.noise_rates
         }

@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.tune import ExperimentAnalysis
@@ -111,7 +112,7 @@ def picks(trials: Sequence[TrialCurves]) -> list[Pick]:
 
 
 def trial_curves(
-    frames: Mapping[str, object], configs: Mapping[str, Mapping[str, object]], keys: Sequence[str]
+    frames: Mapping[str, Any], configs: Mapping[str, Mapping[str, object]], keys: Sequence[str]
 ) -> list[TrialCurves]:
     """:class:`TrialCurves` from Tune's per-trial result frames (pandas), in trial-id order."""
     trials = []
@@ -209,8 +210,8 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 def write_data(root: Path, args: argparse.Namespace) -> tuple[str, str, str]:
     """Pretraining and validation shards at one noise rate (the noise benchmark's scenes) and clean probe tiles."""
-    sizes = {"noise_rates": [args.noise_rate], "locations": args.locations, "heldout": args.heldout, "size": args.size}
-    sets = synthesize_sets(root, argparse.Namespace(**sizes))
+    sizes = {"locations": args.locations, "heldout": args.heldout, "size": args.size}
+    sets = synthesize_sets(root, [args.noise_rate], **sizes)
     probe = root / "probe-dw"
     synthesize(probe, "dw", args.probe_tiles, args.size + TILE_MARGIN, PROBE_SEED, overwrite=True)
     return sets.pretrain[args.noise_rate], sets.heldout[args.noise_rate], str(probe)

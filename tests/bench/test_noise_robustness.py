@@ -143,7 +143,8 @@ def quick_report(quick_work: Path) -> dict:
 
 def test_a_run_in_a_worker_process_gives_the_curve_it_gives_in_this_one(quick_report, quick_work: Path):
     args = noise_robustness.resolve_arguments(noise_robustness.build_parser().parse_args(QUICK_FLAGS))
-    sets = noise_robustness.synthesize_sets(quick_work / "shards", args)
+    sizes = {"locations": args.locations, "heldout": args.heldout, "size": args.size}
+    sets = noise_robustness.synthesize_sets(quick_work / "shards", args.noise_rates, **sizes)
     cromss = next(variant for variant in noise_robustness.MULTIMODAL_VARIANTS if variant.name == "cromss")
     spec = noise_robustness.RunSpec(0.3, 1, "mid", cromss)
     threads = torch.get_num_threads()
